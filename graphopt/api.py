@@ -1,0 +1,212 @@
+"""The Python API behind every CLI command: optimize, lower, verify.
+
+Everything is validated (pipeline text, target and its options, input
+shapes, output location) before the first pass runs, so a typo costs
+nothing. Outputs are written atomically; with ``verify`` a lowered artifact
+is checked against ONNX Runtime *before* it is moved into place, so a
+failed check leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import __version__
+from .artifact import Artifact, is_artifact, versions, write_graph_and_weights, write_manifest
+from .artifact import FORMAT, FORMAT_VERSION
+from .console import Progress, capture_native_output
+from .data import DataSource
+from .errors import OptionError, VerificationError
+from .fsutil import atomic_directory, atomic_write_text
+from .graph import Graph
+from .manager import PassManager
+from .passbase import PassContext, PassRecord
+from .pipeline import Pipeline
+from .plugins import Registry, get_registry
+from .reference import Comparison, compare_outputs, run_reference
+from .stats import graph_stats
+from .target import LowerContext, Target
+
+#: What `graphopt lower` runs when no pipeline is given: every lossless clean-up.
+DEFAULT_LOWER_PIPELINE = "cleanup,fold-batchnorm,cleanup"
+
+
+@dataclass
+class RunResult:
+    """The outcome of optimize/lower: the graph, per-pass records and (for lower) the artifact."""
+
+    graph: Graph
+    records: list[PassRecord]
+    pipeline: str
+    artifact: Path | None = None
+    verification: Comparison | None = None
+    manifest: dict | None = None
+    native_log: str = ""
+    report: dict = field(default_factory=dict)
+
+
+def _as_graph(model: Graph | str | os.PathLike) -> Graph:
+    return model if isinstance(model, Graph) else Graph.load(model)
+
+
+def _as_pipeline(pipeline: Pipeline | str | os.PathLike | None, default: str, registry: Registry) -> Pipeline:
+    if isinstance(pipeline, Pipeline):
+        return pipeline
+    if pipeline is None:
+        return Pipeline.parse(default, registry)
+    text = str(pipeline)
+    if text.endswith(".toml"):
+        return Pipeline.from_toml(text, registry)
+    return Pipeline.parse(text, registry)
+
+
+def _source_digest(graph: Graph) -> str:
+    return hashlib.sha256(graph.to_bytes()).hexdigest()
+
+
+def _report(graph_in: Graph, graph_out: Graph, pipeline: Pipeline, records, ctx: PassContext, **extra) -> dict:
+    return {
+        "graphopt": __version__,
+        "model": graph_in.source,
+        "pipeline": str(pipeline),
+        "data": ctx.data.describe(),
+        "before": graph_stats(graph_in).to_json(),
+        "after": graph_stats(graph_out).to_json(),
+        "passes": [r.to_json() for r in records],
+        **extra,
+    }
+
+
+def optimize(
+    model: Graph | str | os.PathLike,
+    pipeline: Pipeline | str | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    data: DataSource | None = None,
+    verify: bool = True,
+    dump_after: Sequence[str] = (),
+    dump_dir: str | os.PathLike = ".",
+    report: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    registry: Registry | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> RunResult:
+    """Run a pass pipeline over a model; optionally save the result and a JSON report."""
+    registry = registry or get_registry()
+    pipe = _as_pipeline(pipeline, "cleanup", registry)
+    graph = _as_graph(model).with_input_shapes(input_shapes or {})
+    ctx = PassContext(
+        data=data or DataSource(), verify=verify, dump_after=tuple(dump_after), dump_dir=str(dump_dir),
+        progress=progress, atol=atol, rtol=rtol,
+    )
+    out, records = PassManager(pipe, ctx, registry).run(graph)
+    doc = _report(graph, out, pipe, records, ctx, output=str(output) if output else None)
+    if output:
+        out.save(output)
+    if report:
+        atomic_write_text(report, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    return RunResult(out, records, str(pipe), report=doc)
+
+
+def make_target(target: Target | str, options: Mapping[str, Any] | None, registry: Registry) -> Target:
+    if isinstance(target, Target):
+        return target
+    return registry.get_target(target)(**(options or {}))
+
+
+def lower(
+    model: Graph | str | os.PathLike,
+    target: Target | str = "cpu",
+    output: str | os.PathLike = "build/model",
+    *,
+    pipeline: Pipeline | str | None = None,
+    target_options: Mapping[str, Any] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    data: DataSource | None = None,
+    verify: bool = False,
+    verify_passes: bool = True,
+    dump_after: Sequence[str] = (),
+    report: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    registry: Registry | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> RunResult:
+    """Optimize then lower a model to an artifact directory at ``output``.
+
+    With ``verify`` the artifact runs on the data source's inputs (generated
+    when none) and is compared with ONNX Runtime on the *input* model; outside
+    tolerance raises :class:`VerificationError` and no artifact is written.
+    """
+    registry = registry or get_registry()
+    output = Path(output)
+    pipe = _as_pipeline(pipeline, DEFAULT_LOWER_PIPELINE, registry)
+    tgt = make_target(target, target_options, registry)
+    if output.exists() and not is_artifact(output):
+        raise OptionError(f"{output}: exists and is not a graphopt artifact; choose another -o or remove it")
+    progress = progress or Progress(enabled=False)
+    data = data or DataSource()
+    original = _as_graph(model).with_input_shapes(input_shapes or {})
+    ctx = PassContext(data=data, verify=verify_passes, dump_after=tuple(dump_after),
+                      dump_dir=str(output.parent), progress=progress, atol=atol, rtol=rtol)
+    graph, records = PassManager(pipe, ctx, registry).run(original)
+    tgt.check(graph)
+    lctx = LowerContext(progress=progress)
+    comparison = None
+    native = ""
+    with atomic_directory(output, replace_if=is_artifact) as tmp:
+        lctx.params = tgt.select_params(graph)
+        weights = write_graph_and_weights(graph, lctx.params, tmp)
+        with capture_native_output() as nlog:
+            lowered = tgt.lower(graph, tmp, lctx)
+        native = nlog.text + "".join(s + "\n" for s in lctx.native_log)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "source": {"name": Path(original.source).name if original.source else None, "sha256": _source_digest(original)},
+            "pipeline": str(pipe),
+            "inputs": [s.to_json() for s in graph.inputs],
+            "outputs": [s.to_json() for s in graph.outputs],
+            "weights": weights,
+            "versions": versions(),
+            **lowered,
+        }
+        write_manifest(tmp, manifest)
+        if verify:
+            with progress.step("verify against ONNX Runtime"):
+                comparison = verify_artifact(Artifact(tmp), original, data, atol=atol, rtol=rtol)
+            if not comparison.ok:
+                raise VerificationError(f"{output}: lowered artifact does not match ONNX Runtime: {comparison.summary()}")
+    doc = _report(original, graph, pipe, records, ctx, artifact=str(output), target=manifest["target"],
+                  verification=comparison.to_json() if comparison else None)
+    if report:
+        atomic_write_text(report, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    return RunResult(graph, records, str(pipe), output, comparison, manifest, native, doc)
+
+
+def verify_artifact(
+    artifact: Artifact,
+    reference: Graph | None = None,
+    data: DataSource | None = None,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> Comparison:
+    """Run ``artifact`` and ONNX Runtime (on ``reference``, default: the artifact's own graph) on the same inputs."""
+    reference = reference or artifact.reference_graph()
+    feeds = (data or DataSource()).samples(reference, limit=None if data and not data.generated else 2)
+    ref = run_reference(reference, feeds)
+    got = artifact.run_many(feeds)
+    return compare_outputs(ref, got, [o.name for o in artifact.outputs], atol=atol, rtol=rtol)
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """Load an artifact directory written by :func:`lower` (or ``graphopt lower``)."""
+    return Artifact(path)

@@ -1,0 +1,358 @@
+"""The ``graphopt`` command line.
+
+Exit codes (stable; build systems may rely on them):
+  0  success
+  1  verification failed (outputs differ from ONNX Runtime beyond tolerance)
+  2  bad input or usage (missing/corrupt model, unknown pass/option/target, unreadable inputs, plugin failure)
+  3  internal error (a bug: rerun with --debug and report the traceback)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY_FAILED, GraphoptError, OptionError
+
+EPILOG = """\
+examples:
+  graphopt lower model.onnx --target cpu -o build/model --verify
+  graphopt lower det.onnx -o build/det --input-shape x:1,3,320,320
+  graphopt run build/model --inputs x.npz --verify
+  graphopt optimize model.onnx --passes 'cleanup,fold-batchnorm' -o small.onnx --report report.json
+  graphopt inspect model.onnx --json
+  graphopt passes
+
+exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 too; keep our one-line format
+        raise OptionError(f"{self.prog}: {message} (see --help)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout, nothing else")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or summaries, only errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and libraries' own output")
+    p.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
+                   help="do not load this plugin (repeatable; also GRAPHOPT_DISABLE_PLUGINS=a,b)")
+
+
+def _pipeline_args(p: argparse.ArgumentParser, default_help: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--passes", metavar="PIPELINE", help=f"pass pipeline text, e.g. 'cleanup,fold-batchnorm' ({default_help})")
+    g.add_argument("--pipeline", metavar="FILE.toml", help="pass pipeline from a TOML file")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                   help="fix a symbolic input's dims, e.g. x:1,3,320,320 (repeatable)")
+    p.add_argument("--data", metavar="PATH", help="inputs for calibration/verification: .npz/.npy or a folder of them")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated inputs (default 0)")
+    p.add_argument("--report", metavar="FILE.json", help="write the per-pass JSON record here")
+    p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
+                   help="write the graph after this pass (repeatable)")
+    p.add_argument("--no-verify-passes", action="store_true", help="skip the numerical check of lossless passes")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="tolerance relative to max|reference| (default 1e-3)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphopt", description="Optimize neural-network graphs and lower them through TVM.",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("lower", help="optimize and compile a model into an artifact directory",
+                       epilog="example: graphopt lower model.onnx --target cpu -o build/model --verify",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-t", "--target", default="cpu", help="target name (see `graphopt targets`; default cpu)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write (replaced atomically)")
+    p.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="target option, e.g. mcpu=portable (repeatable)")
+    p.add_argument("--verify", action="store_true", help="run the artifact and compare with ONNX Runtime")
+    _pipeline_args(p, "default: the lossless clean-ups")
+    _common(p)
+
+    p = sub.add_parser("optimize", help="run a pass pipeline and write the optimized .onnx",
+                       epilog="example: graphopt optimize model.onnx --passes cleanup -o out.onnx --report r.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    _pipeline_args(p, "default: cleanup")
+    _common(p)
+
+    p = sub.add_parser("run", help="run an artifact, optionally verifying against ONNX Runtime",
+                       epilog="example: graphopt run build/model --inputs x.npz --verify -o out.npz",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", help="artifact directory from `graphopt lower`")
+    p.add_argument("-i", "--inputs", metavar="PATH", help=".npz (one array per input) / .npy / folder; default: generated")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated inputs")
+    p.add_argument("--verify", action="store_true", help="compare with ONNX Runtime on the artifact's model.onnx")
+    p.add_argument("-o", "--output", metavar="OUT.npz", help="write the outputs of the first input here")
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--rtol", type=float, default=1e-3)
+    _common(p)
+
+    p = sub.add_parser("inspect", help="ops, parameters, bytes, FLOPs, inputs and outputs of a model",
+                       epilog="example: graphopt inspect model.onnx --json")
+    p.add_argument("model")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...")
+    _common(p)
+
+    for name, helptext in (("passes", "list available passes and their options"),
+                           ("targets", "list available targets and their options"),
+                           ("plugins", "list loaded plugins and where they come from")):
+        p = sub.add_parser(name, help=helptext)
+        _common(p)
+    return parser
+
+
+# --------------------------------------------------------------------------- output helpers
+class _Out:
+    def __init__(self, args):
+        self.json = getattr(args, "json", False)
+        self.quiet = getattr(args, "quiet", False) or self.json
+
+    def say(self, text: str = "") -> None:
+        if not self.quiet:
+            print(text)
+
+    def emit(self, doc) -> None:
+        if self.json:
+            print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _progress(args):
+    from .console import Progress
+
+    return Progress(enabled=not (args.quiet or args.json))
+
+
+def _data(args, attr="data"):
+    from .data import DataSource
+
+    return DataSource(getattr(args, attr), seed=args.seed) if getattr(args, attr, None) else DataSource(seed=args.seed)
+
+
+def _pipeline(args):
+    return args.pipeline if args.pipeline else args.passes
+
+
+def _kv(items, flag):
+    out = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise OptionError(f"{flag} '{item}': expected KEY=VALUE")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _record_lines(records):
+    from .stats import human_bytes, human_count
+
+    for r in records:
+        v = r.verification or {}
+        check = ""
+        if v.get("max_abs") is not None:
+            check = f"  max|Δ| {float(v['max_abs']):.2g}"
+        elif v.get("skipped"):
+            check = "  (not verified)"
+        b, a = r.before, r.after
+        yield (f"  {r.pipeline:<28} {r.seconds:7.2f}s  nodes {b['nodes']}→{a['nodes']}  "
+               f"size {human_bytes(b['bytes'])}→{human_bytes(a['bytes'])}  "
+               f"FLOPs {human_count(b['flops'])}→{human_count(a['flops'])}{check}")
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_lower(args, out: _Out, debug_log: list) -> int:
+    from . import api
+    from .graph import parse_input_shapes
+
+    res = api.lower(
+        args.model, args.target, args.output, pipeline=_pipeline(args),
+        target_options=_kv(args.target_opt, "--target-opt"), input_shapes=parse_input_shapes(args.input_shape),
+        data=_data(args), verify=args.verify, verify_passes=not args.no_verify_passes,
+        dump_after=args.dump_after, report=args.report, progress=_progress(args), atol=args.atol, rtol=args.rtol,
+    )
+    debug_log.append(res.native_log)
+    out.say(f"lowered {args.model} → {res.artifact} (target {args.target}, {res.manifest['target'].get('mcpu', '')})")
+    out.say(f"pipeline: {res.pipeline}")
+    for line in _record_lines(res.records):
+        out.say(line)
+    if res.verification:
+        out.say(f"verified against ONNX Runtime: {res.verification.summary()}")
+    out.emit({"artifact": str(res.artifact), "manifest": res.manifest, "report": res.report})
+    return EXIT_OK
+
+
+def cmd_optimize(args, out: _Out, debug_log: list) -> int:
+    from . import api
+    from .graph import parse_input_shapes
+
+    res = api.optimize(
+        args.model, _pipeline(args), output=args.output, input_shapes=parse_input_shapes(args.input_shape),
+        data=_data(args), verify=not args.no_verify_passes, dump_after=args.dump_after,
+        dump_dir=str(Path(args.output).parent), report=args.report, progress=_progress(args),
+        atol=args.atol, rtol=args.rtol,
+    )
+    out.say(f"optimized {args.model} → {args.output}")
+    out.say(f"pipeline: {res.pipeline}")
+    for line in _record_lines(res.records):
+        out.say(line)
+    out.emit(res.report)
+    return EXIT_OK
+
+
+def cmd_run(args, out: _Out, debug_log: list) -> int:
+    from .api import verify_artifact
+    from .artifact import Artifact
+    from .console import capture_native_output
+    from .data import DataSource
+    from .fsutil import atomic_write_bytes
+
+    with capture_native_output() as nlog:
+        art = Artifact(args.artifact)
+    debug_log.append(nlog.text)
+    ref_graph = art.reference_graph()
+    data = DataSource(args.inputs, seed=args.seed) if args.inputs else DataSource(seed=args.seed)
+    feeds = data.samples(ref_graph, limit=None if args.inputs else 1)
+    results = [art.run(f) for f in feeds]
+    doc = {"artifact": str(art.path), "inputs": data.describe(), "outputs": [
+        {"name": k, "shape": list(v.shape), "dtype": v.dtype.name,
+         "min": float(np.min(v)) if v.size else None, "max": float(np.max(v)) if v.size else None}
+        for k, v in results[0].items()
+    ]}
+    for o in doc["outputs"]:
+        out.say(f"{o['name']}: {o['dtype']}{o['shape']} min {o['min']:.4g} max {o['max']:.4g}" if o["min"] is not None
+                else f"{o['name']}: {o['dtype']}{o['shape']}")
+    code = EXIT_OK
+    if args.verify:
+        cmp = verify_artifact(art, ref_graph, data, atol=args.atol, rtol=args.rtol)
+        doc["verification"] = cmp.to_json()
+        if cmp.ok:
+            out.say(f"verified against ONNX Runtime: {cmp.summary()}")
+        else:
+            print(f"graphopt: error: {args.artifact}: outputs differ from ONNX Runtime: {cmp.summary()}", file=sys.stderr)
+            code = EXIT_VERIFY_FAILED
+    if args.output:
+        buf = io.BytesIO()
+        np.savez(buf, **results[0])
+        atomic_write_bytes(args.output, buf.getvalue())
+        doc["output"] = args.output
+    out.emit(doc)
+    return code
+
+
+def cmd_inspect(args, out: _Out, debug_log: list) -> int:
+    from .graph import Graph, parse_input_shapes
+    from .stats import human_bytes, human_count, inspect_graph
+
+    g = Graph.load(args.model).with_input_shapes(parse_input_shapes(args.input_shape))
+    doc = inspect_graph(g)
+    out.emit(doc)
+    out.say(f"{args.model}: opset {doc['opset']}, producer {doc['producer'] or '?'}")
+    for kind in ("inputs", "outputs"):
+        for s in doc[kind]:
+            out.say(f"  {kind[:-1]:<6} {s['name']}: {s['dtype']}{s['shape']}")
+    out.say(f"  nodes {doc['nodes']}, parameters {human_count(doc['params'])} "
+            f"({human_count(doc['nonzeros'])} non-zero), {human_bytes(doc['bytes'])}, "
+            f"~{human_count(doc['flops'])} FLOPs (estimated; symbolic dims = 1)")
+    out.say("  ops: " + ", ".join(f"{k}×{v}" for k, v in doc["ops"].items()))
+    return EXIT_OK
+
+
+def _listing(kind: str, args, out: _Out) -> int:
+    from .plugins import get_registry
+
+    reg = get_registry(args.disable_plugin)
+    table = reg.passes if kind == "passes" else reg.targets
+    doc = []
+    for name in sorted(table):
+        cls = table[name]
+        entry = {"name": name, "plugin": cls.plugin, "summary": cls.summary(),
+                 "options": [o.to_json() for o in cls.options]}
+        if kind == "passes":
+            entry["lossless"] = cls.lossless
+        doc.append(entry)
+        out.say(f"{name:<22} {'lossless ' if kind == 'passes' and cls.lossless else ('lossy    ' if kind == 'passes' else '')}"
+                f"{cls.summary()}  [{cls.plugin}]")
+        for o in cls.options:
+            out.say(f"    {o.describe()}")
+    out.emit(doc)
+    return EXIT_OK
+
+
+def cmd_plugins(args, out: _Out, debug_log: list) -> int:
+    from .plugins import get_registry
+
+    reg = get_registry(args.disable_plugin)
+    doc = [p.to_json() for p in reg.plugins.values()]
+    for p in reg.plugins.values():
+        what = ", ".join(p.passes + p.targets) or "-"
+        out.say(f"{p.name:<22} {p.status:<9} {p.source}")
+        out.say(f"    provides: {what}" + (f"\n    error: {p.error}" if p.error else ""))
+    out.emit(doc)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "lower": cmd_lower, "optimize": cmd_optimize, "run": cmd_run, "inspect": cmd_inspect,
+    "passes": lambda a, o, d: _listing("passes", a, o), "targets": lambda a, o, d: _listing("targets", a, o),
+    "plugins": cmd_plugins,
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    debug_log: list[str] = []
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.version:
+            from . import __version__
+
+            print(f"graphopt {__version__}")
+            return EXIT_OK
+        if not args.command:
+            build_parser().print_help()
+            return EXIT_BAD_INPUT
+        out = _Out(args)
+        from .plugins import get_registry
+
+        reg = get_registry(args.disable_plugin)
+        if not out.quiet and args.command != "plugins":
+            for p in reg.failures():
+                print(f"graphopt: warning: plugin '{p.name}' not loaded: {p.error} "
+                      f"(disable it with --disable-plugin {p.name})", file=sys.stderr)
+        code = COMMANDS[args.command](args, out, debug_log)
+    except GraphoptError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as e:  # a bug in graphopt or a library
+        if debug:
+            traceback.print_exc()
+        print(f"graphopt: internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+              " (rerun with --debug for the traceback and please report it)", file=sys.stderr)
+        code = EXIT_INTERNAL
+    if debug and any(debug_log):
+        print("---- library output ----\n" + "".join(debug_log), file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

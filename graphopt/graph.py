@@ -1,0 +1,291 @@
+"""The one IR every pass sees: an ONNX model with inferred shapes.
+
+:class:`Graph` wraps an ``onnx.ModelProto``. Passes never change a Graph they
+were given: they call :meth:`Graph.copy` (or build a new one) and return it.
+Loading checks a file before trusting it: size caps, a parse that fails
+cleanly, and external-data locations that must stay inside the model's folder
+(checked before a single external byte is read).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ModelError, OptionError
+from .fsutil import atomic_write_bytes
+
+#: Largest .onnx file (the protobuf itself) we read; protobuf cannot exceed 2 GiB.
+MAX_PROTO_BYTES = 2 << 30
+#: Default cap on the sum of external-data bytes a model may reference.
+MAX_EXTERNAL_BYTES = 32 << 30
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, numpy dtype name and shape of a graph input or output.
+
+    ``shape`` holds ints for fixed dims and strings for symbolic ones
+    (``"batch"``); ``"?"`` marks a dim with neither a value nor a name.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def _value_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    tt = vi.type.tensor_type
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name if tt.elem_type else "unknown"
+    dims: list[int | str] = []
+    if tt.HasField("shape"):
+        for d in tt.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            elif d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims.append("?")
+    return TensorSpec(vi.name, dtype, tuple(dims))
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in a graph: initializers, Constant attributes, subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _all_tensors(g)
+
+
+def _check_external_data(model: onnx.ModelProto, model_path: Path, max_bytes: int) -> None:
+    """Refuse external-data entries that escape the model's folder or overrun their file."""
+    base = model_path.parent.resolve()
+    total = 0
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{model_path}: initializer '{tensor.name}'"
+        if not location:
+            raise ModelError(f"{where} has external data without a location")
+        rel = Path(location)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ModelError(
+                f"{where} points its external data at '{location}', outside the model's folder; "
+                "external data must be a relative path inside the folder of the .onnx file"
+            )
+        target = base / rel
+        if target.is_symlink() or not target.resolve().is_relative_to(base):
+            raise ModelError(f"{where}: external data '{location}' is a link or resolves outside {base}")
+        if not target.is_file():
+            raise ModelError(f"{where}: external data file '{location}' not found next to the model")
+        size = target.stat().st_size
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if "length" in info else size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelError(
+                f"{where}: external data range {offset}+{length} is outside '{location}' ({size} bytes)"
+            )
+        total += length
+        if total > max_bytes:
+            raise ModelError(f"{model_path}: external data exceeds the {max_bytes} byte cap")
+
+
+class Graph:
+    """An ONNX model plus where it came from. Treat the wrapped proto as read-only."""
+
+    def __init__(self, model: onnx.ModelProto, source: str | None = None):
+        self._model = model
+        self.source = source
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, max_external_bytes: int = MAX_EXTERNAL_BYTES) -> "Graph":
+        """Read and validate an .onnx file (and its external data, checked first)."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelError(f"{path}: no such file")
+        if path.is_dir():
+            raise ModelError(f"{path}: is a directory, expected an .onnx file")
+        size = path.stat().st_size
+        if size == 0:
+            raise ModelError(f"{path}: file is empty, expected an ONNX model")
+        if size > MAX_PROTO_BYTES:
+            raise ModelError(f"{path}: {size} bytes is over the 2 GiB protobuf limit; store weights as external data")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ModelError(f"{path}: cannot read: {e.strerror}") from e
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(data)
+        except Exception as e:  # protobuf raises DecodeError (and others) on corrupt input
+            raise ModelError(f"{path}: not a valid ONNX model (truncated or corrupt file: {e})") from e
+        if not model.graph.node and not model.graph.output:
+            raise ModelError(f"{path}: not a valid ONNX model (no graph found; truncated or not an .onnx file?)")
+        _check_external_data(model, path, max_external_bytes)
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as e:
+            raise ModelError(f"{path}: cannot read external data: {e}") from e
+        graph = cls(model, source=str(path))
+        graph.check(where=str(path))
+        return graph
+
+    def check(self, where: str = "model") -> None:
+        """Run the ONNX checker; a failure is a :class:`ModelError` naming ``where``."""
+        if self._model.ByteSize() >= MAX_PROTO_BYTES:
+            return  # the checker cannot take protos this large in memory
+        try:
+            onnx.checker.check_model(self._model)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{where}: invalid ONNX model: {first}") from e
+
+    # ----------------------------------------------------------------- saving
+    def to_bytes(self) -> bytes:
+        return self._model.SerializeToString(deterministic=True)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model to ``path`` atomically (weights inline; < 2 GiB)."""
+        path = Path(path)
+        atomic_write_bytes(path, self.to_bytes())
+        return path
+
+    # ------------------------------------------------------------- accessors
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self._model
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self._model.graph
+
+    def copy(self) -> "Graph":
+        m = onnx.ModelProto()
+        m.CopyFrom(self._model)
+        return Graph(m, self.source)
+
+    @property
+    def opset(self) -> int:
+        for imp in self._model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return int(imp.version)
+        return 0
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """Real graph inputs (initializers listed as inputs by old exporters are skipped)."""
+        inits = {t.name for t in self.graph.initializer}
+        return [_value_spec(v) for v in self.graph.input if v.name not in inits]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [_value_spec(v) for v in self.graph.output]
+
+    def initializers(self) -> dict[str, onnx.TensorProto]:
+        return {t.name: t for t in self.graph.initializer}
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers()[name])
+
+    def value_specs(self) -> dict[str, TensorSpec]:
+        """Specs of every typed value: inputs, outputs, value_info and initializers."""
+        specs = {v.name: _value_spec(v) for v in self.graph.value_info}
+        specs.update({v.name: _value_spec(v) for v in self.graph.input})
+        specs.update({v.name: _value_spec(v) for v in self.graph.output})
+        for t in self.graph.initializer:
+            specs[t.name] = TensorSpec(
+                t.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).name, tuple(t.dims)
+            )
+        return specs
+
+    # -------------------------------------------------------- transformations
+    def infer_shapes(self) -> "Graph":
+        """A copy with value_info recomputed (stale entries dropped first)."""
+        g = self.copy()
+        del g.graph.value_info[:]
+        try:
+            inferred = onnx.shape_inference.infer_shapes(g.model, strict_mode=False, data_prop=True)
+        except Exception:
+            # Shape inference is an aid, not a requirement: some valid models
+            # (custom domains, odd opsets) defeat it.
+            return g
+        return Graph(inferred, self.source)
+
+    def with_input_shapes(self, shapes: Mapping[str, Iterable[int]]) -> "Graph":
+        """A copy whose named inputs have the given fixed dims, shapes re-inferred.
+
+        Unknown names, rank changes and changes to dims that were already fixed
+        are rejected, since they could not describe the same model.
+        """
+        if not shapes:
+            return self
+        g = self.copy()
+        by_name = {v.name: v for v in g.graph.input}
+        valid = ", ".join(s.name for s in self.inputs)
+        for name, dims in shapes.items():
+            dims = [int(d) for d in dims]
+            if name not in by_name:
+                raise OptionError(f"--input-shape: the model has no input '{name}' (inputs: {valid})")
+            vi = by_name[name]
+            old = _value_spec(vi)
+            if len(old.shape) != len(dims):
+                raise OptionError(
+                    f"--input-shape {name}: model input has rank {len(old.shape)} {list(old.shape)}, "
+                    f"got {len(dims)} dims {dims}"
+                )
+            for i, (o, n) in enumerate(zip(old.shape, dims)):
+                if n <= 0:
+                    raise OptionError(f"--input-shape {name}: dim {i} must be positive, got {n}")
+                if isinstance(o, int) and o != n:
+                    raise OptionError(f"--input-shape {name}: dim {i} is fixed to {o} by the model, got {n}")
+            shape = vi.type.tensor_type.shape
+            for d, n in zip(shape.dim, dims):
+                d.Clear()
+                d.dim_value = n
+        # Outputs keep their symbolic dims otherwise, which would contradict inference.
+        for out in g.graph.output:
+            for d in out.type.tensor_type.shape.dim:
+                if not (d.HasField("dim_value") and d.dim_value > 0):
+                    d.Clear()
+        return g.infer_shapes()
+
+    def __repr__(self) -> str:
+        return f"Graph({self.source or 'in-memory'}, nodes={len(self.graph.node)}, opset={self.opset})"
+
+
+def parse_input_shapes(specs: Iterable[str]) -> dict[str, list[int]]:
+    """Parse ``name:1,3,224,224`` strings (the ``--input-shape`` syntax)."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        if not sep or not name:
+            raise OptionError(f"--input-shape '{spec}': expected NAME:D1,D2,... such as x:1,3,224,224")
+        try:
+            out[name] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            raise OptionError(f"--input-shape '{spec}': dims must be integers, e.g. {name}:1,3,224,224") from None
+        if not out[name]:
+            raise OptionError(f"--input-shape '{spec}': no dims given")
+    return out

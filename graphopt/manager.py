@@ -1,0 +1,124 @@
+"""PassManager: runs a pipeline with instruments around every pass.
+
+Built-in instruments (always on): timing, before/after stats, numerical
+checks (a lossless pass must reproduce its input's outputs on ONNX Runtime;
+a lossy pass gets its error measured), IR dumps after named passes, and the
+ONNX checker on every output. Plugins add instruments through the
+``graphopt_pass_start`` / ``graphopt_pass_end`` hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import GraphoptError, ModelError, PluginError, VerificationError
+from .graph import Graph
+from .passbase import PassContext, PassRecord
+from .pipeline import Pipeline
+from .plugins import Registry, get_registry
+from .reference import compare_outputs, reference_session, run_reference
+from .stats import graph_stats
+
+
+class _Reference:
+    """Reference outputs of the current graph, recomputed only when it changes."""
+
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+        self.feeds = None
+        self.outputs = None
+        self.skipped: str | None = None
+
+    def outputs_of(self, graph: Graph):
+        if self.feeds is None:
+            self.feeds = self.ctx.data.samples(graph, limit=2)
+        return run_reference(graph, self.feeds, reference_session(graph))
+
+    def prime(self, graph: Graph) -> None:
+        try:
+            self.outputs = self.outputs_of(graph)
+        except ModelError as e:
+            self.skipped = f"reference runtime unavailable for the input: {e}"
+
+
+class PassManager:
+    """Run ``pipeline`` over a Graph; returns the result and one record per pass."""
+
+    def __init__(self, pipeline: Pipeline, ctx: PassContext | None = None, registry: Registry | None = None):
+        self.pipeline = pipeline
+        self.ctx = ctx or PassContext()
+        self.registry = registry or get_registry()
+
+    def run(self, graph: Graph) -> tuple[Graph, list[PassRecord]]:
+        ctx = self.ctx
+        ref = _Reference(ctx)
+        if ctx.verify and len(self.pipeline):
+            ref.prime(graph)
+        stats = graph_stats(graph).to_json()
+        records: list[PassRecord] = []
+        for index, p in enumerate(self.pipeline):
+            record = PassRecord(p.name, str(p), p.plugin, p.lossless, before=stats)
+            self.registry.call_instrument("graphopt_pass_start", pass_=p, graph=graph, context=ctx)
+            p.notes = {}
+            label = f"pass {index + 1}/{len(self.pipeline)}: {p}"
+            t0 = time.perf_counter()
+            with _step(ctx, label):
+                try:
+                    out = p.run(graph.copy(), ctx)
+                except GraphoptError:
+                    raise
+                except Exception as e:
+                    if p.plugin.startswith("graphopt."):
+                        raise
+                    raise PluginError(f"pass '{p.name}' from plugin '{p.plugin}' failed: {type(e).__name__}: {e}") from e
+            record.seconds = round(time.perf_counter() - t0, 4)
+            if not isinstance(out, Graph):
+                raise PluginError(f"pass '{p.name}' from plugin '{p.plugin}' returned {type(out).__name__}, not a Graph")
+            out.source = graph.source
+            try:
+                out.check(where=f"output of pass '{p.name}'")
+            except ModelError as e:
+                raise PluginError(f"pass '{p.name}' from plugin '{p.plugin}' produced an invalid model: {e}") from e
+            record.details = dict(p.notes)
+            stats = graph_stats(out).to_json()
+            record.after = stats
+            if ctx.verify:
+                record.verification = self._verify(p, out, ref)
+            if p.name in ctx.dump_after or str(p) in ctx.dump_after:
+                dump = Path(ctx.dump_dir) / f"{index + 1:02d}-{p.name}.onnx"
+                out.save(dump)
+                record.details["dump"] = str(dump)
+            self.registry.call_instrument("graphopt_pass_end", pass_=p, graph=out, record=record, context=ctx)
+            records.append(record)
+            graph = out
+        return graph, records
+
+    def _verify(self, p, out: Graph, ref: _Reference) -> dict:
+        if ref.outputs is None:
+            return {"skipped": ref.skipped or "no reference outputs"}
+        try:
+            got = ref.outputs_of(out)
+        except ModelError as e:
+            if p.lossless:
+                raise VerificationError(f"pass '{p.name}' produced a model ONNX Runtime cannot run: {e}") from e
+            return {"skipped": str(e)}
+        names = [o.name for o in out.outputs]
+        cmp = compare_outputs(ref.outputs, got, names, atol=self.ctx.atol, rtol=self.ctx.rtol)
+        result = {"reference": "onnxruntime", "samples": len(ref.feeds), **cmp.to_json()}
+        if p.lossless and not cmp.ok:
+            raise VerificationError(f"lossless pass '{p.name}' changed the model's outputs: {cmp.summary()}")
+        ref.outputs = got  # the next pass is compared with this one's output
+        return result
+
+
+class _NullStep:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _step(ctx: PassContext, label: str):
+    return ctx.progress.step(label) if ctx.progress is not None else _NullStep()

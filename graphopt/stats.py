@@ -1,0 +1,114 @@
+"""Size and cost figures of a Graph: what `graphopt inspect` prints and every pass records.
+
+FLOPs are an estimate from inferred shapes (a multiply-add counts 2; other ops
+count one per output element); symbolic dims count as 1, so the figure is per
+sample for a dynamic batch. Everything else is counted exactly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from onnx import numpy_helper
+
+from .graph import Graph, TensorSpec
+
+
+@dataclass
+class GraphStats:
+    nodes: int
+    params: int
+    bytes: int
+    nonzeros: int
+    flops: int
+    ops: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _numel(spec: TensorSpec | None) -> int:
+    if spec is None:
+        return 0
+    n = 1
+    for d in spec.shape:
+        n *= d if isinstance(d, int) and d > 0 else 1
+    return n
+
+
+def _node_flops(node, specs: dict[str, TensorSpec]) -> int:
+    out = specs.get(node.output[0]) if node.output else None
+    out_numel = _numel(out)
+    op = node.op_type
+    inp = [specs.get(n) for n in node.input]
+    if op in ("Conv", "ConvInteger", "QLinearConv") and len(inp) > 1 and inp[1] is not None:
+        w = inp[1].shape  # [M, C/group, k...]
+        per_out = 1
+        for d in w[1:]:
+            per_out *= d if isinstance(d, int) else 1
+        return 2 * out_numel * per_out
+    if op == "ConvTranspose" and inp[0] is not None and len(inp) > 1 and inp[1] is not None:
+        w = inp[1].shape  # [C, M/group, k...]
+        per_in = 1
+        for d in w[1:]:
+            per_in *= d if isinstance(d, int) else 1
+        return 2 * _numel(inp[0]) * per_in
+    if op in ("MatMul", "MatMulInteger", "Gemm") and inp and inp[0] is not None and inp[0].shape:
+        a = inp[0].shape
+        k = a[-1] if op != "Gemm" or not any(a.name == "transA" and a.i for a in node.attribute) else a[0]
+        k = k if isinstance(k, int) else 1
+        return 2 * out_numel * k
+    return out_numel
+
+
+def graph_stats(graph: Graph) -> GraphStats:
+    """Count nodes, parameters, serialized bytes, non-zero weights and estimated FLOPs."""
+    g = graph.infer_shapes()
+    specs = g.value_specs()
+    params = nonzeros = 0
+    const_tensors = [a.t for n in graph.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in list(graph.graph.initializer) + const_tensors:
+        arr = numpy_helper.to_array(t)
+        params += arr.size
+        nonzeros += int(np.count_nonzero(arr))
+    flops = sum(_node_flops(n, specs) for n in g.graph.node)
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph.graph.node)
+    return GraphStats(
+        nodes=len(graph.graph.node),
+        params=int(params),
+        bytes=int(graph.model.ByteSize()),
+        nonzeros=nonzeros,
+        flops=int(flops),
+        ops=dict(sorted(ops.items())),
+    )
+
+
+def inspect_graph(graph: Graph) -> dict:
+    """Everything `graphopt inspect` reports, as JSON-ready data."""
+    st = graph_stats(graph)
+    return {
+        "model": graph.source,
+        "opset": graph.opset,
+        "producer": f"{graph.model.producer_name} {graph.model.producer_version}".strip(),
+        "inputs": [s.to_json() for s in graph.inputs],
+        "outputs": [s.to_json() for s in graph.outputs],
+        **st.to_json(),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return str(n)

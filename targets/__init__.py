@@ -1,0 +1,10 @@
+"""Built-in TVM targets; registered through the ``graphopt`` entry point like any plugin."""
+
+from graphopt.hookspecs import hookimpl
+
+
+@hookimpl
+def graphopt_register_targets():
+    from .cpu import CpuTarget
+
+    return [CpuTarget]

@@ -1,0 +1,185 @@
+"""The ``cpu`` target: TVM's LLVM backend, built for the host CPU (or a named/portable one).
+
+The CPU model is detected when lowering, never hard-coded; the artifact
+records the LLVM cpu name and the instruction-set features the code may use,
+and loading refuses, with a clear message, a CPU that lacks any of them
+(instead of dying with SIGILL). ``mcpu=portable`` builds for x86-64-v2
+(SSE4.2), which runs on any x86-64 machine of the last decade.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from graphopt.errors import ArtifactError, LoweringError, OptionError
+from graphopt.graph import Graph
+from graphopt.options import Option
+from graphopt.target import LowerContext, Target
+
+from .relax_import import import_graph, raise_if_unsupported, select_params
+
+PORTABLE_CPU = {"x86_64": "x86-64-v2", "aarch64": "generic"}
+
+# LLVM feature name -> Linux /proc/cpuinfo flag, for the ISA extensions that
+# change which instructions compiled code may contain.
+ISA_FLAGS = {
+    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt",
+    "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2",
+    "lzcnt": "abm", "movbe": "movbe", "avx512f": "avx512f", "avx512cd": "avx512cd",
+    "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+    "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2", "avx512ifma": "avx512ifma",
+    "avx512bitalg": "avx512_bitalg", "avx512vpopcntdq": "avx512_vpopcntdq", "avxvnni": "avx_vnni",
+    "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq", "sha": "sha_ni", "aes": "aes",
+    "pclmul": "pclmulqdq", "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16",
+}
+
+
+def host_cpu() -> str:
+    from tvm.target import codegen
+
+    return codegen.llvm_get_system_cpu()
+
+
+def llvm_target(mcpu: str):
+    import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
+
+
+def isa_features(mcpu: str) -> list[str]:
+    """The ISA extensions LLVM enables for ``mcpu`` (the ones code may use)."""
+    from tvm.target import codegen
+
+    return sorted(f for f in codegen.llvm_get_cpu_features(llvm_target(mcpu)) if f in ISA_FLAGS)
+
+
+def host_isa_features() -> set[str]:
+    """ISA extensions this machine really has (/proc/cpuinfo where available, else LLVM's view)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {llvm for llvm, flag in ISA_FLAGS.items() if flag in flags}
+    except OSError:
+        pass
+    return set(isa_features(host_cpu()))
+
+
+def missing_features(required) -> list[str]:
+    have = host_isa_features()
+    return sorted(set(required) - have)
+
+
+class CpuTarget(Target):
+    """CPU through TVM's LLVM backend, for the host CPU's features (or a portable baseline)."""
+
+    name = "cpu"
+    options = (
+        Option("mcpu", str, "host", "LLVM cpu to build for: 'host' (detected), 'portable', or a name such as znver3"),
+        Option("opt_level", int, 3, "TVM optimization level", min=0, max=3),
+    )
+
+    def resolve_mcpu(self) -> str:
+        from tvm.target import codegen
+
+        mcpu = self.opts.mcpu
+        if mcpu == "host":
+            return host_cpu()
+        if mcpu == "portable":
+            return PORTABLE_CPU.get(platform.machine(), "generic")
+        if not codegen.llvm_is_valid_cpu(mcpu, codegen.llvm_get_system_triple()):
+            raise OptionError(
+                f"target 'cpu': option 'mcpu' = '{mcpu}' is not a CPU LLVM knows "
+                "(use 'host', 'portable', or a name such as znver3, skylake-avx512, x86-64-v3)"
+            )
+        return mcpu
+
+    def check(self, graph: Graph) -> None:
+        raise_if_unsupported(graph, self.name)
+
+    def select_params(self, graph: Graph) -> list[str]:
+        return select_params(graph)
+
+    def lower(self, graph: Graph, out_dir: Path, ctx: LowerContext) -> dict:
+        import tvm
+
+        mcpu = self.resolve_mcpu()
+        features = isa_features(mcpu)
+        missing = missing_features(features)
+        if missing:
+            # Compiling works, but nothing built here could run or be verified here.
+            ctx.native_log.append(f"note: building for {mcpu}, which uses {missing} that this CPU lacks")
+        target = llvm_target(mcpu)
+        with _step(ctx, "import into TVM Relax"):
+            mod = import_graph(graph, ctx.params)
+        with _step(ctx, f"compile for {mcpu} (llvm)"):
+            try:
+                with tvm.transform.PassContext(opt_level=self.opts.opt_level):
+                    ex = tvm.compile(mod, target=target)
+                ex.export_library(str(out_dir / "main.so"))
+            except Exception as e:
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise LoweringError(f"{graph.source or 'model'}: TVM failed to compile for {mcpu}: {msg}") from e
+        return {
+            "target": {
+                "name": self.name,
+                "options": dict(sorted(vars(self.opts).items())),
+                "tvm_target": {"kind": "llvm", "mcpu": mcpu, "triple": _triple()},
+                "mcpu": mcpu,
+                "isa_features": features,
+                "machine": platform.machine(),
+            },
+            "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu"}],
+        }
+
+    @classmethod
+    def load_programs(cls, artifact) -> dict:
+        import tvm
+        from tvm import relax
+
+        t = artifact.manifest["target"]
+        if t.get("machine") and t["machine"] != platform.machine():
+            raise ArtifactError(f"{artifact.path}: built for {t['machine']}, this machine is {platform.machine()}")
+        missing = missing_features(t.get("isa_features", []))
+        if missing:
+            raise ArtifactError(
+                f"{artifact.path}: built for CPU '{t['mcpu']}' using {', '.join(missing)}, which this CPU "
+                f"({host_cpu()}) lacks; lower the model again on this machine, or with --target-opt mcpu=portable"
+            )
+        programs = {}
+        dev = tvm.cpu()
+        params = [tvm.runtime.tensor(w, dev) for w in artifact.weights]
+        for prog in artifact.manifest["programs"]:
+            lib = tvm.runtime.load_module(str(artifact.path / prog["library"]))
+            vm = relax.VirtualMachine(lib, dev)
+            fn = vm[prog.get("entry", "main")]
+
+            def run(arrays, fn=fn):
+                res = fn(*[tvm.runtime.tensor(a, dev) for a in arrays], *params)
+                items = list(res) if not hasattr(res, "numpy") else [res]
+                return [x.numpy() for x in items]
+
+            programs[prog["name"]] = run
+        return programs
+
+
+def _triple() -> str:
+    from tvm.target import codegen
+
+    return codegen.llvm_get_system_triple()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _step(ctx: LowerContext, label: str):
+    return ctx.progress.step(label) if ctx.progress is not None else _Null()

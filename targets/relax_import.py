@@ -1,0 +1,116 @@
+"""Graph -> TVM Relax, shared by every TVM target.
+
+- :func:`unsupported_ops` lists every node the Relax ONNX importer has no converter for;
+- :func:`select_params` picks the initializers that stay weights (function
+  parameters read from ``weights.bin``) rather than constants compiled in;
+- :func:`import_graph` runs the importer with those parameters and turns its
+  failures into errors that name the node and say what to do.
+"""
+
+from __future__ import annotations
+
+
+
+import numpy as np
+import onnx
+
+
+from graphopt.errors import LoweringError, UnsupportedOpsError
+from graphopt.graph import Graph
+
+#: Smallest initializer (in elements) kept as a weight. Smaller ones (shapes,
+#: axes, scales, scalars) become constants: the importer needs many of them as
+#: compile-time values (Reshape targets, Resize scales, Slice bounds...).
+MIN_PARAM_ELEMENTS = 16
+_PARAM_KINDS = "fc"  # float and complex tensors; integer tensors are usually shapes or indices
+
+
+def unsupported_ops(graph: Graph) -> dict[str, list[str]]:
+    """``{op: [node names]}`` for every node TVM's ONNX importer cannot convert."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"Constant", "If"}
+    missing: dict[str, list[str]] = {}
+    for i, node in enumerate(graph.graph.node):
+        domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+        if domain or node.op_type not in known:
+            op = f"{domain}.{node.op_type}" if domain else node.op_type
+            missing.setdefault(op, []).append(node.name or f"#{i}")
+    return missing
+
+
+def raise_if_unsupported(graph: Graph, target: str) -> None:
+    missing = unsupported_ops(graph)
+    if not missing:
+        return
+    listing = "; ".join(f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for op, names in sorted(missing.items()))
+    raise UnsupportedOpsError(
+        f"{graph.source or 'model'}: target '{target}' cannot lower {sum(map(len, missing.values()))} node(s): "
+        f"{listing}. Rewrite these ops with a pass, or export the model with standard ONNX ops",
+        missing,
+    )
+
+
+def select_params(graph: Graph) -> list[str]:
+    """Names of the initializers that become weights, in graph order."""
+    out = []
+    for t in graph.graph.initializer:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        if dtype.kind in _PARAM_KINDS and int(np.prod(t.dims, dtype=np.int64)) >= MIN_PARAM_ELEMENTS:
+            out.append(t.name)
+    return out
+
+
+def _importable_model(graph: Graph, params: list[str]) -> onnx.ModelProto:
+    """A copy in which every initializer that is not a param is a Constant node."""
+    g = graph.copy().model
+    keep = set(params)
+    consts = []
+    rest = []
+    for t in g.graph.initializer:
+        if t.name in keep:
+            rest.append(t)
+        else:
+            consts.append(onnx.helper.make_node("Constant", [], [t.name], value=t, name=f"graphopt_const_{t.name}"))
+    del g.graph.initializer[:]
+    g.graph.initializer.extend(rest)
+    names = {t.name for t in consts}
+    kept_inputs = [v for v in g.graph.input if v.name not in names]
+    del g.graph.input[:]
+    g.graph.input.extend(kept_inputs)
+    nodes = list(g.graph.node)
+    del g.graph.node[:]
+    g.graph.node.extend(consts + nodes)
+    return g
+
+
+
+
+
+def import_graph(graph: Graph, params: list[str]):
+    """The Relax IRModule of ``graph`` whose ``main`` takes (inputs..., params...)."""
+
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = _importable_model(graph, params)
+    try:
+        mod = from_onnx(model, opset=graph.opset, keep_params_in_input=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        symbolic = [f"{s.name}{list(s.shape)}" for s in graph.inputs if not s.is_static]
+        hint = ""
+        if symbolic:
+            hint = (
+                f"; the model has symbolic input dims ({', '.join(symbolic)}): fix them with "
+                f"--input-shape NAME:D1,D2,... so shape computations fold before import"
+            )
+        raise LoweringError(f"{graph.source or 'model'}: TVM could not import the graph: {msg}{hint}") from e
+    mod, _ = relax.frontend.detach_params(mod)
+    n_inputs = len(graph.inputs)
+    got = len(mod["main"].params) - n_inputs
+    if got != len(params):  # pragma: no cover - guards an importer change
+        raise LoweringError(f"TVM importer produced {got} weight parameters, expected {len(params)}")
+    return mod
+
+
