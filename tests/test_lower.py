@@ -1,0 +1,148 @@
+"""End to end: capture or load, optimize, lower through TVM, run the artifact, compare with the reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import graphopt
+from graphopt.errors import ArtifactError, UnsupportedOpsError
+from graphopt.testing import REAL_MODELS
+from onnx import helper
+
+from .conftest import init, make_model, run_cli, vi
+
+
+@pytest.fixture(scope="module")
+def captured(torch_models):
+    """Each torch test model captured with a dynamic batch."""
+    return {name: graphopt.capture(m, args, dynamic_batch=True) for name, (m, args) in torch_models.items()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_captured_model_lowers_and_matches_torch_at_two_batch_sizes(tmp_path, torch_models, captured, name):
+    import torch
+
+    module, _ = torch_models[name]
+    g = captured[name]
+    assert g.inputs[0].shape[0] == "batch"
+    res = graphopt.lower(g, "cpu", tmp_path / name, verify=True)
+    assert res.verification.ok
+    art = graphopt.load(tmp_path / name)
+    for batch in (2, 5):
+        x = torch.randn((batch,) + tuple(g.inputs[0].shape[1:]), generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            want = module(x).numpy()
+        got = art.run({g.inputs[0].name: x.numpy()})[g.outputs[0].name]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_cli_lower_and_run_verify_on_exported_onnx(tmp_path, captured, capsys):
+    """The one-line use: `graphopt lower` then `graphopt run --verify` on files."""
+    for name in ("mlp", "cnn", "transformer"):
+        model = tmp_path / f"{name}.onnx"
+        captured[name].save(model)
+        before = model.read_bytes()
+        out = tmp_path / "build" / name
+        assert run_cli("lower", model, "--target", "cpu", "-o", out, "--input-shape",
+                       f"input:{','.join(str(d if isinstance(d, int) else 3) for d in captured[name].inputs[0].shape)}",
+                       "--quiet") == 0
+        shape = [3 if not isinstance(d, int) else d for d in captured[name].inputs[0].shape]
+        np.savez(tmp_path / "x.npz", input=np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+        assert run_cli("run", out, "--inputs", tmp_path / "x.npz", "--verify", "--json") == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["verification"]["ok"] is True and doc["verification"]["max_abs"] < 1e-4
+        assert model.read_bytes() == before  # the input model is never modified
+
+
+def test_lowering_is_deterministic(tmp_path, mlp_onnx):
+    a = graphopt.lower(mlp_onnx, "cpu", tmp_path / "a").artifact
+    b = graphopt.lower(mlp_onnx, "cpu", tmp_path / "b").artifact
+    for f in ("manifest.json", "weights.bin", "model.onnx"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_manifest_describes_the_artifact(tmp_path, mlp_onnx):
+    from graphopt.targets.cpu import host_cpu
+
+    res = graphopt.lower(mlp_onnx, "cpu", tmp_path / "m")
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert m["inputs"] == [{"name": "x", "dtype": "float32", "shape": [1, 8]}]
+    assert m["target"]["mcpu"] == host_cpu() and m["target"]["name"] == "cpu"
+    assert set(m["files"]) == {"main.so", "model.onnx", "weights.bin"}
+    assert [w["name"] for w in m["weights"]] == ["w1", "b1", "w2"]
+    assert m["versions"]["apache-tvm-ffi"] == "0.1.14.post1"
+    assert res.manifest == m
+
+
+def test_artifact_is_refused_on_a_cpu_lacking_its_features(tmp_path, mlp_onnx):
+    from graphopt.targets.cpu import ISA_FLAGS, host_isa_features
+
+    graphopt.lower(mlp_onnx, "cpu", tmp_path / "m")
+    lacking = sorted(set(ISA_FLAGS) - host_isa_features())
+    if not lacking:
+        pytest.skip("this CPU has every ISA extension graphopt checks")
+    mpath = tmp_path / "m" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["target"]["isa_features"].append(lacking[0])
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=f"using {lacking[0]}, which this CPU .* lacks"):
+        graphopt.load(tmp_path / "m")
+
+
+def test_portable_build_runs(tmp_path, mlp_onnx):
+    res = graphopt.lower(mlp_onnx, "cpu", tmp_path / "p", target_options={"mcpu": "portable"}, verify=True)
+    assert res.manifest["target"]["mcpu"] == "x86-64-v2"
+    assert "avx2" not in res.manifest["target"]["isa_features"]
+
+
+def test_damaged_artifact_is_refused(tmp_path, mlp_onnx):
+    graphopt.lower(mlp_onnx, "cpu", tmp_path / "m")
+    w = tmp_path / "m" / "weights.bin"
+    w.write_bytes(b"\0" + w.read_bytes()[1:])
+    with pytest.raises(ArtifactError, match="weights.bin' does not match its hash"):
+        graphopt.load(tmp_path / "m")
+
+
+def test_unsupported_ops_are_all_reported_at_once(tmp_path):
+    nodes = [helper.make_node("Celu", ["x"], ["a"], name="celu_1"),
+             helper.make_node("Det", ["a"], ["d"], name="det_1"),
+             helper.make_node("Celu", ["d"], ["y"], name="celu_2")]
+    m = make_model(nodes, [vi("x", [2, 3, 3])], [vi("y", [2])])
+    with pytest.raises(UnsupportedOpsError) as e:
+        graphopt.lower(graphopt.Graph(m), "cpu", tmp_path / "u")
+    assert e.value.ops == {"Celu": ["celu_1", "celu_2"], "Det": ["det_1"]}
+    assert not (tmp_path / "u").exists()
+
+
+def test_lower_replaces_an_existing_artifact_but_not_other_folders(tmp_path, mlp_onnx):
+    out = tmp_path / "m"
+    graphopt.lower(mlp_onnx, "cpu", out)
+    graphopt.lower(mlp_onnx, "cpu", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "mlp.onnx"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(graphopt.OptionError, match="not a graphopt artifact"):
+        graphopt.lower(mlp_onnx, "cpu", other)
+    assert (other / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", sorted(REAL_MODELS))
+def test_real_model_lowers_and_verifies(tmp_path, real_model, name, capsys):
+    """The pre-trained models of MODELS.md, with their symbolic dims fixed, through the CLI."""
+    path = real_model(name)
+    spec = REAL_MODELS[name]
+    shapes = [f"{k}:{','.join(map(str, v))}" for k, v in spec.input_shapes.items()]
+    args = ["lower", path, "-o", tmp_path / name, "--verify", "--json"]
+    for s in shapes:
+        args += ["--input-shape", s]
+    assert run_cli(*args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["report"]["verification"]["ok"] is True
+    assert doc["report"]["after"]["nodes"] < doc["report"]["before"]["nodes"] or name == "magika"
+    assert run_cli("run", tmp_path / name, "--verify", "--quiet") == 0
