@@ -59,6 +59,11 @@ class Progress:
             out.flush()
 
 
+def step(progress: "Progress | None", label: str):
+    """``progress.step(label)``, or a no-op context when there is no progress display."""
+    return progress.step(label) if progress is not None else contextlib.nullcontext()
+
+
 class NativeLog:
     """Text captured from file descriptors 1 and 2."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .console import step
 from .errors import GraphoptError, ModelError, PluginError, VerificationError
 from .graph import Graph
 from .passbase import PassContext, PassRecord
@@ -63,7 +64,7 @@ class PassManager:
             p.notes = {}
             label = f"pass {index + 1}/{len(self.pipeline)}: {p}"
             t0 = time.perf_counter()
-            with _step(ctx, label):
+            with step(ctx.progress, label):
                 try:
                     out = p.run(graph.copy(), ctx)
                 except GraphoptError:
@@ -110,15 +111,3 @@ class PassManager:
             raise VerificationError(f"lossless pass '{p.name}' changed the model's outputs: {cmp.summary()}")
         ref.outputs = got  # the next pass is compared with this one's output
         return result
-
-
-class _NullStep:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _step(ctx: PassContext, label: str):
-    return ctx.progress.step(label) if ctx.progress is not None else _NullStep()

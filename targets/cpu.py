@@ -13,6 +13,7 @@ import os
 import platform
 from pathlib import Path
 
+from graphopt.console import step
 from graphopt.errors import ArtifactError, LoweringError, OptionError
 from graphopt.graph import Graph
 from graphopt.options import Option
@@ -114,9 +115,9 @@ class CpuTarget(Target):
             # Compiling works, but nothing built here could run or be verified here.
             ctx.native_log.append(f"note: building for {mcpu}, which uses {missing} that this CPU lacks")
         target = llvm_target(mcpu)
-        with _step(ctx, "import into TVM Relax"):
+        with step(ctx.progress, "import into TVM Relax"):
             mod = import_graph(graph, ctx.params)
-        with _step(ctx, f"compile for {mcpu} (llvm)"):
+        with step(ctx.progress, f"compile for {mcpu} (llvm)"):
             try:
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
                     ex = tvm.compile(mod, target=target)
@@ -171,15 +172,3 @@ def _triple() -> str:
     from tvm.target import codegen
 
     return codegen.llvm_get_system_triple()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _step(ctx: LowerContext, label: str):
-    return ctx.progress.step(label) if ctx.progress is not None else _Null()

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import gc
+
 
 
 import numpy as np
@@ -87,6 +89,20 @@ def _importable_model(graph: Graph, params: list[str]) -> onnx.ModelProto:
 
 
 
+def _shape_hint(graph: Graph) -> str:
+    symbolic = [s for s in graph.inputs if not s.is_static]
+    if not symbolic:
+        return ""
+    examples = " ".join(
+        f"--input-shape {s.name}:" + ",".join(
+            str(d) if isinstance(d, int) else ("1" if i == 0 else f"<{d if d != '?' else 'dim' + str(i)}>")
+            for i, d in enumerate(s.shape))
+        for s in symbolic
+    )
+    return (f"; the model has symbolic input dims, so its shape computations cannot fold before import: "
+            f"fix them, e.g. {examples}")
+
+
 def import_graph(graph: Graph, params: list[str]):
     """The Relax IRModule of ``graph`` whose ``main`` takes (inputs..., params...)."""
 
@@ -94,18 +110,15 @@ def import_graph(graph: Graph, params: list[str]):
     from tvm.relax.frontend.onnx import from_onnx
 
     model = _importable_model(graph, params)
+    failure = None
     try:
         mod = from_onnx(model, opset=graph.opset, keep_params_in_input=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        symbolic = [f"{s.name}{list(s.shape)}" for s in graph.inputs if not s.is_static]
-        hint = ""
-        if symbolic:
-            hint = (
-                f"; the model has symbolic input dims ({', '.join(symbolic)}): fix them with "
-                f"--input-shape NAME:D1,D2,... so shape computations fold before import"
-            )
-        raise LoweringError(f"{graph.source or 'model'}: TVM could not import the graph: {msg}{hint}") from e
+        failure = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if failure is not None:
+        # Let the importer's half-built state go now, while its warnings are still being captured.
+        gc.collect()
+        raise LoweringError(f"{graph.source or 'model'}: TVM could not import the graph: {failure}{_shape_hint(graph)}")
     mod, _ = relax.frontend.detach_params(mod)
     n_inputs = len(graph.inputs)
     got = len(mod["main"].params) - n_inputs

@@ -146,3 +146,11 @@ def test_real_model_lowers_and_verifies(tmp_path, real_model, name, capsys):
     assert doc["report"]["verification"]["ok"] is True
     assert doc["report"]["after"]["nodes"] < doc["report"]["before"]["nodes"] or name == "magika"
     assert run_cli("run", tmp_path / name, "--verify", "--quiet") == 0
+
+
+@pytest.mark.realmodel
+def test_symbolic_shape_chains_get_an_actionable_error(tmp_path, real_model, capsys):
+    assert run_cli("lower", real_model("magika"), "-o", tmp_path / "m") == 2
+    err = capsys.readouterr().err
+    assert "fix them, e.g. --input-shape bytes:1,2048" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()

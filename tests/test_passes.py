@@ -100,7 +100,8 @@ def test_dedup_initializers_merges_identical_weights():
     m = make_model(nodes, [vi("x", [1, 16])], [vi("y", [1, 16])], [init("w1", w), init("w2", w.copy())])
     res = graphopt.optimize(graphopt.Graph(m), "dedup-initializers")
     assert [t.name for t in res.graph.graph.initializer] == ["w1"]
-    assert res.records[0].details == {"merged_initializers": 1, "bytes_saved": w.nbytes}
+    assert res.records[0].details["merged_initializers"] == 1
+    assert res.records[0].details["bytes_saved"] == w.nbytes
 
 
 def bn_model():
