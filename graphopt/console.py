@@ -25,8 +25,14 @@ class Progress:
     """Step-by-step progress on stderr; silent unless enabled and stderr is a TTY."""
 
     def __init__(self, enabled: bool = True, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        stream = stream or sys.stderr
+        self.enabled = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.stream = stream
+        if self.enabled and stream is sys.stderr:
+            # A private copy of the terminal: capture_native_output() redirects fd 2
+            # during compilation, and progress must still reach the user.
+            with contextlib.suppress(OSError, ValueError):
+                self.stream = os.fdopen(os.dup(stream.fileno()), "w", buffering=1, encoding="utf-8")
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[None]:
