@@ -300,6 +300,8 @@ def cmd_plugins(args, out: _Out, debug_log: list) -> int:
         what = ", ".join(p.passes + p.targets) or "-"
         out.say(f"{p.name:<22} {p.status:<9} {p.source}")
         out.say(f"    provides: {what}" + (f"\n    error: {p.error}" if p.error else ""))
+        for w in p.warnings:
+            out.say(f"    warning: {w}")
     out.emit(doc)
     return EXIT_OK
 
@@ -334,6 +336,9 @@ def main(argv=None) -> int:
             for p in reg.failures():
                 print(f"graphopt: warning: plugin '{p.name}' not loaded: {p.error} "
                       f"(disable it with --disable-plugin {p.name})", file=sys.stderr)
+            for p in reg.plugins.values():
+                for w in p.warnings:
+                    print(f"graphopt: warning: plugin '{p.name}': {w}", file=sys.stderr)
         code = COMMANDS[args.command](args, out, debug_log)
     except GraphoptError as e:
         if debug:

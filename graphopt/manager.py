@@ -17,7 +17,7 @@ from .errors import GraphoptError, ModelError, PluginError, VerificationError
 from .graph import Graph
 from .passbase import PassContext, PassRecord
 from .pipeline import Pipeline
-from .plugins import Registry, get_registry
+from .plugins import Registry, describe_exception, get_registry
 from .reference import compare_outputs, reference_session, run_reference
 from .stats import graph_stats
 
@@ -72,7 +72,7 @@ class PassManager:
                 except Exception as e:
                     if p.plugin.startswith("graphopt."):
                         raise
-                    raise PluginError(f"pass '{p.name}' from plugin '{p.plugin}' failed: {type(e).__name__}: {e}") from e
+                    raise PluginError(f"pass '{p.name}' from plugin '{p.plugin}' failed: {describe_exception(e)}") from e
             record.seconds = round(time.perf_counter() - t0, 4)
             if not isinstance(out, Graph):
                 raise PluginError(f"pass '{p.name}' from plugin '{p.plugin}' returned {type(out).__name__}, not a Graph")

@@ -31,6 +31,7 @@ class PluginInfo:
     source: str
     status: str = "loaded"  # loaded | failed | disabled
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
 
@@ -38,7 +39,8 @@ class PluginInfo:
         return dict(self.__dict__)
 
 
-def _describe_exc(e: BaseException) -> str:
+def describe_exception(e: BaseException) -> str:
+    """``Type: first line of the message`` (errors stay one line)."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
@@ -50,13 +52,16 @@ class Registry:
         self.pm = pluggy.PluginManager("graphopt")
         self.pm.add_hookspecs(hookspecs)
         self.disabled = {d.strip() for d in disabled if d.strip()}
+        self.env_disabled: set[str] = set()
         self.plugins: dict[str, PluginInfo] = {}
         self.passes: dict[str, type] = {}
         self.targets: dict[str, type] = {}
 
     # ---------------------------------------------------------------- loading
     def load_entry_points(self) -> None:
-        eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        # Built-ins first, so a third-party plugin cannot silently replace one of their names.
+        eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+                     key=lambda e: (not e.name.startswith("graphopt."), e.name))
         seen: set[str] = set()
         for ep in eps:
             if ep.name in seen:  # the same distribution visible twice on sys.path
@@ -70,7 +75,7 @@ class Registry:
             try:
                 obj = ep.load()
             except Exception as e:  # a broken plugin must not take the others down
-                self.plugins[ep.name] = PluginInfo(ep.name, source, "failed", f"import failed: {_describe_exc(e)}")
+                self.plugins[ep.name] = PluginInfo(ep.name, source, "failed", f"import failed: {describe_exception(e)}")
                 continue
             self.register(obj, ep.name, source)
 
@@ -84,7 +89,7 @@ class Registry:
         try:
             self.pm.register(plugin, name=name)
         except Exception as e:
-            info.status, info.error = "failed", f"registration failed: {_describe_exc(e)}"
+            info.status, info.error = "failed", f"registration failed: {describe_exception(e)}"
             return info
         for hook, table, kind in (
             ("graphopt_register_passes", self.passes, "passes"),
@@ -96,7 +101,7 @@ class Registry:
                 try:
                     classes = list(impl.function() or [])
                 except Exception as e:
-                    info.status, info.error = "failed", f"{hook} raised {_describe_exc(e)}"
+                    info.status, info.error = "failed", f"{hook} raised {describe_exception(e)}"
                     continue
                 for cls in classes:
                     cname = getattr(cls, "name", None)
@@ -105,13 +110,21 @@ class Registry:
                         continue
                     if cname in table:
                         owner = table[cname].plugin
-                        info.error = f"{kind[:-1]} '{cname}' is already provided by plugin '{owner}'; skipped"
+                        info.warnings.append(
+                            f"{'pass' if kind == 'passes' else 'target'} '{cname}' is already provided by "
+                            f"plugin '{owner}'; this plugin's version is ignored"
+                        )
                         continue
                     cls.plugin = name
                     table[cname] = cls
                     getattr(info, kind).append(cname)
         if info.status == "failed":
+            # A failed plugin provides nothing, not even what it registered before failing.
             self.pm.unregister(name=name)
+            for table, names in ((self.passes, info.passes), (self.targets, info.targets)):
+                for n in names:
+                    table.pop(n, None)
+            info.passes, info.targets = [], []
         return info
 
     # ---------------------------------------------------------------- lookups
@@ -141,22 +154,31 @@ class Registry:
             try:
                 impl.function(**{k: kwargs[k] for k in impl.argnames})
             except Exception as e:
-                raise PluginError(f"plugin '{impl.plugin_name}' failed in {hook}: {_describe_exc(e)}") from e
+                raise PluginError(f"plugin '{impl.plugin_name}' failed in {hook}: {describe_exception(e)}") from e
 
 
 _REGISTRY: Registry | None = None
 
 
-def get_registry(disable: Iterable[str] = (), *, reload: bool = False) -> Registry:
+def get_registry(disable: Iterable[str] | None = None, *, reload: bool = False) -> Registry:
     """The process-wide registry, loading entry points on first use.
 
-    ``disable`` adds to ``GRAPHOPT_DISABLE_PLUGINS``; passing a new ``disable``
-    set or ``reload=True`` builds a fresh registry.
+    Plugins named in ``GRAPHOPT_DISABLE_PLUGINS`` and in ``disable`` are not
+    loaded. Without ``disable`` the existing registry is returned as it is
+    (so a CLI's ``--disable-plugin`` holds for the whole run); a different
+    ``disable`` set or ``reload=True`` builds a fresh one.
     """
     global _REGISTRY
-    disabled = set(filter(None, os.environ.get("GRAPHOPT_DISABLE_PLUGINS", "").split(","))) | set(disable)
+    env = {d.strip() for d in os.environ.get("GRAPHOPT_DISABLE_PLUGINS", "").split(",") if d.strip()}
+    if disable is None:
+        # Keep what an earlier caller (the CLI's --disable-plugin) switched off.
+        extra = _REGISTRY.disabled - _REGISTRY.env_disabled if _REGISTRY is not None else set()
+    else:
+        extra = {d.strip() for d in disable if d.strip()}
+    disabled = env | extra
     if _REGISTRY is None or reload or disabled != _REGISTRY.disabled:
         reg = Registry(disabled)
+        reg.env_disabled = env
         reg.load_entry_points()
         _REGISTRY = reg
     return _REGISTRY
