@@ -151,6 +151,10 @@ class Artifact:
                 f"{mpath}: artifact format {self.manifest['format_version']} is newer than this graphopt "
                 f"understands ({FORMAT_VERSION}); upgrade graphopt"
             )
+        named = list(self.manifest.get("files", {})) + [p.get("library", "") for p in self.manifest.get("programs", [])]
+        for name in named:
+            if not name or Path(name).name != name or name in (".", ".."):
+                raise ArtifactError(f"{mpath}: file name '{name}' is not a plain name inside the artifact (damaged or unsafe)")
         if check_hashes:
             for name, digest in self.manifest.get("files", {}).items():
                 f = self.path / name

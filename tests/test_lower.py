@@ -154,3 +154,13 @@ def test_symbolic_shape_chains_get_an_actionable_error(tmp_path, real_model, cap
     err = capsys.readouterr().err
     assert "fix them, e.g. --input-shape bytes:1,2048" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_manifest_cannot_point_outside_the_artifact(tmp_path, mlp_onnx):
+    graphopt.lower(mlp_onnx, "cpu", tmp_path / "m")
+    mpath = tmp_path / "m" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["programs"][0]["library"] = "../evil.so"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="not a plain name"):
+        graphopt.load(tmp_path / "m")
