@@ -75,8 +75,9 @@ def _report(graph_in: Graph, graph_out: Graph, pipeline: Pipeline, records, ctx:
         "model": graph_in.source,
         "pipeline": str(pipeline),
         "data": ctx.data.describe(),
-        "before": graph_stats(graph_in).to_json(),
-        "after": graph_stats(graph_out).to_json(),
+        # The manager already measured both ends; recount only for an empty pipeline.
+        "before": records[0].before if records else graph_stats(graph_in).to_json(),
+        "after": records[-1].after if records else graph_stats(graph_out).to_json(),
         "passes": [r.to_json() for r in records],
         **extra,
     }

@@ -12,7 +12,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import graphopt
 from graphopt import cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
-import pytest
 from onnx import helper
 
 from .conftest import make_model, run_cli, run_cli_subprocess, vi

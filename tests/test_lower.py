@@ -12,7 +12,7 @@ from graphopt.errors import ArtifactError, UnsupportedOpsError
 from graphopt.testing import REAL_MODELS
 from onnx import helper
 
-from .conftest import init, make_model, run_cli, vi
+from .conftest import make_model, run_cli, vi
 
 
 @pytest.fixture(scope="module")

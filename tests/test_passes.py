@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt.errors import OptionError, VerificationError
+from graphopt.errors import VerificationError
 from graphopt.passbase import PassContext
 from graphopt.plugins import Registry
 
@@ -24,10 +24,6 @@ def ops(g: graphopt.Graph) -> list[str]:
 def ort_run(g: graphopt.Graph, feed):
     s = ort.InferenceSession(g.to_bytes(), providers=["CPUExecutionProvider"])
     return s.run(None, feed)
-
-
-def run_pass(name: str, graph: graphopt.Graph, **opts):
-    return graphopt.optimize(graph, name if not opts else f"{name}({','.join(f'{k}={v}' for k, v in opts.items())})")
 
 
 def shape_chain_model():
