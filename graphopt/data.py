@@ -9,7 +9,9 @@ inputs (names, dtypes, ranks, fixed dims) before use.
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -20,32 +22,136 @@ from .errors import DataError
 from .graph import Graph, TensorSpec
 
 Feed = dict[str, np.ndarray]
+#: Largest inputs file (.npz/.npy as stored on disk) read.
 MAX_INPUT_FILE_BYTES = 4 << 30
+#: Largest total of array bytes one inputs file may declare (npy headers, zip members):
+#: checked before a single array is read, so a small zip bomb or a header that declares
+#: a huge shape is refused instead of allocated.
+MAX_INPUT_ARRAY_BYTES = 4 << 30
+#: Most arrays one .npz may hold.
+MAX_NPZ_MEMBERS = 4096
+
+
+def check_regular_file(path: Path, what: str, error=DataError) -> os.stat_result:
+    """``os.stat`` of ``path``, refusing anything but a regular file without opening it.
+
+    A FIFO, socket or device could block a reader forever (or never end), so
+    those are refused from their ``stat`` alone. ``error`` is the exception class
+    raised (its message names ``path`` and ``what`` it should have been).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {what}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise error(f"{path}: is {kind}; the {what} must be a regular file")
+    return st
+
+
+def _npy_header(f, where: str, available: int) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """Read an .npy header from ``f`` and check what it declares, before any data is read.
+
+    Returns (shape, dtype, fortran_order, declared bytes). Object dtypes (pickles)
+    and arrays larger than ``available`` bytes (what the file or zip member really
+    holds) or than :data:`MAX_INPUT_ARRAY_BYTES` are refused.
+    """
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        raise DataError(f"{where}: not a valid .npy array: {_first_line(e)}") from None
+    if dtype.hasobject:
+        raise DataError(f"{where}: holds Python objects (dtype {dtype}), which graphopt does not read (no pickles); "
+                        "save numeric arrays")
+    if any(d < 0 for d in shape):
+        raise DataError(f"{where}: header declares a negative dim {list(shape)}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_INPUT_ARRAY_BYTES:
+        raise DataError(f"{where}: header declares {list(shape)} {dtype} ({nbytes} bytes), over the "
+                        f"{MAX_INPUT_ARRAY_BYTES} byte cap for input arrays")
+    if nbytes > available:
+        raise DataError(f"{where}: header declares {nbytes} bytes of data but only {available} are stored "
+                        "(truncated or forged file)")
+    return tuple(shape), dtype, fortran, nbytes
+
+
+def _read_npy(f, where: str, available: int) -> np.ndarray:
+    shape, dtype, fortran, nbytes = _npy_header(f, where, available)
+    data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise DataError(f"{where}: truncated: {len(data)} of {nbytes} data bytes")
+    arr = np.frombuffer(data, dtype=dtype).copy()
+    return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+
+
+def _read_npz(path: Path) -> Feed:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a valid .npz (zip) file: {_first_line(e)}") from None
+    with zf:
+        members = zf.infolist()
+        if len(members) > MAX_NPZ_MEMBERS:
+            raise DataError(f"{path}: holds {len(members)} entries, over the {MAX_NPZ_MEMBERS} cap")
+        # Uncompressed sizes as the zip directory declares them: a zip bomb is refused here.
+        declared = sum(m.file_size for m in members)
+        if declared > MAX_INPUT_ARRAY_BYTES:
+            raise DataError(f"{path}: its entries expand to {declared} bytes, over the "
+                            f"{MAX_INPUT_ARRAY_BYTES} byte cap for input arrays (zip bomb?)")
+        feed: Feed = {}
+        for m in members:
+            if m.is_dir():
+                continue
+            name = m.filename[:-4] if m.filename.endswith(".npy") else m.filename
+            where = f"{path}: array '{name}'"
+            try:
+                with zf.open(m) as f:
+                    feed[name] = _read_npy(f, where, m.file_size)
+            except DataError:
+                raise
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
+                raise DataError(f"{where}: cannot read: {_first_line(e)}") from None
+        return feed
 
 
 def _read_one(path: Path, specs: Sequence[TensorSpec]) -> Feed:
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise DataError(f"{path}: cannot read inputs file: {e.strerror}") from e
+    """One .npz/.npy file as a feed: a regular file, sizes checked before any array is read."""
+    size = check_regular_file(path, "inputs file").st_size
     if size > MAX_INPUT_FILE_BYTES:
         raise DataError(f"{path}: {size} bytes is over the {MAX_INPUT_FILE_BYTES} byte cap for an inputs file")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            if len(specs) != 1:
-                raise DataError(
-                    f"{path}: a .npy file holds one array but the model has {len(specs)} inputs "
-                    f"({', '.join(s.name for s in specs)}); use an .npz with one array per input name"
-                )
-            return {specs[0].name: loaded}
-        with loaded:
-            return {k: loaded[k] for k in loaded.files}
-    except DataError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: cannot read inputs (.npz/.npy expected, no pickled objects): {msg}") from e
+        with open(path, "rb") as f:
+            head = f.read(6)
+            f.seek(0)
+            if head != b"\x93NUMPY":
+                if zipfile.is_zipfile(f):
+                    return _read_npz(path)
+                raise DataError(f"{path}: cannot read inputs (.npz/.npy expected): neither an .npy array nor a zip")
+            arr = _read_npy(f, str(path), size)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read inputs file: {e.strerror or e}") from None
+    if len(specs) != 1:
+        raise DataError(
+            f"{path}: a .npy file holds one array but the model has {len(specs)} inputs "
+            f"({', '.join(s.name for s in specs)}); use an .npz with one array per input name"
+        )
+    return {specs[0].name: arr}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], where: str) -> Feed:
@@ -72,13 +178,24 @@ def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], wher
 
 
 def read_inputs(path: str | os.PathLike, specs: Sequence[TensorSpec]) -> list[Feed]:
-    """Feeds from an .npz/.npy file or a directory of them (sorted by name)."""
+    """Feeds from an .npz/.npy file or a directory of them (sorted by name).
+
+    Only regular files are read; a FIFO, socket or device (given directly or
+    found in the folder) is refused from its ``stat``, never opened.
+    """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: inputs file not found")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy")) if path.is_dir() else [path]
-    if not files:
-        raise DataError(f"{path}: directory holds no .npz or .npy files")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: inputs file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read inputs: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+        if not files:
+            raise DataError(f"{path}: directory holds no .npz or .npy files")
+    else:
+        files = [path]
     return [check_feed(_read_one(f, specs), specs, str(f)) for f in files]
 
 

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from .console import step
-from .errors import GraphoptError, ModelError, PluginError, VerificationError
+from .errors import GraphoptError, ModelError, OptionError, PluginError, VerificationError
 from .graph import Graph
 from .passbase import PassContext, PassRecord
+from .options import check_tolerance
 from .pipeline import Pipeline
 from .plugins import Registry, describe_exception, get_registry
 from .reference import compare_outputs, reference_session, run_reference
@@ -47,9 +48,24 @@ class PassManager:
     """Run ``pipeline`` over a Graph; returns the result and one record per pass."""
 
     def __init__(self, pipeline: Pipeline, ctx: PassContext | None = None, registry: Registry | None = None):
+        """Validate what the run will need before any pass runs.
+
+        Tolerances must be finite and >= 0, and every ``dump_after`` name must
+        be a pass of ``pipeline`` (by name or as printed); otherwise
+        :class:`~graphopt.errors.OptionError`.
+        """
         self.pipeline = pipeline
         self.ctx = ctx or PassContext()
         self.registry = registry or get_registry()
+        check_tolerance("atol", self.ctx.atol)
+        check_tolerance("rtol", self.ctx.rtol)
+        known = {p.name for p in pipeline} | {str(p) for p in pipeline}
+        unknown = [d for d in self.ctx.dump_after if d not in known]
+        if unknown:
+            raise OptionError(
+                f"dump after {', '.join(repr(d) for d in unknown)}: not a pass in the pipeline "
+                f"'{pipeline}' (choose from: {', '.join(sorted({p.name for p in pipeline})) or 'none'})"
+            )
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassRecord]]:
         ctx = self.ctx
@@ -67,11 +83,13 @@ class PassManager:
             with step(ctx.progress, label):
                 try:
                     out = p.run(graph.copy(), ctx)
-                except GraphoptError:
+                except (GraphoptError, KeyboardInterrupt):
                     raise
-                except Exception as e:
-                    if p.plugin.startswith("graphopt."):
-                        raise
+                except BaseException as e:
+                    # A plugin's pass may raise anything, SystemExit included: name it, never exit quietly.
+                    info = self.registry.plugins.get(p.plugin)
+                    if info is not None and info.builtin and isinstance(e, Exception):
+                        raise  # a bug in graphopt itself: exit 3 with the traceback under --debug
                     raise PluginError(f"pass '{p.name}' from plugin '{p.plugin}' failed: {describe_exception(e)}") from e
             record.seconds = round(time.perf_counter() - t0, 4)
             if not isinstance(out, Graph):

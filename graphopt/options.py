@@ -8,6 +8,7 @@ values are rejected with the valid choices listed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -78,6 +79,9 @@ class Option:
             raise OptionError(f"{where} expects {_TYPE_NAMES[t]}, got {value!r}")
         if t is str and not isinstance(v, str):
             raise OptionError(f"{where} expects str, got {value!r}")
+        if t is float and math.isnan(v):
+            # NaN compares False with every bound, so it would slip through min/max.
+            raise OptionError(f"{where} expects a number, got NaN")
         if self.choices and v not in self.choices:
             raise OptionError(f"{where} must be one of {', '.join(map(str, self.choices))}; got {v!r}")
         if self.min is not None and v < self.min:
@@ -99,6 +103,20 @@ def resolve_options(owner: str, declared: Iterable[Option], given: Mapping[str, 
             raise OptionError(f"{owner}: unknown option '{key}' (valid options: {valid})")
         values[name] = by_name[name].coerce(value, owner)
     return values
+
+
+def check_tolerance(name: str, value: Any) -> float:
+    """A comparison tolerance (``atol``/``rtol``): a finite number >= 0, else :class:`OptionError`.
+
+    NaN would make every comparison pass or fail silently, and a negative
+    tolerance can never be met; both are the caller's mistake, refused before
+    anything runs.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"tolerance {name} must be a number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise OptionError(f"tolerance {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def format_value(v: Any) -> str:

@@ -23,6 +23,22 @@ from .passbase import Pass
 from .plugins import Registry, get_registry
 
 
+#: Largest pipeline TOML file read (a pipeline is a few lines; this only stops abuse).
+MAX_PIPELINE_BYTES = 1 << 20
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _toml_type(v: Any) -> str:
+    """What a TOML value is, in TOML's words, for messages."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
+             dict: "a table"}
+    return next((k for t, k in kinds.items() if isinstance(v, t)), f"a {type(v).__name__}")
+
+
 def _split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside parentheses and quotes."""
     parts, depth, quote, cur = [], 0, None, []
@@ -103,33 +119,69 @@ class Pipeline:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike, registry: Registry | None = None) -> "Pipeline":
+        """Build from a TOML file (see the module docstring); every mistake is an :class:`OptionError`.
+
+        The file must be a regular file of at most :data:`MAX_PIPELINE_BYTES`
+        (a FIFO or device is refused without being opened); ``passes`` must be
+        a list of pipeline strings or tables, ``[[pass]]`` tables need a string
+        ``name``, and option values must be scalars (bool, int, float, string).
+        """
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
+        from .data import check_regular_file
+
         path = Path(path)
+        size = check_regular_file(path, "pipeline file", OptionError).st_size
+        if size > MAX_PIPELINE_BYTES:
+            raise OptionError(f"{path}: pipeline file is {size} bytes, over the {MAX_PIPELINE_BYTES} byte cap")
         try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise OptionError(f"{path}: pipeline file not found") from None
+            with open(path, "rb") as f:
+                raw = f.read(MAX_PIPELINE_BYTES + 1)
+            if len(raw) > MAX_PIPELINE_BYTES:  # grew since the stat
+                raise OptionError(f"{path}: pipeline file is over the {MAX_PIPELINE_BYTES} byte cap")
+            doc = tomllib.loads(raw.decode("utf-8"))
         except (OSError, UnicodeDecodeError) as e:
-            raise OptionError(f"{path}: cannot read pipeline file: {e}") from None
+            raise OptionError(f"{path}: cannot read pipeline file: {_first_line(e)}") from None
         except tomllib.TOMLDecodeError as e:
-            raise OptionError(f"{path}: invalid TOML: {e}") from None
+            raise OptionError(f"{path}: invalid TOML: {_first_line(e)}") from None
+        except RecursionError:  # deeply nested arrays/tables
+            raise OptionError(f"{path}: invalid TOML: nested too deeply") from None
         unknown = set(doc) - {"passes", "pass", "pipeline"}
         if unknown:
             raise OptionError(f"{path}: unknown keys {sorted(unknown)} (expected 'passes' or [[pass]] tables)")
         steps: list[tuple[str, dict[str, Any]]] = []
-        if isinstance(doc.get("pipeline"), str):
+        if "pipeline" in doc:
+            if not isinstance(doc["pipeline"], str):
+                raise OptionError(f"{path}: 'pipeline' must be a string of pipeline text, got {_toml_type(doc['pipeline'])}")
             steps += parse_pipeline_text(doc["pipeline"])
-        for entry in doc.get("passes", []) + doc.get("pass", []):
-            if isinstance(entry, str):
-                steps += parse_pipeline_text(entry)
-            elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                opts = {k: v for k, v in entry.items() if k != "name"}
-                steps.append((entry["name"], opts))
-            else:
-                raise OptionError(f"{path}: each pass must be a string or a table with a 'name', got {entry!r}")
+        for key in ("passes", "pass"):
+            entries = doc.get(key, [])
+            if not isinstance(entries, list):
+                raise OptionError(f"{path}: '{key}' must be a list of pass names or [[pass]] tables, "
+                                  f"got {_toml_type(entries)}")
+            for i, entry in enumerate(entries):
+                where = f"{path}: {key}[{i}]"
+                if isinstance(entry, str):
+                    steps += parse_pipeline_text(entry)
+                    continue
+                if not isinstance(entry, dict):
+                    raise OptionError(f"{where}: each pass must be a string or a table with a 'name', "
+                                      f"got {_toml_type(entry)}")
+                name = entry.get("name")
+                if not isinstance(name, str) or not name:
+                    raise OptionError(f"{where}: a pass table needs a string 'name', got "
+                                      f"{'none' if name is None else _toml_type(name)}")
+                opts = {}
+                for k, v in entry.items():
+                    if k == "name":
+                        continue
+                    if not isinstance(v, (bool, int, float, str)):
+                        raise OptionError(f"{where}: option '{k}' of pass '{name}' must be a bool, number or "
+                                          f"string, got {_toml_type(v)}")
+                    opts[k] = v
+                steps.append((name, opts))
         return cls.from_steps(steps, registry)
 
     def __str__(self) -> str:
