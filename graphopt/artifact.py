@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+import stat
 
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -83,18 +85,28 @@ def write_graph_and_weights(graph: Graph, params: Sequence[str], out_dir: Path) 
 
 
 def read_weights(art_dir: Path, index: Sequence[Mapping]) -> list[np.ndarray]:
-    """The weights of an artifact, memory-mapped read-only, in index order."""
+    """The weights of an artifact, memory-mapped read-only, in index order.
+
+    ``index`` is the manifest's weight list, already checked by
+    :func:`check_manifest`; each entry must lie inside ``weights.bin`` and its
+    shape must account for exactly its byte count, else :class:`ArtifactError`.
+    """
     path = art_dir / WEIGHTS_FILE
     if not index:
         return []
-    size = path.stat().st_size
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    size = _regular_file(path, art_dir).st_size
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
     out = []
     for e in index:
         off, n = int(e["offset"]), int(e["nbytes"])
-        if off < 0 or off + n > size:
+        dtype = _dtype(e["dtype"], f"{art_dir / MANIFEST}: weight '{e['name']}'")
+        count = math.prod(e["shape"])
+        if off < 0 or n < 0 or off + n > size:
             raise ArtifactError(f"{path}: weight '{e['name']}' lies outside the file (damaged artifact)")
-        arr = np.frombuffer(mm, dtype=np.dtype(e["dtype"]), count=n // np.dtype(e["dtype"]).itemsize, offset=off)
+        if count * dtype.itemsize != n:
+            raise ArtifactError(f"{art_dir / MANIFEST}: weight '{e['name']}' declares shape {e['shape']} {dtype} "
+                                f"but {n} bytes (damaged artifact)")
+        arr = np.frombuffer(mm, dtype=dtype, count=count, offset=off)
         out.append(arr.reshape(e["shape"]))
     return out
 
@@ -119,10 +131,112 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 
 def is_artifact(path: Path) -> bool:
+    """Whether ``path`` is a folder with a graphopt manifest (read only if it is a small regular file)."""
     try:
+        st = os.lstat(Path(path) / MANIFEST)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
+            return False  # never open a FIFO or device, nor read a huge file, just to ask
         return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+#: Largest manifest.json read (a real one is a few kB plus one line per weight).
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _regular_file(path: Path, art_dir: Path) -> os.stat_result:
+    """``lstat`` of a file of the artifact: it must be a regular file, not a link, folder, FIFO or device."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{art_dir}: file '{path.name}' is missing (damaged artifact)") from None
+    except OSError as e:
+        raise ArtifactError(f"{art_dir}: cannot read '{path.name}': {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise ArtifactError(f"{art_dir}: '{path.name}' is {kind}; an artifact holds only regular files "
+                            "(damaged or unsafe artifact)")
+    return st
+
+
+def _dtype(name, where: str) -> np.dtype:
+    try:
+        dt = np.dtype(name)
+    except (TypeError, ValueError):
+        raise ArtifactError(f"{where}: unknown dtype {name!r} (damaged manifest)") from None
+    if dt.hasobject:
+        raise ArtifactError(f"{where}: object dtype is not allowed (damaged or unsafe manifest)")
+    return dt
+
+
+def _expect(value, kind, where: str, what: str):
+    ok = isinstance(value, kind) and not (kind in (int, (int, str)) and isinstance(value, bool))
+    if not ok:
+        raise ArtifactError(f"{where}: {what} is missing or has the wrong type (damaged manifest; lower the model again)")
+    return value
+
+
+def check_manifest(doc, mpath: Path) -> dict:
+    """Check the structure of a manifest before anything in it is used; every fault is an ArtifactError.
+
+    Types and required keys of ``format``, ``format_version``, ``files``
+    (plain names to SHA-256 hex digests), ``programs`` (name, library),
+    ``inputs``/``outputs`` (name, dtype, shape), ``target`` (name) and
+    ``weights`` (name, dtype, shape, offset, nbytes); every file the artifact
+    will load (each program library, ``weights.bin`` when there are weights,
+    ``model.onnx``) must be among the hashed ``files``.
+    """
+    w = str(mpath)
+    _expect(doc, dict, w, "the manifest (a JSON object)")
+    if doc.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: not a graphopt artifact manifest")
+    version = _expect(doc.get("format_version"), int, w, "'format_version'")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mpath}: artifact format {version} is newer than this graphopt understands ({FORMAT_VERSION}); "
+            "upgrade graphopt"
+        )
+    files = _expect(doc.get("files"), dict, w, "'files'")
+    for name, digest in files.items():
+        if not name or Path(name).name != name or name in (".", "..") or name == MANIFEST:
+            raise ArtifactError(f"{mpath}: file name '{name}' is not a plain name inside the artifact (damaged or unsafe)")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ArtifactError(f"{mpath}: file '{name}' has no valid SHA-256 digest (damaged manifest)")
+    programs = _expect(doc.get("programs"), list, w, "'programs'")
+    for i, prog in enumerate(programs):
+        _expect(prog, dict, w, f"programs[{i}]")
+        _expect(prog.get("name"), str, w, f"programs[{i}].name")
+        lib = _expect(prog.get("library"), str, w, f"programs[{i}].library")
+        if not lib or Path(lib).name != lib or lib in (".", ".."):
+            raise ArtifactError(f"{mpath}: file name '{lib}' is not a plain name inside the artifact (damaged or unsafe)")
+        if lib not in files:
+            raise ArtifactError(f"{mpath}: program library '{lib}' is not among the hashed files; refusing to load "
+                                "code the manifest does not vouch for (damaged or unsafe artifact)")
+    for key in ("inputs", "outputs"):
+        for i, spec in enumerate(_expect(doc.get(key), list, w, f"'{key}'")):
+            _expect(spec, dict, w, f"{key}[{i}]")
+            _expect(spec.get("name"), str, w, f"{key}[{i}].name")
+            _dtype(_expect(spec.get("dtype"), str, w, f"{key}[{i}].dtype"), f"{mpath}: {key}[{i}]")
+            for d in _expect(spec.get("shape"), list, w, f"{key}[{i}].shape"):
+                _expect(d, (int, str), w, f"{key}[{i}].shape")
+    target = _expect(doc.get("target"), dict, w, "'target'")
+    _expect(target.get("name"), str, w, "target.name")
+    weights = _expect(doc.get("weights", []), list, w, "'weights'")
+    for i, e in enumerate(weights):
+        _expect(e, dict, w, f"weights[{i}]")
+        _expect(e.get("name"), str, w, f"weights[{i}].name")
+        _expect(e.get("dtype"), str, w, f"weights[{i}].dtype")
+        for k in ("offset", "nbytes"):
+            _expect(e.get(k), int, w, f"weights[{i}].{k}")
+        for d in _expect(e.get("shape"), list, w, f"weights[{i}].shape"):
+            if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+                raise ArtifactError(f"{mpath}: weights[{i}].shape holds {d!r}, not a dim (damaged manifest)")
+    needed = ([WEIGHTS_FILE] if weights else []) + [GRAPH_FILE]
+    for name in needed:
+        if name not in files:
+            raise ArtifactError(f"{mpath}: '{name}' is not among the hashed files (damaged or unsafe artifact)")
+    return doc
 
 
 class Artifact:
@@ -138,36 +252,39 @@ class Artifact:
 
         self.path = Path(path)
         mpath = self.path / MANIFEST
-        if not mpath.is_file():
-            raise ArtifactError(f"{self.path}: not a graphopt artifact (no {MANIFEST}); build one with `graphopt lower`")
         try:
-            self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{mpath}: unreadable manifest: {e}") from e
-        if self.manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{mpath}: not a graphopt artifact manifest")
-        if self.manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise ArtifactError(
-                f"{mpath}: artifact format {self.manifest['format_version']} is newer than this graphopt "
-                f"understands ({FORMAT_VERSION}); upgrade graphopt"
-            )
-        named = list(self.manifest.get("files", {})) + [p.get("library", "") for p in self.manifest.get("programs", [])]
-        for name in named:
-            if not name or Path(name).name != name or name in (".", ".."):
-                raise ArtifactError(f"{mpath}: file name '{name}' is not a plain name inside the artifact (damaged or unsafe)")
-        if check_hashes:
-            for name, digest in self.manifest.get("files", {}).items():
-                f = self.path / name
-                if not f.is_file():
-                    raise ArtifactError(f"{self.path}: file '{name}' listed in the manifest is missing")
-                if sha256_file(f) != digest:
-                    raise ArtifactError(f"{self.path}: file '{name}' does not match its hash in the manifest (modified or damaged)")
+            mst = os.lstat(mpath)
+        except OSError:
+            mst = None
+        if mst is None or not self.path.is_dir():
+            raise ArtifactError(f"{self.path}: not a graphopt artifact (no {MANIFEST}); build one with `graphopt lower`")
+        if not stat.S_ISREG(mst.st_mode):
+            raise ArtifactError(f"{mpath}: not a regular file (a link, FIFO or device); refusing to read it")
+        if mst.st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath}: {mst.st_size} bytes is over the {MAX_MANIFEST_BYTES} byte cap for a manifest")
+        try:
+            doc = json.loads(mpath.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ArtifactError(f"{mpath}: unreadable manifest: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.manifest = check_manifest(doc, mpath)
+        # Only regular files inside the folder, each checked before it is opened (a FIFO would block hashing).
+        for name, digest in self.manifest["files"].items():
+            f = self.path / name
+            _regular_file(f, self.path)
+            if check_hashes and sha256_file(f) != digest:
+                raise ArtifactError(f"{self.path}: file '{name}' does not match its hash in the manifest (modified or damaged)")
         self.inputs = [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in self.manifest["inputs"]]
         self.outputs = [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in self.manifest["outputs"]]
         tname = self.manifest["target"]["name"]
         self.target_cls = get_registry().get_target(tname)
         self.weights = read_weights(self.path, self.manifest.get("weights", []))
-        self.programs = self.target_cls.load_programs(self)
+        try:
+            self.programs = self.target_cls.load_programs(self)
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError) as e:  # a target reading a manifest field it needs
+            raise ArtifactError(f"{mpath}: target '{tname}' cannot use this manifest: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (damaged manifest)") from e
 
     @property
     def graph_path(self) -> Path:

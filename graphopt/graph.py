@@ -62,30 +62,61 @@ def _value_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, dtype, tuple(dims))
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto in a graph: initializers, Constant attributes, subgraphs."""
-    yield from graph.initializer
+def _graph_tensors(graph: onnx.GraphProto | onnx.FunctionProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(description, tensor) for every TensorProto a graph or function holds, recursively."""
+    for t in getattr(graph, "initializer", ()):
+        yield f"{where}initializer '{t.name}'", t
+    for sp in getattr(graph, "sparse_initializer", ()):
+        yield f"{where}sparse initializer '{sp.values.name}' (values)", sp.values
+        yield f"{where}sparse initializer '{sp.values.name}' (indices)", sp.indices
     for node in graph.node:
         for attr in node.attribute:
+            at = f"{where}node '{node.name or node.op_type}' attribute '{attr.name}'"
             if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _all_tensors(g)
+                yield at, attr.t
+            for t in attr.tensors:
+                yield at, t
+            sparse = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors)
+            for sp in sparse:  # Constant's sparse_value, among others
+                yield f"{at} (sparse values)", sp.values
+                yield f"{at} (sparse indices)", sp.indices
+            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for g in subgraphs:  # If/Loop/Scan bodies
+                yield from _graph_tensors(g, f"{where}subgraph '{g.name}' of node '{node.name or node.op_type}': ")
+
+
+def _all_tensors(model: onnx.ModelProto | onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(description, tensor) for every TensorProto of a model, wherever it sits.
+
+    Initializers and sparse initializers (values and indices), tensor and
+    sparse-tensor attributes (``Constant``'s ``value``/``sparse_value``),
+    subgraphs of ``If``/``Loop``/``Scan`` at any depth, and the nodes of
+    model-local functions. Anything that can hold external data is here, so
+    checking and loading through this walk leaves no tensor behind.
+    """
+    if isinstance(model, onnx.GraphProto):
+        yield from _graph_tensors(model, "")
+        return
+    yield from _graph_tensors(model.graph, "")
+    for fn in model.functions:
+        yield from _graph_tensors(fn, f"function '{fn.domain}.{fn.name}': ")
 
 
 def _check_external_data(model: onnx.ModelProto, model_path: Path, max_bytes: int) -> None:
-    """Refuse external-data entries that escape the model's folder or overrun their file."""
+    """Refuse external-data entries that escape the model's folder, are not regular files or overrun them.
+
+    Every tensor of :func:`_all_tensors` is checked (ONNX Runtime would resolve
+    a sparse initializer's external data against the *current* directory, so a
+    location must never reach it unresolved; see :func:`_load_external_data`).
+    """
     base = model_path.parent.resolve()
     total = 0
-    for tensor in _all_tensors(model.graph):
+    for desc, tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        where = f"{model_path}: initializer '{tensor.name}'"
+        where = f"{model_path}: {desc}"
         if not location:
             raise ModelError(f"{where} has external data without a location")
         rel = Path(location)
@@ -97,11 +128,15 @@ def _check_external_data(model: onnx.ModelProto, model_path: Path, max_bytes: in
         target = base / rel
         if target.is_symlink() or not target.resolve().is_relative_to(base):
             raise ModelError(f"{where}: external data '{location}' is a link or resolves outside {base}")
-        if not target.is_file():
-            raise ModelError(f"{where}: external data file '{location}' not found next to the model")
+        if not target.is_file():  # stat only: a FIFO or device is refused here, never opened
+            raise ModelError(f"{where}: external data file '{location}' not found next to the model "
+                             "(or not a regular file)")
         size = target.stat().st_size
-        offset = int(info.get("offset", 0) or 0)
-        length = int(info["length"]) if "length" in info else size - offset
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else size - offset
+        except ValueError:
+            raise ModelError(f"{where}: external data offset/length must be integers") from None
         if offset < 0 or length < 0 or offset + length > size:
             raise ModelError(
                 f"{where}: external data range {offset}+{length} is outside '{location}' ({size} bytes)"
@@ -109,6 +144,33 @@ def _check_external_data(model: onnx.ModelProto, model_path: Path, max_bytes: in
         total += length
         if total > max_bytes:
             raise ModelError(f"{model_path}: external data exceeds the {max_bytes} byte cap")
+
+
+def _load_external_data(model: onnx.ModelProto, model_path: Path) -> None:
+    """Read every external tensor of :func:`_all_tensors` into the proto (after :func:`_check_external_data`).
+
+    ``onnx.load_external_data_for_model`` skips sparse tensors, which ONNX
+    Runtime would then read relative to the current directory; loading them
+    all here means no external location is left for anyone to resolve.
+    """
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    base = str(model_path.parent)
+    for desc, tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            try:
+                load_external_data_for_tensor(tensor, base)
+            except Exception as e:
+                raise ModelError(f"{model_path}: {desc}: cannot read external data: {e}") from e
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
+def _check_has_outputs(model: onnx.ModelProto, where: str) -> None:
+    """A model without graph outputs computes nothing: refuse it by name."""
+    if not model.graph.output:
+        raise ModelError(f"{where}: the model has no graph outputs, so there is nothing to compute or verify; "
+                         "export it with its outputs declared")
 
 
 class Graph:
@@ -143,11 +205,9 @@ class Graph:
             raise ModelError(f"{path}: not a valid ONNX model (truncated or corrupt file: {e})") from e
         if not model.graph.node and not model.graph.output:
             raise ModelError(f"{path}: not a valid ONNX model (no graph found; truncated or not an .onnx file?)")
+        _check_has_outputs(model, str(path))
         _check_external_data(model, path, max_external_bytes)
-        try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except Exception as e:
-            raise ModelError(f"{path}: cannot read external data: {e}") from e
+        _load_external_data(model, path)
         graph = cls(model, source=str(path))
         graph.check(where=str(path))
         return graph
@@ -247,19 +307,19 @@ class Graph:
         for name, dims in shapes.items():
             dims = [int(d) for d in dims]
             if name not in by_name:
-                raise OptionError(f"--input-shape: the model has no input '{name}' (inputs: {valid})")
+                raise OptionError(f"input shape for '{name}': the model has no input '{name}' (inputs: {valid})")
             vi = by_name[name]
             old = _value_spec(vi)
             if len(old.shape) != len(dims):
                 raise OptionError(
-                    f"--input-shape {name}: model input has rank {len(old.shape)} {list(old.shape)}, "
+                    f"input shape for '{name}': model input has rank {len(old.shape)} {list(old.shape)}, "
                     f"got {len(dims)} dims {dims}"
                 )
             for i, (o, n) in enumerate(zip(old.shape, dims)):
                 if n <= 0:
-                    raise OptionError(f"--input-shape {name}: dim {i} must be positive, got {n}")
+                    raise OptionError(f"input shape for '{name}': dim {i} must be positive, got {n}")
                 if isinstance(o, int) and o != n:
-                    raise OptionError(f"--input-shape {name}: dim {i} is fixed to {o} by the model, got {n}")
+                    raise OptionError(f"input shape for '{name}': dim {i} is fixed to {o} by the model, got {n}")
             shape = vi.type.tensor_type.shape
             for d, n in zip(shape.dim, dims):
                 d.Clear()

@@ -6,6 +6,7 @@ Lossless passes, `lower --verify` and `run --verify` all compare through
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -16,15 +17,47 @@ from .errors import ModelError
 from .graph import Graph
 
 
-def reference_session(graph: Graph, threads: int = 0):
-    """An ONNX Runtime CPU session for ``graph`` (all graph optimizations off: a pure reference)."""
+def _ort_severity() -> int:
+    """ONNX Runtime log severity: warnings under ``--debug`` (the ``graphopt`` logger at DEBUG), else errors only."""
+    return 2 if logging.getLogger("graphopt").isEnabledFor(logging.DEBUG) else 3
+
+
+def onnxruntime():
+    """``import onnxruntime`` with its process-wide default logger kept quiet.
+
+    ONNX Runtime prints its own warnings straight to the terminal (fd 2) from
+    its default logger, which session options do not reach. Every place in
+    graphopt that creates a session imports the module through here, so those
+    lines appear only under ``--debug``.
+    """
     import onnxruntime as ort
 
+    level = _ort_severity()
+    global _ORT_SEVERITY
+    if _ORT_SEVERITY != level:
+        ort.set_default_logger_severity(level)
+        _ORT_SEVERITY = level
+    return ort
+
+
+_ORT_SEVERITY: int | None = None
+
+
+def session_options(threads: int = 0):
+    """Session options for a reference session: optimizations off, logging as :func:`onnxruntime` sets it."""
+    ort = onnxruntime()
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = _ort_severity()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
+    return so
+
+
+def reference_session(graph: Graph, threads: int = 0):
+    """An ONNX Runtime CPU session for ``graph`` (all graph optimizations off: a pure reference)."""
+    ort = onnxruntime()
+    so = session_options(threads)
     try:
         return ort.InferenceSession(graph.to_bytes(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
