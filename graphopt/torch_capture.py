@@ -30,7 +30,11 @@ def capture(
 
     With ``dynamic_batch`` the first dim of every input is the symbolic
     ``batch``, so the result (and what is lowered from it) accepts any batch
-    size. The module is put in eval mode; its weights are embedded.
+    size (an example batch of 1 is fine: it is traced as two copies of the
+    same rows). The module is put in eval mode; its weights are embedded. Graph
+    inputs are named after ``forward``'s parameters (``forward(self, x)``
+    gives an input ``x``) unless ``input_names`` is given; ``input0``,
+    ``input1``... only where the signature has no name (``*args``).
     """
     try:
         import torch
@@ -40,7 +44,7 @@ def capture(
         raise GraphoptError(f"capture() expects a torch.nn.Module, got {type(module).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     module = module.eval()
-    names = list(input_names) if input_names else [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    names = list(input_names) if input_names else _argument_names(module, len(args))
     tlog = logging.getLogger("torch.onnx")
     old = tlog.level
     tlog.setLevel(logging.ERROR)  # "torchvision is not installed" notices
@@ -51,6 +55,10 @@ def capture(
             if dynamic_batch:
                 batch = torch.export.Dim("batch", min=1, max=1 << 16)
                 dyn = tuple({0: batch} for _ in args)
+                if all(isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == 1 for a in args):
+                    # torch.export specializes a dim whose example size is 1 and then rejects the
+                    # dynamic batch; the same rows twice trace the same (eval-mode) computation.
+                    args = tuple(torch.cat([a, a]) for a in args)
             try:
                 ep = torch.export.export(module, args, dynamic_shapes=dyn)
             except Exception as e:
@@ -74,6 +82,21 @@ def capture(
     graph = Graph(proto, source=f"torch:{type(module).__name__}")
     graph.check(where=graph.source)
     return graph
+
+
+def _argument_names(module, count: int) -> list[str]:
+    """Names of the first ``count`` positional parameters of ``module.forward``."""
+    import inspect
+
+    fallback = [f"input{i}" if count > 1 else "input" for i in range(count)]
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return fallback
+    positional = [p.name for p in params
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    names = positional[:count] + fallback[len(positional):count]
+    return names if len(set(names)) == len(names) else fallback
 
 
 def _first_line(e: BaseException) -> str:

@@ -48,10 +48,10 @@ def test_cli_lower_and_run_verify_on_exported_onnx(tmp_path, captured, capsys):
         before = model.read_bytes()
         out = tmp_path / "build" / name
         assert run_cli("lower", model, "--target", "cpu", "-o", out, "--input-shape",
-                       f"input:{','.join(str(d if isinstance(d, int) else 3) for d in captured[name].inputs[0].shape)}",
+                       f"{captured[name].inputs[0].name}:{','.join(str(d if isinstance(d, int) else 3) for d in captured[name].inputs[0].shape)}",
                        "--quiet") == 0
         shape = [3 if not isinstance(d, int) else d for d in captured[name].inputs[0].shape]
-        np.savez(tmp_path / "x.npz", input=np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+        np.savez(tmp_path / "x.npz", **{captured[name].inputs[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)})
         assert run_cli("run", out, "--inputs", tmp_path / "x.npz", "--verify", "--json") == 0
         doc = json.loads(capsys.readouterr().out)
         assert doc["verification"]["ok"] is True and doc["verification"]["max_abs"] < 1e-4
