@@ -57,8 +57,8 @@ def _npy_header(f, where: str, available: int) -> tuple[tuple[int, ...], np.dtyp
     """Read an .npy header from ``f`` and check what it declares, before any data is read.
 
     Returns (shape, dtype, fortran_order, declared bytes). Object dtypes (pickles)
-    and arrays larger than ``available`` bytes (what the file or zip member really
-    holds) or than :data:`MAX_INPUT_ARRAY_BYTES` are refused.
+    and arrays larger than what follows the header (``available`` is the size of
+    the whole file or zip member) or than :data:`MAX_INPUT_ARRAY_BYTES` are refused.
     """
     fmt = np.lib.format
     try:
@@ -80,6 +80,7 @@ def _npy_header(f, where: str, available: int) -> tuple[tuple[int, ...], np.dtyp
     if nbytes > MAX_INPUT_ARRAY_BYTES:
         raise DataError(f"{where}: header declares {list(shape)} {dtype} ({nbytes} bytes), over the "
                         f"{MAX_INPUT_ARRAY_BYTES} byte cap for input arrays")
+    available -= f.tell()  # what follows the header
     if nbytes > available:
         raise DataError(f"{where}: header declares {nbytes} bytes of data but only {available} are stored "
                         "(truncated or forged file)")

@@ -34,8 +34,10 @@ def _first_line(e: BaseException) -> str:
 
 def _toml_type(v: Any) -> str:
     """What a TOML value is, in TOML's words, for messages."""
+    import datetime
+
     kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
-             dict: "a table"}
+             dict: "a table", datetime.datetime: "a date-time", datetime.date: "a date", datetime.time: "a time"}
     return next((k for t, k in kinds.items() if isinstance(v, t)), f"a {type(v).__name__}")
 
 
