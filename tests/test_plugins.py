@@ -550,3 +550,232 @@ def test_unknown_pass_lists_the_available_ones(tmp_path, model_file):
 def test_unknown_pass_api():
     with pytest.raises(graphopt.OptionError, match=r"unknown pass 'strip-doc' \(available: .*strip-docs"):
         graphopt.optimize(graphopt.Graph(doc_model()), "strip-doc")
+
+
+# --------------------------------------------------------------------------- sys.exit and other BaseExceptions
+EXITS_AT_IMPORT = '''
+    import sys
+    sys.exit(0)
+'''
+
+EXITS_IN_REGISTER = '''
+    import sys, graphopt
+
+    @graphopt.hookimpl
+    def graphopt_register_passes():
+        sys.exit(0)
+'''
+
+EXITS_IN_RUN = '''
+    import sys, graphopt
+
+    class Quitter(graphopt.Pass):
+        """Calls sys.exit(0) instead of returning a graph."""
+        name = "quitter"
+
+        def run(self, graph, ctx):
+            sys.exit(0)
+
+    @graphopt.hookimpl
+    def graphopt_register_passes():
+        return [Quitter]
+'''
+
+EXITS_IN_INSTRUMENT = '''
+    import sys, graphopt
+
+    @graphopt.hookimpl
+    def graphopt_pass_start(pass_, graph, context):
+        sys.exit(0)
+'''
+
+RAISES_BASE_EXCEPTION = '''
+    import graphopt
+
+    class Weird(BaseException):
+        pass
+
+    @graphopt.hookimpl
+    def graphopt_pass_end(pass_, graph, record, context):
+        raise Weird("not an Exception")
+'''
+
+
+def test_plugin_calling_sys_exit_at_import_is_failed_not_a_silent_exit(tmp_path, model_file):
+    write_plugin(tmp_path, "quits-plugin", "quits_plugin", "quits", EXITS_AT_IMPORT)
+    plugins = plugins_json(cwd=tmp_path, pythonpath=tmp_path)
+    assert plugins["quits"]["status"] == "failed" and "SystemExit" in plugins["quits"]["error"]
+    out = tmp_path / "out.onnx"
+    res = cli("optimize", model_file, "--passes", "cleanup", "-o", out, cwd=tmp_path, pythonpath=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (warning,) = stderr_lines(res)
+    assert "'quits'" in warning and "sys.exit(0)" in warning
+    assert out.exists()  # the command did its work: the exit did not end it
+
+
+def test_plugin_calling_sys_exit_in_a_registration_hook_is_failed(installed):
+    installed("quits-plugin", "quits_plugin", "quits", EXITS_IN_REGISTER)
+    reg = graphopt.get_registry(reload=True)
+    info = reg.plugins["quits"]
+    assert info.status == "failed" and "graphopt_register_passes raised SystemExit" in info.error
+    assert reg.plugins["graphopt.passes"].status == "loaded"
+
+
+@pytest.mark.parametrize("source, pipeline, expected", [
+    (EXITS_IN_RUN, "quitter", ["'quitter'", "'quits'", "SystemExit"]),
+    (EXITS_IN_INSTRUMENT, "cleanup", ["plugin 'quits'", "graphopt_pass_start", "SystemExit"]),
+    (RAISES_BASE_EXCEPTION, "cleanup", ["plugin 'quits'", "graphopt_pass_end", "Weird: not an Exception"]),
+])
+def test_plugin_exiting_during_a_run_is_a_named_error_exit_2(tmp_path, model_file, source, pipeline, expected):
+    write_plugin(tmp_path, "quits-plugin", "quits_plugin", "quits", source)
+    out = tmp_path / "out.onnx"
+    res = cli("optimize", model_file, "--passes", pipeline, "-o", out, cwd=tmp_path, pythonpath=tmp_path)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    (err,) = stderr_lines(res)
+    assert err.startswith("graphopt: error:") and all(e in err for e in expected), err
+    assert not out.exists()
+
+
+def test_plugin_sys_exit_in_a_pass_api(installed):
+    installed("quits-plugin", "quits_plugin", "quits", EXITS_IN_RUN)
+    reg = graphopt.get_registry(reload=True)
+    with pytest.raises(graphopt.PluginError, match="pass 'quitter' from plugin 'quits' failed: SystemExit") as ei:
+        graphopt.optimize(graphopt.Graph(doc_model()), "quitter", registry=reg)
+    assert isinstance(ei.value.__cause__, SystemExit)
+
+
+# --------------------------------------------------------------------------- shadowing built-ins
+SHADOWS_PASS = '''
+    import graphopt
+
+    class FakeCleanup(graphopt.Pass):
+        """Claims the built-in name cleanup."""
+        name = "cleanup"
+
+        def run(self, graph, ctx):
+            return graph
+
+    class Extra(graphopt.Pass):
+        """A pass of its own."""
+        name = "shadow-extra"
+
+        def run(self, graph, ctx):
+            return graph
+
+    @graphopt.hookimpl
+    def graphopt_register_passes():
+        return [Extra, FakeCleanup]
+'''
+
+SHADOWS_TARGET = '''
+    import graphopt
+
+    class FakeCpu(graphopt.Target):
+        """Claims the built-in name cpu."""
+        name = "cpu"
+
+    @graphopt.hookimpl
+    def graphopt_register_targets():
+        return [FakeCpu]
+'''
+
+
+@pytest.mark.parametrize("source, kind, name", [(SHADOWS_PASS, "pass", "cleanup"), (SHADOWS_TARGET, "target", "cpu")])
+def test_a_plugin_cannot_shadow_a_built_in(installed, source, kind, name):
+    installed("aa-shadow-plugin", "aa_shadow_plugin", "aa-shadow", source)
+    reg = graphopt.get_registry(reload=True)
+    info = reg.plugins["aa-shadow"]
+    assert info.status == "failed"
+    assert f"{kind} '{name}' would shadow graphopt's built-in {kind}" in info.error
+    table = reg.passes if kind == "pass" else reg.targets
+    assert table[name].plugin in ("graphopt.passes", "graphopt.targets")
+    assert "shadow-extra" not in reg.passes  # a failed plugin provides nothing
+    assert reg.plugins["graphopt.passes"].builtin and not reg.plugins["example"].builtin
+
+
+def test_shadowing_plugin_is_reported_by_the_cli(tmp_path, model_file):
+    write_plugin(tmp_path, "aa-shadow-plugin", "aa_shadow_plugin", "aa-shadow", SHADOWS_PASS)
+    res = cli("optimize", model_file, "--passes", "cleanup", "-o", tmp_path / "out.onnx", "--report",
+              tmp_path / "r.json", cwd=tmp_path, pythonpath=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (warning,) = stderr_lines(res)
+    assert "'aa-shadow'" in warning and "shadow graphopt's built-in pass" in warning
+    assert json.loads((tmp_path / "r.json").read_text())["passes"][0]["plugin"] == "graphopt.passes"
+
+
+# --------------------------------------------------------------------------- hook wrappers through pluggy
+WRAPPER = '''
+    import graphopt
+
+    EVENTS = []
+
+    @graphopt.hookimpl(wrapper=True, specname="graphopt_pass_end")
+    def around_end(pass_, graph, record, context):
+        EVENTS.append(("before", pass_.name, sorted(record.details)))
+        result = yield
+        EVENTS.append(("after", pass_.name, sorted(record.details)))
+        record.details["wrap.saw_node_count"] = "example.node_count" in record.details
+        return result
+
+    @graphopt.hookimpl(tryfirst=True)
+    def graphopt_pass_start(pass_, graph, context):
+        EVENTS.append(("start", pass_.name, None))
+'''
+
+WRAPPER_FAILS_AFTER_YIELD = '''
+    import graphopt
+
+    @graphopt.hookimpl(wrapper=True, specname="graphopt_pass_end")
+    def around_end(pass_, graph, record, context):
+        yield
+        raise RuntimeError("teardown broke")
+'''
+
+WRAPPER_WITHOUT_YIELD = '''
+    import graphopt
+
+    @graphopt.hookimpl(wrapper=True)
+    def graphopt_pass_start(pass_, graph, context):
+        if False:
+            yield
+'''
+
+
+def test_hook_wrapper_instrument_runs_around_the_other_instruments(installed):
+    installed("wrap-plugin", "wrap_plugin", "wrap", WRAPPER)
+    reg = graphopt.get_registry(reload=True)
+    assert reg.plugins["wrap"].status == "loaded", reg.plugins["wrap"].error
+    res = graphopt.optimize(graphopt.Graph(doc_model(with_subgraph=False)), "eliminate-dead,strip-docs", registry=reg)
+    import wrap_plugin
+
+    # For each pass: start, then the wrapper before the example's instrument ran, then after it.
+    assert [(e[0], e[1]) for e in wrap_plugin.EVENTS] == [
+        ("start", "eliminate-dead"), ("before", "eliminate-dead"), ("after", "eliminate-dead"),
+        ("start", "strip-docs"), ("before", "strip-docs"), ("after", "strip-docs")]
+    before, after = wrap_plugin.EVENTS[1][2], wrap_plugin.EVENTS[2][2]
+    assert "example.node_count" not in before and "example.node_count" in after
+    assert all(r.details["wrap.saw_node_count"] is True for r in res.records)
+
+
+def test_the_example_plugin_ships_a_hook_wrapper():
+    res = graphopt.optimize(graphopt.Graph(doc_model(with_subgraph=False)), "eliminate-dead")
+    assert res.records[0].details["example.wrapped_instruments"] == ["example.node_count"]
+
+
+@pytest.mark.parametrize("source, message", [
+    (WRAPPER_FAILS_AFTER_YIELD, "plugin 'wrapfail' failed in graphopt_pass_end: RuntimeError: teardown broke"),
+    (WRAPPER_WITHOUT_YIELD, "plugin 'wrapfail': hook wrapper graphopt_pass_start did not yield"),
+])
+def test_a_failing_hook_wrapper_is_named(installed, source, message):
+    installed("wrapfail-plugin", "wrapfail_plugin", "wrapfail", source)
+    reg = graphopt.get_registry(reload=True)
+    with pytest.raises(graphopt.PluginError, match=message):
+        graphopt.optimize(graphopt.Graph(doc_model()), "cleanup", registry=reg)
+
+
+def test_an_error_passing_through_a_wrapper_keeps_the_name_of_the_plugin_that_raised(installed):
+    installed("wrap-plugin", "wrap_plugin", "wrap", WRAPPER)
+    installed("badinstr-plugin", "badinstr_plugin", "badinstr", BAD_INSTRUMENT)
+    reg = graphopt.get_registry(reload=True)
+    with pytest.raises(graphopt.PluginError, match="plugin 'badinstr' failed in graphopt_pass_end: KeyError"):
+        graphopt.optimize(graphopt.Graph(doc_model()), "cleanup", registry=reg)

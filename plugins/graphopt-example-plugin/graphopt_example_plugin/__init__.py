@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 
 #: The key the instrument adds to every pass record.
 NODE_COUNT_KEY = "example.node_count"
+#: The key the hook wrapper adds: which instruments (by plugin) ran inside it, in order.
+WRAPPED_KEY = "example.wrapped_instruments"
 
 
 def _clear_doc(msg) -> int:
@@ -96,3 +98,17 @@ def graphopt_register_passes():
 def graphopt_pass_end(pass_, graph, record, context):
     """Instrument: record the node count of every pass's output graph."""
     record.details[NODE_COUNT_KEY] = len(graph.graph.node)
+
+
+@graphopt.hookimpl(wrapper=True, specname="graphopt_pass_end")
+def around_pass_end(pass_, graph, record, context):
+    """Hook wrapper (pluggy's ``wrapper=True``): runs around every other ``graphopt_pass_end`` instrument.
+
+    Code before ``yield`` runs before them, code after it once they are done:
+    here it records which new details keys they added, a pattern for timing or
+    guarding other instruments.
+    """
+    before = set(record.details)
+    result = yield
+    record.details[WRAPPED_KEY] = sorted(set(record.details) - before)
+    return result
