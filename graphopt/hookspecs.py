@@ -9,6 +9,19 @@ whose names match the specs below, exposed through an entry point in the
 
 The built-in passes (``graphopt.passes``) and targets (``graphopt.targets``)
 register through these same hooks.
+
+Rules graphopt enforces (see :mod:`graphopt.plugins`):
+
+* Instrument hooks (``graphopt_pass_start``/``graphopt_pass_end``) are called
+  through pluggy, so ``@graphopt.hookimpl(wrapper=True)`` wrappers,
+  ``tryfirst``/``trylast`` and ``specname=`` work as pluggy documents. The two
+  registration hooks are called once per plugin and cannot be wrappers.
+* Whatever a hook or pass raises -- ``sys.exit()`` included, anything but
+  Ctrl-C -- is reported with the plugin's name: a failure while importing or
+  registering marks the plugin ``failed`` (the others keep working), a failure
+  during a run stops it with a ``PluginError`` (exit code 2).
+* A plugin cannot take the name of a built-in pass or target; such a plugin is
+  marked ``failed``. Give a replacement its own name.
 """
 
 from __future__ import annotations
@@ -23,8 +36,9 @@ hookimpl = pluggy.HookimplMarker("graphopt")
 def graphopt_register_passes():
     """Return a list of :class:`graphopt.Pass` subclasses this plugin provides.
 
-    Each class needs a unique kebab-case ``name``; a name already taken by an
-    earlier plugin is reported as a conflict and skipped.
+    Each class needs a unique kebab-case ``name``. A built-in's name fails the
+    plugin; a name already taken by an earlier third-party plugin is reported
+    as a warning and this plugin's class is skipped.
     """
 
 
