@@ -15,6 +15,7 @@ import numpy as np
 from .data import Feed
 from .errors import ModelError
 from .graph import Graph
+from .options import check_tolerance
 
 
 def _ort_severity() -> int:
@@ -117,7 +118,11 @@ def compare_outputs(
     """Compare per output: ok when ``max|got-ref| <= atol + rtol*max|ref|`` everywhere.
 
     Integer and bool outputs must match exactly. Shapes must agree.
+    ``atol``/``rtol`` must be finite and >= 0 (:class:`~graphopt.errors.OptionError`):
+    every comparison in graphopt goes through here, so no caller can skip that.
     """
+    check_tolerance("atol", atol)
+    check_tolerance("rtol", rtol)
     max_abs = max_rel = 0.0
     cosine = 1.0
     snr = float("inf")
