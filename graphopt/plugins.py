@@ -12,7 +12,8 @@ Contracts that hold for plugin code wherever graphopt calls it:
 * Anything a plugin raises -- ``SystemExit`` from a stray ``sys.exit(0)``
   included; every ``BaseException`` except the user's ``KeyboardInterrupt`` --
   becomes a failure that names the plugin: at import or registration the
-  plugin is marked ``failed``; in a pass or an instrument hook the run stops
+  plugin is marked ``failed``; in a pass, an instrument hook or a target
+  method (check, select_params, lower, load_programs) the run stops
   with a :class:`~graphopt.errors.PluginError` (exit 2). A plugin can never
   turn a command into a silent exit 0.
 * A plugin cannot shadow a built-in pass or target: providing a name that a
@@ -40,7 +41,7 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .errors import OptionError, PluginError
+from .errors import GraphoptError, OptionError, PluginError
 
 ENTRY_POINT_GROUP = "graphopt"
 
@@ -71,16 +72,37 @@ def describe_exception(e: BaseException) -> str:
 
 
 def _plugin_error(plugin: str, hook: str, e: BaseException) -> PluginError:
-    if isinstance(e, PluginError):
-        return e
-    err = PluginError(f"plugin '{plugin}' failed in {hook}: {describe_exception(e)}")
-    err.__cause__ = e
-    return err
+    return PluginError(f"plugin '{plugin}' failed in {hook}: {describe_exception(e)}")
 
 
-def _naming_errors(fn, plugin: str, hook: str):
+#: Target methods graphopt calls on a plugin's target class (wrapped like hooks, see Registry.register).
+_TARGET_METHODS = ("check", "select_params", "lower", "load_programs")
+
+
+def _wrap_target_methods(cls, plugin: str) -> None:
+    """Make the methods a third-party target defines name the plugin when they fail.
+
+    A target's own :class:`~graphopt.errors.GraphoptError` (an unsupported op,
+    a failed compile) is the message meant for the user and passes unchanged;
+    anything else, ``SystemExit`` included, becomes a PluginError.
+    """
+    for meth in _TARGET_METHODS:
+        raw = cls.__dict__.get(meth)
+        if raw is None or getattr(raw, "_graphopt_wrapped", False):
+            continue
+        is_cm = isinstance(raw, classmethod)
+        fn = raw.__func__ if is_cm else raw
+        if not callable(fn):
+            continue
+        wrapped = _naming_errors(fn, plugin, f"target '{cls.name}' {meth}()", passthrough=(GraphoptError,))
+        wrapped._graphopt_wrapped = True
+        setattr(cls, meth, classmethod(wrapped) if is_cm else wrapped)
+
+
+def _naming_errors(fn, plugin: str, hook: str, passthrough: tuple = (PluginError,)):
     """``fn`` wrapped so that whatever it raises (but Ctrl-C) becomes a PluginError naming ``plugin``.
 
+    Exceptions of the ``passthrough`` types are re-raised unchanged.
     Generator functions (pluggy hook wrappers) get a generator that forwards
     every ``send``/``throw``: an exception pluggy throws in (another plugin's
     error) and the wrapper lets through passes unchanged; one the wrapper
@@ -97,13 +119,13 @@ def _naming_errors(fn, plugin: str, hook: str):
             except KeyboardInterrupt:
                 raise
             except BaseException as e:
+                if isinstance(e, passthrough):
+                    raise
                 raise _plugin_error(plugin, hook, e) from e
             while True:
                 try:
                     sent = yield value
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as thrown:
+                except BaseException as thrown:  # forwarded, Ctrl-C too, so the wrapper can clean up
                     try:
                         value = gen.throw(thrown)
                     except StopIteration as stop:
@@ -112,6 +134,8 @@ def _naming_errors(fn, plugin: str, hook: str):
                         raise
                     except BaseException as e:
                         if e is thrown:
+                            raise
+                        if isinstance(e, passthrough):
                             raise
                         raise _plugin_error(plugin, hook, e) from e
                 else:
@@ -122,6 +146,8 @@ def _naming_errors(fn, plugin: str, hook: str):
                     except KeyboardInterrupt:
                         raise
                     except BaseException as e:
+                        if isinstance(e, passthrough):
+                            raise
                         raise _plugin_error(plugin, hook, e) from e
 
         return gen_wrapper
@@ -133,6 +159,8 @@ def _naming_errors(fn, plugin: str, hook: str):
         except KeyboardInterrupt:
             raise
         except BaseException as e:
+            if isinstance(e, passthrough):
+                raise
             raise _plugin_error(plugin, hook, e) from e
 
     return wrapper
@@ -242,6 +270,8 @@ class Registry:
                         )
                         continue
                     cls.plugin = name
+                    if kind == "targets" and not builtin and isinstance(cls, type):
+                        _wrap_target_methods(cls, name)
                     table[cname] = cls
                     getattr(info, kind).append(cname)
         if info.status == "failed":

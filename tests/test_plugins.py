@@ -779,3 +779,40 @@ def test_an_error_passing_through_a_wrapper_keeps_the_name_of_the_plugin_that_ra
     reg = graphopt.get_registry(reload=True)
     with pytest.raises(graphopt.PluginError, match="plugin 'badinstr' failed in graphopt_pass_end: KeyError"):
         graphopt.optimize(graphopt.Graph(doc_model()), "cleanup", registry=reg)
+
+
+QUITTING_TARGET = '''
+    import sys, graphopt
+
+    class QuitTarget(graphopt.Target):
+        """Calls sys.exit(0) while lowering."""
+        name = "quit-target"
+
+        def lower(self, graph, out_dir, ctx):
+            sys.exit(0)
+
+    class PickyTarget(graphopt.Target):
+        """Refuses every model with its own GraphoptError, which must reach the user unchanged."""
+        name = "picky-target"
+
+        def check(self, graph):
+            raise graphopt.LoweringError("picky-target lowers nothing")
+
+    @graphopt.hookimpl
+    def graphopt_register_targets():
+        return [QuitTarget, PickyTarget]
+'''
+
+
+def test_plugin_target_calling_sys_exit_is_a_named_error(tmp_path, model_file):
+    write_plugin(tmp_path, "qt-plugin", "qt_plugin", "qt", QUITTING_TARGET)
+    out = tmp_path / "art"
+    res = cli("lower", model_file, "-t", "quit-target", "-o", out, cwd=tmp_path, pythonpath=tmp_path)
+    assert res.returncode == 2, res.stderr
+    (err,) = stderr_lines(res)
+    assert "plugin 'qt'" in err and "target 'quit-target' lower()" in err and "sys.exit(0)" in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".art")] == []
+    res = cli("lower", model_file, "-t", "picky-target", "-o", out, cwd=tmp_path, pythonpath=tmp_path)
+    assert res.returncode == 2
+    (err,) = stderr_lines(res)
+    assert err == "graphopt: error: picky-target lowers nothing"
