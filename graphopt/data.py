@@ -30,6 +30,9 @@ MAX_INPUT_FILE_BYTES = 4 << 30
 MAX_INPUT_ARRAY_BYTES = 4 << 30
 #: Most arrays one .npz may hold.
 MAX_NPZ_MEMBERS = 4096
+#: Largest total of array bytes read from a folder of inputs files, and most files read from it.
+MAX_INPUTS_TOTAL_BYTES = 8 << 30
+MAX_INPUT_FILES = 100_000
 
 
 def check_regular_file(path: Path, what: str, error=DataError) -> os.stat_result:
@@ -72,7 +75,7 @@ def _npy_header(f, where: str, available: int) -> tuple[tuple[int, ...], np.dtyp
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
         raise DataError(f"{where}: not a valid .npy array: {_first_line(e)}") from None
     if dtype.hasobject:
-        raise DataError(f"{where}: holds Python objects (dtype {dtype}), which graphopt does not read (no pickles); "
+        raise DataError(f"{where}: cannot read inputs: it holds Python objects (dtype {dtype}), which graphopt does not read (no pickles); "
                         "save numeric arrays")
     if any(d < 0 for d in shape):
         raise DataError(f"{where}: header declares a negative dim {list(shape)}")
@@ -195,9 +198,19 @@ def read_inputs(path: str | os.PathLike, specs: Sequence[TensorSpec]) -> list[Fe
         files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
         if not files:
             raise DataError(f"{path}: directory holds no .npz or .npy files")
+        if len(files) > MAX_INPUT_FILES:
+            raise DataError(f"{path}: {len(files)} inputs files, over the cap of {MAX_INPUT_FILES}")
     else:
         files = [path]
-    return [check_feed(_read_one(f, specs), specs, str(f)) for f in files]
+    feeds, total = [], 0
+    for f in files:
+        feed = check_feed(_read_one(f, specs), specs, str(f))
+        total += sum(a.nbytes for a in feed.values())
+        if total > MAX_INPUTS_TOTAL_BYTES:
+            raise DataError(f"{path}: the inputs add up to {total} bytes (and counting), over the "
+                            f"{MAX_INPUTS_TOTAL_BYTES} byte cap for all inputs together; pass fewer files")
+        feeds.append(feed)
+    return feeds
 
 
 def _index_bounds(graph: Graph) -> dict[str, int]:
