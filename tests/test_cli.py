@@ -85,11 +85,22 @@ def test_run_with_unreadable_inputs(tmp_path, mlp_onnx, capsys):
 
 
 def test_verification_failure_exits_1(tmp_path, mlp_onnx, capsys):
-    """An impossible tolerance makes the comparison fail: exit 1, not 2."""
-    assert run_cli("lower", mlp_onnx, "-o", tmp_path / "m", "--quiet") == 0
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "x.npz", x=(rng.standard_normal((1, 8)) * 1e3).astype(np.float32))
-    code = run_cli("run", tmp_path / "m", "--inputs", tmp_path / "x.npz", "--verify", "--atol", "-1", "--rtol", "0")
+    """An artifact whose compiled code and reference graph disagree (its model.onnx edited, hash updated to
+    match) fails `run --verify` with exit 1, not 2. (A negative tolerance is now bad input, exit 2.)"""
+    import hashlib
+
+    import onnx
+
+    art = tmp_path / "m"
+    assert run_cli("lower", mlp_onnx, "-o", art, "--quiet") == 0
+    model = onnx.load(art / "model.onnx", load_external_data=False)
+    (relu,) = [n for n in model.graph.node if n.op_type == "Relu"]
+    relu.op_type = "Neg"  # the reference now computes something else than main.so
+    (art / "model.onnx").write_bytes(model.SerializeToString())
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = hashlib.sha256((art / "model.onnx").read_bytes()).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    code = run_cli("run", art, "--verify")
     assert code == 1
     assert "outputs differ from ONNX Runtime" in capsys.readouterr().err
 
