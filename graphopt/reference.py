@@ -19,8 +19,11 @@ from .options import check_tolerance
 
 
 def _ort_severity() -> int:
-    """ONNX Runtime log severity: warnings under ``--debug`` (the ``graphopt`` logger at DEBUG), else errors only."""
-    return 2 if logging.getLogger("graphopt").isEnabledFor(logging.DEBUG) else 3
+    """ONNX Runtime log severity: warnings under ``--debug`` (the ``graphopt`` logger at DEBUG), else fatal only.
+
+    Not even errors: every ORT error graphopt meets also arrives as an exception, which
+    graphopt reports in its own one-line form (ORT would print it a second time, in colour)."""
+    return 2 if logging.getLogger("graphopt").isEnabledFor(logging.DEBUG) else 4
 
 
 def onnxruntime():

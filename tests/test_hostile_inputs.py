@@ -461,3 +461,16 @@ def test_unparsable_manifests_exit_2(artifact, text):
     res = cli("run", artifact)
     assert res.returncode == 2, res.stderr
     one_error_line(res)
+
+
+def test_ort_execution_errors_are_not_printed_by_ort_itself(tmp_path):
+    """A model ONNX Runtime fails to run on generated inputs (a Reshape to a generated, wrong shape): graphopt
+    reports what it needs to, but ORT's own coloured "[E:onnxruntime:...]" line never reaches the terminal."""
+    m = make_model([helper.make_node("Reshape", ["x", "s"], ["y"])],
+                   [vi("x", [4]), vi("s", [2], TensorProto.INT64)], [vi("y", ["a", "b"])])
+    p = tmp_path / "reshape.onnx"
+    p.write_bytes(m.SerializeToString())
+    res = cli("optimize", p, "-o", tmp_path / "out.onnx", "-q")
+    assert "onnxruntime" not in res.stderr, res.stderr
+    debug = cli("optimize", p, "-o", tmp_path / "out2.onnx", "-q", "--debug")
+    assert "[E:onnxruntime" in debug.stderr  # the control: the failure is real, and --debug shows ORT's own line
