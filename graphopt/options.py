@@ -9,6 +9,7 @@ values are rejected with the valid choices listed.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -112,7 +113,7 @@ def check_tolerance(name: str, value: Any) -> float:
     tolerance can never be met; both are the caller's mistake, refused before
     anything runs.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OptionError(f"tolerance {name} must be a number >= 0, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise OptionError(f"tolerance {name} must be a finite number >= 0, got {value!r}")
