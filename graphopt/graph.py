@@ -85,21 +85,27 @@ def _graph_tensors(graph: onnx.GraphProto | onnx.FunctionProto, where: str) -> I
                 yield from _graph_tensors(g, f"{where}subgraph '{g.name}' of node '{node.name or node.op_type}': ")
 
 
-def _all_tensors(model: onnx.ModelProto | onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto]]:
-    """(description, tensor) for every TensorProto of a model, wherever it sits.
-
-    Initializers and sparse initializers (values and indices), tensor and
-    sparse-tensor attributes (``Constant``'s ``value``/``sparse_value``),
-    subgraphs of ``If``/``Loop``/``Scan`` at any depth, and the nodes of
-    model-local functions. Anything that can hold external data is here, so
-    checking and loading through this walk leaves no tensor behind.
-    """
+def _described_tensors(model: onnx.ModelProto | onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(description, tensor) for every TensorProto of a model, wherever it sits (see :func:`_all_tensors`)."""
     if isinstance(model, onnx.GraphProto):
         yield from _graph_tensors(model, "")
         return
     yield from _graph_tensors(model.graph, "")
     for fn in model.functions:
         yield from _graph_tensors(fn, f"function '{fn.domain}.{fn.name}': ")
+
+
+def _all_tensors(model: onnx.ModelProto | onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a model (or graph), wherever it sits.
+
+    Initializers and sparse initializers (values and indices), tensor and
+    sparse-tensor attributes (``Constant``'s ``value``/``sparse_value``),
+    subgraphs of ``If``/``Loop``/``Scan`` at any depth, and (given a model)
+    the nodes of model-local functions. Anything that can hold external data
+    is here, so checking and loading through this walk leaves no tensor behind.
+    """
+    for _, tensor in _described_tensors(model):
+        yield tensor
 
 
 def _check_external_data(model: onnx.ModelProto, model_path: Path, max_bytes: int) -> None:
@@ -111,7 +117,7 @@ def _check_external_data(model: onnx.ModelProto, model_path: Path, max_bytes: in
     """
     base = model_path.parent.resolve()
     total = 0
-    for desc, tensor in _all_tensors(model):
+    for desc, tensor in _described_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
@@ -156,7 +162,7 @@ def _load_external_data(model: onnx.ModelProto, model_path: Path) -> None:
     from onnx.external_data_helper import load_external_data_for_tensor
 
     base = str(model_path.parent)
-    for desc, tensor in _all_tensors(model):
+    for desc, tensor in _described_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             try:
                 load_external_data_for_tensor(tensor, base)

@@ -121,3 +121,36 @@ def test_inspect_counts(mlp_onnx):
     assert doc["ops"] == {"Add": 1, "MatMul": 2, "Relu": 1}
     # 2*1*8*16 + 16 (add) + 16 (relu) + 2*1*16*4
     assert doc["flops"] == 2 * 8 * 16 + 16 + 16 + 2 * 16 * 4
+
+
+def test_all_tensors_sees_every_tensor_of_a_model():
+    """Initializers, sparse initializers (values + indices), Constant value/sparse_value, If bodies, functions."""
+    from onnx import TensorProto
+
+    from graphopt.graph import _all_tensors
+
+    def t(name):
+        return init(name, np.zeros(2, np.float32))
+
+    def sparse(name):
+        return helper.make_sparse_tensor(t(name), init(name + "_idx", np.array([0], np.int64)), [2])
+
+    then_g = helper.make_graph([helper.make_node("Constant", [], ["a"], value=t("in_then"))], "then", [],
+                               [vi("a", [2])], [t("then_init")])
+    else_g = helper.make_graph([helper.make_node("Constant", [], ["b"], sparse_value=sparse("in_else"))], "else",
+                               [], [vi("b", [2])])
+    fn = helper.make_function("local", "F", ["p"], ["q"],
+                              [helper.make_node("Constant", [], ["k"], value=t("in_function")),
+                               helper.make_node("Add", ["p", "k"], ["q"])], [helper.make_opsetid("", 17)])
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=t("const")),
+         helper.make_node("If", ["cond"], ["z"], then_branch=then_g, else_branch=else_g),
+         helper.make_node("F", ["c"], ["y"], domain="local")],
+        "g", [vi("cond", [], TensorProto.BOOL)], [vi("y", [2]), vi("z", [2])], [t("init")],
+        sparse_initializer=[sparse("sparse_init")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                          functions=[fn])
+    names = sorted(x.name for x in _all_tensors(m))
+    assert names == sorted(["init", "sparse_init", "sparse_init_idx", "const", "then_init", "in_then", "in_else",
+                            "in_else_idx", "in_function"])
+    assert sorted(x.name for x in _all_tensors(m.graph)) == sorted(set(names) - {"in_function"})
