@@ -2,9 +2,14 @@
 
 A data source yields *feeds* (``{input name: array}``) for verification,
 calibration and benchmarking. Files are ``.npz`` (one array per input name)
-or ``.npy`` (a single-input model), or a directory of them; they are read
-with ``allow_pickle=False`` and a size cap, and checked against the model's
-inputs (names, dtypes, ranks, fixed dims) before use.
+or ``.npy`` (a single-input model), or a directory of them; they are
+checked against the model's inputs (names, dtypes, ranks, fixed dims) before
+use. Reading is defensive: only regular files are opened (a FIFO, socket or
+device is refused from its ``stat``, so nothing blocks); object arrays are
+refused; every size a file *declares* (zip members' uncompressed sizes, each
+.npy header's shape x dtype) is checked against caps and against the bytes
+really stored before a single array is allocated, so a zip bomb or a forged
+header costs nothing; a folder's total is capped too.
 """
 
 from __future__ import annotations
