@@ -97,10 +97,14 @@ def _npy_header(f, where: str, available: int) -> tuple[tuple[int, ...], np.dtyp
 
 def _read_npy(f, where: str, available: int) -> np.ndarray:
     shape, dtype, fortran, nbytes = _npy_header(f, where, available)
-    data = f.read(nbytes)
-    if len(data) != nbytes:
-        raise DataError(f"{where}: truncated: {len(data)} of {nbytes} data bytes")
-    arr = np.frombuffer(data, dtype=dtype).copy()
+    data = bytearray(nbytes)  # read in place: one copy of the array in memory, writable
+    view, got = memoryview(data), 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise DataError(f"{where}: truncated: {got} of {nbytes} data bytes")
+        got += n
+    arr = np.frombuffer(data, dtype=dtype)
     return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
 
 
