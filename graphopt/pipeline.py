@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import OptionError
+from .errors import GraphoptError, OptionError, PluginError
 from .passbase import Pass
-from .plugins import Registry, get_registry
+from .plugins import Registry, describe_exception, get_registry
 
 
 #: Largest pipeline TOML file read (a pipeline is a few lines; this only stops abuse).
@@ -103,6 +103,21 @@ def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, Any]]]:
     return steps
 
 
+def _construct(reg: Registry, pass_cls: type, opts: dict[str, Any]) -> Pass:
+    """``pass_cls(**opts)``; whatever a plugin's constructor raises (SystemExit too) names the plugin."""
+    try:
+        return pass_cls(**opts)
+    except (GraphoptError, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        owner = getattr(pass_cls, "plugin", "<unregistered>")
+        info = reg.plugins.get(owner)
+        if info is not None and info.builtin and isinstance(e, Exception):
+            raise  # a bug in graphopt itself
+        raise PluginError(f"pass '{pass_cls.name}' from plugin '{owner}' failed to configure: "
+                          f"{describe_exception(e)}") from e
+
+
 class Pipeline:
     """An ordered list of configured passes."""
 
@@ -112,7 +127,7 @@ class Pipeline:
     @classmethod
     def from_steps(cls, steps: Iterable[tuple[str, dict[str, Any]]], registry: Registry | None = None) -> "Pipeline":
         reg = registry or get_registry()
-        return cls([reg.get_pass(name)(**opts) for name, opts in steps])
+        return cls([_construct(reg, reg.get_pass(name), opts) for name, opts in steps])
 
     @classmethod
     def parse(cls, text: str, registry: Registry | None = None) -> "Pipeline":

@@ -816,3 +816,28 @@ def test_plugin_target_calling_sys_exit_is_a_named_error(tmp_path, model_file):
     assert res.returncode == 2
     (err,) = stderr_lines(res)
     assert err == "graphopt: error: picky-target lowers nothing"
+
+
+EXITS_IN_INIT = '''
+    import sys, graphopt
+
+    class BadInit(graphopt.Pass):
+        """Exits while being configured."""
+        name = "bad-init"
+
+        def __init__(self, **options):
+            sys.exit(0)
+
+    @graphopt.hookimpl
+    def graphopt_register_passes():
+        return [BadInit]
+'''
+
+
+def test_plugin_pass_exiting_in_its_constructor_is_named(tmp_path, model_file):
+    write_plugin(tmp_path, "badinit-plugin", "badinit_plugin", "badinit", EXITS_IN_INIT)
+    res = cli("optimize", model_file, "--passes", "bad-init", "-o", tmp_path / "out.onnx", cwd=tmp_path,
+              pythonpath=tmp_path)
+    assert res.returncode == 2, res.stderr
+    (err,) = stderr_lines(res)
+    assert "pass 'bad-init' from plugin 'badinit' failed to configure: SystemExit" in err
