@@ -190,7 +190,7 @@ def lower(
         pipe = _as_pipeline(pipeline, DEFAULT_LOWER_PIPELINE, registry)
         rep.update(pipeline=str(pipe))
         tgt = make_target(target, target_options, registry)
-        if output.exists() and not is_artifact(output):
+        if os.path.lexists(output) and not is_artifact(output):
             raise OutputError(f"{output}: exists and is not a graphopt artifact; choose another output path or remove it")
         dumps = dump_paths(pipe, dump_after, output.parent)
         if dumps:

@@ -13,21 +13,13 @@ environment, not a bug: it becomes an :class:`~graphopt.errors.OutputError`
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping
-
-import numpy as np
+from typing import Iterator
 
 from .errors import OutputError
-
-#: The timestamp of every member of the .npz files graphopt writes (the zip format's epoch),
-#: so the same arrays give the same bytes.
-NPZ_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def _umask() -> int:
@@ -89,24 +81,6 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = T
     atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
-def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """An uncompressed ``.npz`` (what ``np.savez`` writes) that depends only on the arrays.
-
-    ``np.savez`` stamps every member with the current time, so the same outputs
-    gave different files; here every member carries :data:`NPZ_DATE_TIME` and
-    fixed permissions, and arrays are written without pickle.
-    """
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, arr in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_DATE_TIME)
-            info.compress_type = zipfile.ZIP_STORED
-            info.external_attr = 0o644 << 16
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, replace_if=None) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` when the block succeeds.
@@ -122,6 +96,7 @@ def atomic_directory(path: str | os.PathLike, *, replace_if=None) -> Iterator[Pa
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent))
+        old = None
         try:
             os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
@@ -131,12 +106,17 @@ def atomic_directory(path: str | os.PathLike, *, replace_if=None) -> Iterator[Pa
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name[:200]}.", suffix=".old", dir=path.parent))
                 os.replace(path, old / "x")
                 os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, path)
         except BaseException:
+            # Interrupted between the two renames: put the previous artifact back.
+            if old is not None and os.path.lexists(old / "x") and not os.path.lexists(path):
+                os.replace(old / "x", path)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

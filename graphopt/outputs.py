@@ -45,7 +45,7 @@ def _same(a: Path, b: Path) -> bool:
     if a == b:
         return True
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
     except OSError:
         return False
 
@@ -103,7 +103,7 @@ def check_outputs(outputs: Iterable[Labelled], inputs: Iterable[Labelled]) -> No
     """
     outs = [(role, Path(p), _resolve(p)) for role, p in outputs if p is not None]
     ins = [(role, Path(p), _resolve(p)) for role, p in inputs if p is not None]
-    if any(r.exists() or r.is_symlink() for _, _, r in outs):
+    if any(os.path.lexists(r) for _, _, r in outs):
         for role, p, _ in list(ins):
             if role == "model" and p.is_file():
                 ins += [(f"external data of the model '{p}'", f, f) for f in external_data_files(p)]
@@ -138,7 +138,7 @@ def dump_paths(pipeline, dump_after: Sequence[str], dump_dir) -> list[Path]:
 def check_dumps(paths: Sequence[Path]) -> None:
     """Dumps never overwrite: refuse, before anything runs, a dump file that exists already."""
     for p in paths:
-        if p.exists() or p.is_symlink():
+        if os.path.lexists(p):
             raise OutputError(f"{p}: a dump file of that name exists already and graphopt does not overwrite "
                               "dumps; remove it or write the run's outputs to another folder")
 

@@ -1,0 +1,113 @@
+"""SIGTERM/SIGHUP unwind like Ctrl-C: nothing half-written, none of TVM's or the compiler's temp files, exit 128+N."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from .conftest import init, make_model, run_cli_subprocess, vi
+
+
+def _deep_mlp(path: Path, layers: int = 24) -> Path:
+    """A chain of MatMul+Add+Tanh layers: small, but TVM takes seconds to compile it."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]),
+                  helper.make_node("Add", [f"h{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("Tanh", [f"a{i}"], [f"t{i}"])]
+        inits += [init(f"w{i}", (rng.standard_normal((32, 32)) * 0.1).astype(np.float32)),
+                  init(f"b{i}", np.zeros(32, np.float32))]
+        prev = f"t{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    onnx.save(make_model(nodes, [vi("x", [1, 32])], [vi("y", [1, 32])], inits), path)
+    return path
+
+
+#: ONNX Runtime's telemetry SDK keeps one fixed-name state file in the temp dir, written at
+#: `import onnxruntime` by any program that uses it; it is not a temporary file of a run.
+ORT_STATE = {".ses"}
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name not in ORT_STATE)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_while_compiling_leaves_nothing_behind(tmp_path, signum):
+    work = tmp_path / "work"
+    work.mkdir()
+    temp = tmp_path / "tmp"  # the process's TMPDIR: TVM and gcc would write here
+    temp.mkdir()
+    model = _deep_mlp(work / "deep.onnx")
+    before = _listing(work)
+    env = dict(os.environ, TMPDIR=str(temp))
+    proc = subprocess.Popen([sys.executable, "-m", "graphopt.cli", "lower", str(model), "-o", str(work / "art"),
+                             "--no-verify-passes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    # Weights are written into the artifact's temp folder just before TVM starts: then signal.
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any((d / "weights.bin").exists() for d in work.glob(".art.*.tmp")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "lowering finished before it could be interrupted"
+    time.sleep(0.5)  # inside import/compile
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    assert _listing(work) == before
+    assert _listing(temp) == []
+
+
+def test_successful_lowering_leaves_no_temp_files(tmp_path, mlp_onnx):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    p = run_cli_subprocess("lower", mlp_onnx, "-o", tmp_path / "art", "--verify", env={"TMPDIR": str(temp)})
+    assert p.returncode == 0, p.stderr
+    assert _listing(temp) == []
+    assert sorted(x.name for x in (tmp_path / "art").iterdir()) == ["main.so", "manifest.json", "model.onnx",
+                                                                     "weights.bin"]
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
+
+
+def test_interrupt_removes_a_report_written_in_the_same_run(tmp_path, mlp_onnx):
+    """Reports are written before the artifact is published; an interrupt after that must not leave one behind."""
+    from graphopt.outputs import Reporting
+    from graphopt.signals import Interrupted
+
+    report = tmp_path / "r.json"
+    with pytest.raises(Interrupted):
+        with Reporting(report, command="lower") as rep:
+            rep.success({"model": "m"})
+            assert report.is_file()
+            raise Interrupted(signal.SIGTERM)
+    assert not report.exists()
+
+
+def test_orderly_unwind_restores_handlers_and_ignores_a_second_signal():
+    from graphopt.signals import Interrupted, orderly_unwind
+
+    old = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+    with pytest.raises(Interrupted) as info:
+        with orderly_unwind():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # during clean-up: ignored
+                time.sleep(0.05)
+                cleaned.append(True)
+    assert info.value.exit_code == 128 + signal.SIGTERM and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) is old
