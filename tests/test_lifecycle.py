@@ -111,3 +111,29 @@ def test_orderly_unwind_restores_handlers_and_ignores_a_second_signal():
                 cleaned.append(True)
     assert info.value.exit_code == 128 + signal.SIGTERM and cleaned == [True]
     assert signal.getsignal(signal.SIGTERM) is old
+
+
+def test_interrupt_between_the_two_renames_puts_the_old_artifact_back(tmp_path, monkeypatch):
+    """Replacing an artifact is two renames; an interrupt between them must not lose the old one."""
+    from graphopt import fsutil
+    from graphopt.signals import Interrupted
+
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "manifest.json").write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the signal lands after the old artifact moved aside
+            raise Interrupted(signal.SIGTERM)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", replace)
+    with pytest.raises(Interrupted):
+        with fsutil.atomic_directory(art, replace_if=lambda p: True) as tmp:
+            (tmp / "manifest.json").write_text("new")
+    monkeypatch.setattr(fsutil.os, "replace", real_replace)
+    assert (art / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]

@@ -149,18 +149,22 @@ def test_report_that_cannot_be_written_leaves_no_artifact_or_model(tmp_path, mlp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mlp.onnx"]
 
 
-def test_json_failure_is_one_json_object(tmp_path, mlp_onnx):
-    for args in (["optimize", mlp_onnx, "-o", mlp_onnx, "--json"],
-                 ["lower", tmp_path / "missing.onnx", "-o", tmp_path / "a", "--json"],
+def test_json_failure_is_one_json_object(tmp_path, mlp_onnx, capsys):
+    # A real process once (nothing but the JSON object on stdout), then in-process for the other kinds of failure.
+    p = run_cli_subprocess("optimize", mlp_onnx, "-o", mlp_onnx, "--json")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    docs = [json.loads(p.stdout)]
+    for args in (["lower", tmp_path / "missing.onnx", "-o", tmp_path / "a", "--json"],
                  ["lower", "--json", "--bogus"]):
-        p = run_cli_subprocess(*args)
-        assert p.returncode == 2, p.stderr
-        doc = json.loads(p.stdout)  # nothing else on stdout
-        assert doc["ok"] is False and doc["exit_code"] == 2 and doc["error"]["exit_code"] == 2
+        assert run_cli(*args) == 2
+        c = capsys.readouterr()
+        assert len(c.err.strip().splitlines()) == 1, c.err
+        docs.append(json.loads(c.out))
+    for doc in docs:
+        assert doc["ok"] is False and doc["exit_code"] == 2 and doc["error"]["exit_code"] == 2, doc
         assert doc["error"]["message"] and doc["error"]["kind"]
-        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
-    p = run_cli_subprocess("lower", mlp_onnx, "-o", tmp_path / "ok", "--json")
-    assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True
+    assert run_cli("lower", mlp_onnx, "-o", tmp_path / "ok", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
 
 
 def test_unwritable_outputs_exit_2_naming_the_path(tmp_path, mlp_onnx, capsys):
@@ -212,14 +216,14 @@ def test_full_disk_exits_2_and_leaves_nothing(tmp_path):
         assert list(out.iterdir()) == [], list(out.iterdir())
 
 
-def test_lower_without_output_uses_a_printed_default(tmp_path, mlp_onnx):
-    p = run_cli_subprocess("lower", mlp_onnx, "--target", "cpu", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
+def test_lower_without_output_uses_a_printed_default(tmp_path, mlp_onnx, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     art = Path("build") / "mlp-cpu"
+    assert run_cli("lower", mlp_onnx, "--target", "cpu") == 0
     assert (tmp_path / art / "manifest.json").is_file()
-    assert str(art) in p.stdout
-    p = run_cli_subprocess("lower", mlp_onnx, "--json", cwd=tmp_path)
-    assert json.loads(p.stdout)["artifact"] == str(art)
+    assert str(art) in capsys.readouterr().out
+    assert run_cli("lower", mlp_onnx, "--json") == 0  # replaces its own artifact
+    assert json.loads(capsys.readouterr().out)["artifact"] == str(art)
     from graphopt.outputs import default_artifact_path
 
     assert default_artifact_path(mlp_onnx, "cpu") == art
@@ -264,3 +268,15 @@ def test_system_exit_inside_a_command_is_an_error(mlp_onnx, capsys, monkeypatch)
     assert run_cli("optimize", mlp_onnx, "-o", "x.onnx") == 3
     assert "Odd: strange" in capsys.readouterr().err
     assert run_cli_subprocess("--help").returncode == 0
+
+
+def test_the_api_checks_outputs_too(tmp_path, mlp_onnx):
+    before = mlp_onnx.read_bytes()
+    with pytest.raises(graphopt.OutputError, match="would overwrite the model"):
+        graphopt.optimize(mlp_onnx, "cleanup", output=mlp_onnx)
+    g = graphopt.Graph.load(mlp_onnx)  # a loaded Graph remembers its file
+    with pytest.raises(graphopt.OutputError, match="would overwrite the model"):
+        graphopt.optimize(g, "cleanup", output=tmp_path / "." / "mlp.onnx")
+    with pytest.raises(graphopt.OutputError, match="contains the model"):
+        graphopt.lower(g, "cpu", tmp_path)
+    assert mlp_onnx.read_bytes() == before
