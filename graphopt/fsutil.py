@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError
+from .signals import raise_if_interrupted
 
 
 def _umask() -> int:
@@ -62,6 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            raise_if_interrupted()
             if overwrite:
                 os.replace(tmp, path)
             else:
@@ -100,6 +102,7 @@ def atomic_directory(path: str | os.PathLike, *, replace_if=None) -> Iterator[Pa
         try:
             os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
+            raise_if_interrupted()
             if path.exists():
                 if replace_if is None or not replace_if(path):
                     raise FileExistsError(path)

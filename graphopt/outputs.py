@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 from . import __version__
 from .errors import EXIT_INTERNAL, GraphoptError, OutputError
 from .fsutil import atomic_write_text
+from .signals import pending
 
 Labelled = tuple[str, "str | os.PathLike | None"]
 
@@ -205,7 +206,7 @@ class Reporting:
     def __exit__(self, etype, e, tb) -> bool:
         if e is None:
             return False
-        if isinstance(e, Exception):
+        if isinstance(e, Exception) and pending() is None:
             self.failure(e)
         elif self.written and self.path is not None:
             with contextlib.suppress(OSError):

@@ -34,29 +34,61 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
+#: Signals received inside the current :func:`orderly_unwind` block (at most one is acted on).
+_pending: list[int] = []
+
+
+def pending() -> int | None:
+    """The signal that asked this run to stop, or None."""
+    return _pending[0] if _pending else None
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` if a signal arrived; called before an output is published.
+
+    A signal handler runs wherever Python happens to be: inside a callback from
+    C++ (TVM's passes call Python), the exception it raises can be converted
+    into a library error or swallowed. Checking before every publish makes sure
+    no output appears after a stop request, whatever the library did.
+    """
+    if _pending:
+        raise Interrupted(_pending[0])
+
+
 @contextlib.contextmanager
 def orderly_unwind(signals=SIGNALS) -> Iterator[None]:
     """Within the block, the first of ``signals`` raises :class:`Interrupted`; later ones are ignored.
 
-    Only the main thread can install handlers; elsewhere this is a no-op.
-    The previous handlers are restored on exit.
+    Whatever leaves the block after such a signal (a library error that wrapped
+    the interrupt, or nothing at all because a library swallowed it) becomes
+    :class:`Interrupted`. Only the main thread can install handlers; elsewhere
+    this is a no-op. The previous handlers are restored on exit.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    hit: list[int] = []
 
     def handler(signum, frame):
-        if hit:
+        if _pending:
             return  # already unwinding: let the clean-up finish
-        hit.append(signum)
+        _pending.append(signum)
         raise Interrupted(signum)
 
     saved = {}
     try:
         for s in signals:
             saved[s] = signal.signal(s, handler)
-        yield
+        try:
+            yield
+        except Interrupted:
+            raise
+        except BaseException as e:
+            if _pending:
+                raise Interrupted(_pending[0]) from e
+            raise
+        if _pending:
+            raise Interrupted(_pending[0])
     finally:
         for s, old in saved.items():
             signal.signal(s, old)
+        _pending.clear()

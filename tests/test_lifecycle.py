@@ -137,3 +137,27 @@ def test_interrupt_between_the_two_renames_puts_the_old_artifact_back(tmp_path, 
     monkeypatch.setattr(fsutil.os, "replace", real_replace)
     assert (art / "manifest.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_a_signal_that_a_library_wraps_or_swallows_still_stops_the_run(tmp_path):
+    """TVM calls Python from C++: the handler's exception can come back as a library error, or not at all."""
+    from graphopt.fsutil import atomic_write_bytes
+    from graphopt.signals import Interrupted, orderly_unwind
+
+    def library_call(swallow: bool):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except BaseException as e:  # what a foreign-function boundary does with a Python exception
+            if not swallow:
+                raise RuntimeError(f"TVMError: {e}") from None
+
+    with pytest.raises(Interrupted):
+        with orderly_unwind():
+            library_call(swallow=False)
+    out = tmp_path / "o.bin"
+    with pytest.raises(Interrupted):
+        with orderly_unwind():
+            library_call(swallow=True)
+            atomic_write_bytes(out, b"x")  # no output is published after a stop request
+    assert list(tmp_path.iterdir()) == []
