@@ -120,9 +120,14 @@ def check_outputs(outputs: Iterable[Labelled], inputs: Iterable[Labelled]) -> No
                 raise OutputError(f"{opath}: the {orole} lies inside the {irole} folder '{ipath}', "
                                   "which is an input; choose a path outside it")
         for orole2, opath2, o2 in outs[i + 1:]:
-            if _same(o, o2) or o.is_relative_to(o2) or o2.is_relative_to(o):
+            if _same(o, o2):
                 raise OutputError(f"{opath}: the {orole} and the {orole2} ('{opath2}') would overwrite "
                                   "each other; give them different paths")
+            for (ra, pa, a), (rb, pb, b) in (((orole, opath, o), (orole2, opath2, o2)),
+                                             ((orole2, opath2, o2), (orole, opath, o))):
+                if a.is_relative_to(b):
+                    raise OutputError(f"{pa}: the {ra} lies inside the {rb} '{pb}', which is written as a "
+                                      "whole; put it outside")
 
 
 def dump_paths(pipeline, dump_after: Sequence[str], dump_dir) -> list[Path]:

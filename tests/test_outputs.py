@@ -68,6 +68,7 @@ def test_outputs_that_are_inputs_are_refused(tmp_path, mlp_onnx, capsys, monkeyp
         (["optimize", mlp_onnx, "-o", "d/o.onnx", "--data", "d"], "lies inside the data folder"),
         (["optimize", mlp_onnx, "-o", "o.onnx", "--pipeline", toml, "--report", toml], "the pipeline file"),
         (["optimize", mlp_onnx, "-o", "o.onnx", "--report", "o.onnx"], "would overwrite each other"),
+        (["lower", mlp_onnx, "-o", "art", "--report", "art/r.json"], "the report lies inside the artifact"),
     ]
     before = _snapshot(tmp_path)
     for args, message in cases:
@@ -280,3 +281,20 @@ def test_the_api_checks_outputs_too(tmp_path, mlp_onnx):
     with pytest.raises(graphopt.OutputError, match="contains the model"):
         graphopt.lower(g, "cpu", tmp_path)
     assert mlp_onnx.read_bytes() == before
+
+
+def test_output_failing_after_the_report_rewrites_the_report_as_failed(tmp_path):
+    """optimize writes the report first; when the model then cannot be written the report says so."""
+    rng = np.random.default_rng(0)
+    big = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [1, 256])], [vi("y", [1, 256])],
+                     [onnx.numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), "w")])
+    src = tmp_path / "big.onnx"
+    onnx.save(big, src)
+    out = tmp_path / "out"
+    args = ["optimize", src, "-o", out / "o.onnx", "--report", out / "r.json", "--no-verify-passes"]
+    p = subprocess.run([sys.executable, "-m", "graphopt.cli", *map(str, args)], capture_output=True, text=True,
+                       preexec_fn=_limit_file_size, timeout=600)
+    assert p.returncode == 2, p.stderr
+    assert sorted(x.name for x in out.iterdir()) == ["r.json"]
+    doc = json.loads((out / "r.json").read_text())
+    assert doc["ok"] is False and doc["error"]["kind"] == "OutputError" and str(out / "o.onnx") in doc["error"]["message"]
