@@ -17,6 +17,7 @@ Ctrl-C) lets it through the same way.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -55,6 +56,15 @@ def raise_if_interrupted() -> None:
         raise Interrupted(_pending[0])
 
 
+def _in_finalizer(frame, depth: int = 8) -> bool:
+    """Whether ``frame`` (or one of its callers, a few levels up) is a ``__del__`` method."""
+    while frame is not None and depth > 0:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
+
+
 @contextlib.contextmanager
 def orderly_unwind(signals=SIGNALS) -> Iterator[None]:
     """Within the block, the first of ``signals`` raises :class:`Interrupted`; later ones are ignored.
@@ -71,6 +81,13 @@ def orderly_unwind(signals=SIGNALS) -> Iterator[None]:
     def handler(signum, frame):
         if _pending:
             return  # already unwinding: let the clean-up finish
+        if _in_finalizer(frame):
+            # An exception raised in __del__ is printed and dropped by Python: send the
+            # signal again a moment later, when the finalizer has returned.
+            t = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+            t.daemon = True
+            t.start()
+            return
         _pending.append(signum)
         raise Interrupted(signum)
 
