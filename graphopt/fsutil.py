@@ -31,7 +31,10 @@ def _umask() -> int:
 
 def _describe(e: OSError) -> str:
     what = e.strerror or type(e).__name__
-    return f"{what} ('{e.filename}')" if e.filename else what
+    name = os.path.basename(str(e.filename or ""))
+    if not name or (name.startswith(".") and name.endswith(".tmp")):  # our own temp name says nothing
+        return what
+    return f"{what} ('{e.filename}')"
 
 
 @contextlib.contextmanager
@@ -46,6 +49,18 @@ def output_errors(path: str | os.PathLike) -> Iterator[None]:
                           "choose another path or make room/permission there") from e
 
 
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next((p for p in (path.parent, *path.parent.parents) if os.path.lexists(p) and not p.is_dir()),
+                       None)
+        if blocker is None:
+            raise
+        raise OutputError(f"{path}: cannot write this output: '{blocker}' is a file, not a folder; "
+                          "choose another path") from e
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename).
 
@@ -55,7 +70,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
     """
     path = Path(path)
     with output_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
         try:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs follow the umask
@@ -96,7 +111,7 @@ def atomic_directory(path: str | os.PathLike, *, replace_if=None) -> Iterator[Pa
     """
     path = Path(path)
     with output_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent))
         old = None
         try:

@@ -174,7 +174,8 @@ def test_unwritable_outputs_exit_2_naming_the_path(tmp_path, mlp_onnx, capsys):
     long_name = tmp_path / ("n" * 300 + ".onnx")
     for out in (blocker / "o.onnx", long_name):
         _one_line_exit_2(run_cli("optimize", mlp_onnx, "-o", out), capsys, out)
-    _one_line_exit_2(run_cli("lower", mlp_onnx, "-o", blocker / "art"), capsys, blocker / "art")
+    _one_line_exit_2(run_cli("lower", mlp_onnx, "-o", blocker / "art"), capsys, blocker / "art",
+                     f"'{blocker}' is a file, not a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mlp.onnx"]
 
 
