@@ -209,7 +209,9 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
     from .outputs import default_artifact_path
 
     with _early_report(args, "lower"):
-        target_options, input_shapes, data = _kv(args.target_opt, "--target-opt"), parse_input_shapes(args.input_shape), _data(args)
+        target_options = _kv(args.target_opt, "--target-opt")
+        input_shapes = parse_input_shapes(args.input_shape)
+        data = _data(args)
     output = args.output or default_artifact_path(args.model, args.target)
     res = api.lower(
         args.model, args.target, output, pipeline=_pipeline(args),
@@ -233,7 +235,8 @@ def cmd_optimize(args, out: _Out, debug_log: list) -> int:
     from .graph import parse_input_shapes
 
     with _early_report(args, "optimize"):
-        input_shapes, data = parse_input_shapes(args.input_shape), _data(args)
+        input_shapes = parse_input_shapes(args.input_shape)
+        data = _data(args)
     res = api.optimize(
         args.model, _pipeline(args), output=args.output, input_shapes=input_shapes,
         data=data, verify=not args.no_verify_passes, dump_after=args.dump_after,
@@ -380,32 +383,30 @@ def main(argv=None) -> int:
     debug_log: list[str] = []
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
     error: dict | None = None
+    parsed = False
     try:
+        args = build_parser().parse_args(argv)
+        parsed, as_json = True, getattr(args, "json", False)
+        if args.version:
+            from . import __version__
+
+            print(f"graphopt {__version__}")
+            return EXIT_OK
+        if not args.command:
+            build_parser().print_help()
+            return EXIT_BAD_INPUT
+        out = _Out(args)
+        from .plugins import get_registry
+
+        reg = get_registry(args.disable_plugin)
+        if not out.quiet and args.command != "plugins":
+            for p in reg.failures():
+                print(f"graphopt: warning: plugin '{p.name}' not loaded: {p.error} "
+                      f"(disable it with --disable-plugin {p.name})", file=sys.stderr)
+            for p in reg.plugins.values():
+                for w in p.warnings:
+                    print(f"graphopt: warning: plugin '{p.name}': {w}", file=sys.stderr)
         with orderly_unwind():
-            try:
-                args = build_parser().parse_args(argv)
-            except SystemExit as e:  # --help printed its text; argparse's own exits
-                return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_BAD_INPUT)
-            as_json = getattr(args, "json", False)
-            if args.version:
-                from . import __version__
-
-                print(f"graphopt {__version__}")
-                return EXIT_OK
-            if not args.command:
-                build_parser().print_help()
-                return EXIT_BAD_INPUT
-            out = _Out(args)
-            from .plugins import get_registry
-
-            reg = get_registry(args.disable_plugin)
-            if not out.quiet and args.command != "plugins":
-                for p in reg.failures():
-                    print(f"graphopt: warning: plugin '{p.name}' not loaded: {p.error} "
-                          f"(disable it with --disable-plugin {p.name})", file=sys.stderr)
-                for p in reg.plugins.values():
-                    for w in p.warnings:
-                        print(f"graphopt: warning: plugin '{p.name}': {w}", file=sys.stderr)
             code = COMMANDS[args.command](args, out, debug_log)
     except GraphoptError as e:
         if debug:
@@ -419,6 +420,8 @@ def main(argv=None) -> int:
         print("graphopt: interrupted", file=sys.stderr)
         code, error = 130, {"message": "interrupted", "kind": "Interrupted", "exit_code": 130}
     except SystemExit as e:  # raised inside a command: never a silent exit 0
+        if not parsed:  # argparse's own exit after printing --help
+            return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_BAD_INPUT)
         if debug:
             traceback.print_exc()
         msg = (f"internal error: sys.exit({e.code!r}) was called inside the command by {_where_raised(e)} "
