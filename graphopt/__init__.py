@@ -12,7 +12,7 @@ The public API lives here; everything else is internal.
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
-    ArtifactError, DataError, GraphoptError, LoweringError, ModelError, OptionError, PluginError,
+    ArtifactError, DataError, GraphoptError, LoweringError, ModelError, OptionError, OutputError, PluginError,
     UnsupportedOpsError, VerificationError,
 )
 from .graph import Graph, TensorSpec  # noqa: E402
@@ -38,7 +38,7 @@ def capture(module, example_inputs, **kwargs) -> Graph:
 
 __all__ = [
     "Artifact", "ArtifactError", "DataError", "DataSource", "DEFAULT_LOWER_PIPELINE", "Graph", "GraphoptError",
-    "LowerContext", "LoweringError", "ModelError", "Option", "OptionError", "Pass", "PassContext", "PassManager",
+    "LowerContext", "LoweringError", "ModelError", "Option", "OptionError", "OutputError", "Pass", "PassContext", "PassManager",
     "PassRecord", "Pipeline", "PluginError", "RunResult", "Target", "TensorSpec", "UnsupportedOpsError",
     "VerificationError", "capture", "get_registry", "graph_stats", "hookimpl", "inspect_graph", "load", "lower",
     "optimize", "verify_artifact", "__version__",

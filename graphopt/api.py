@@ -21,10 +21,11 @@ from .artifact import Artifact, is_artifact, versions, write_graph_and_weights, 
 from .artifact import FORMAT, FORMAT_VERSION
 from .console import Progress, capture_native_output
 from .data import DataSource
-from .errors import OptionError, VerificationError
-from .fsutil import atomic_directory, atomic_write_text
+from .errors import OutputError, VerificationError
+from .fsutil import atomic_directory, private_tempdir
 from .graph import Graph
 from .manager import PassManager
+from .outputs import Reporting, check_dumps, check_outputs, default_artifact_path, dump_paths, model_inputs
 from .passbase import PassContext, PassRecord
 from .pipeline import Pipeline
 from .plugins import Registry, get_registry
@@ -34,6 +35,9 @@ from .target import LowerContext, Target
 
 #: What `graphopt lower` runs when no pipeline is given: every lossless clean-up.
 DEFAULT_LOWER_PIPELINE = "cleanup,fold-batchnorm,cleanup"
+
+#: Inside an artifact's temporary folder: where TVM and the C compiler keep their temporary files.
+SCRATCH_DIR = ".scratch"
 
 
 @dataclass
@@ -63,6 +67,15 @@ def _as_pipeline(pipeline: Pipeline | str | os.PathLike | None, default: str, re
     if text.endswith(".toml"):
         return Pipeline.from_toml(text, registry)
     return Pipeline.parse(text, registry)
+
+
+def _source_name(model) -> str | None:
+    src = getattr(model, "source", model)
+    return str(src) if src is not None else None
+
+
+def _opt_str(path) -> str | None:
+    return str(path) if path is not None else None
 
 
 def _source_digest(graph: Graph) -> str:
@@ -99,21 +112,36 @@ def optimize(
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> RunResult:
-    """Run a pass pipeline over a model; optionally save the result and a JSON report."""
+    """Run a pass pipeline over a model; optionally save the result and a JSON report.
+
+    ``output``, ``report`` and the dumps may not be, sit inside or contain an
+    input (the model, its external data, the data, the pipeline file), and
+    dumps never overwrite a file (:class:`OutputError`, before anything runs).
+    The report is written with ``"ok": false`` and the error when the run
+    fails; on success it is written *before* ``output``, so a report that
+    cannot be written leaves no optimized model behind.
+    """
     registry = registry or get_registry()
-    pipe = _as_pipeline(pipeline, "cleanup", registry)
-    graph = _as_graph(model).with_input_shapes(input_shapes or {})
-    ctx = PassContext(
-        data=data or DataSource(), verify=verify, dump_after=tuple(dump_after), dump_dir=str(dump_dir),
-        progress=progress, atol=atol, rtol=rtol,
-    )
-    out, records = PassManager(pipe, ctx, registry).run(graph)
-    doc = _report(graph, out, pipe, records, ctx, output=str(output) if output else None)
-    if output:
-        out.save(output)
-    if report:
-        atomic_write_text(report, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
-    return RunResult(out, records, str(pipe), report=doc)
+    data = data or DataSource()
+    check_outputs([("output", output), ("report", report)], model_inputs(model, data, pipeline))
+    with Reporting(report, command="optimize", model=_source_name(model), output=_opt_str(output)) as rep:
+        pipe = _as_pipeline(pipeline, "cleanup", registry)
+        rep.update(pipeline=str(pipe))
+        dumps = dump_paths(pipe, dump_after, dump_dir)
+        if dumps:
+            check_outputs([("output", output), ("report", report), *(("dump", d) for d in dumps)],
+                          model_inputs(model, data, pipeline))
+            check_dumps(dumps)
+        graph = _as_graph(model).with_input_shapes(input_shapes or {})
+        ctx = PassContext(
+            data=data, verify=verify, dump_after=tuple(dump_after), dump_dir=str(dump_dir),
+            progress=progress, atol=atol, rtol=rtol,
+        )
+        out, records = PassManager(pipe, ctx, registry).run(graph)
+        doc = rep.success(_report(graph, out, pipe, records, ctx, output=_opt_str(output)))
+        if output:
+            out.save(output)
+        return RunResult(out, records, str(pipe), report=doc)
 
 
 def make_target(target: Target | str, options: Mapping[str, Any] | None, registry: Registry) -> Target:
@@ -125,7 +153,7 @@ def make_target(target: Target | str, options: Mapping[str, Any] | None, registr
 def lower(
     model: Graph | str | os.PathLike,
     target: Target | str = "cpu",
-    output: str | os.PathLike = "build/model",
+    output: str | os.PathLike | None = None,
     *,
     pipeline: Pipeline | str | None = None,
     target_options: Mapping[str, Any] | None = None,
@@ -142,54 +170,70 @@ def lower(
 ) -> RunResult:
     """Optimize then lower a model to an artifact directory at ``output``.
 
-    With ``verify`` the artifact runs on the data source's inputs (generated
-    when none) and is compared with ONNX Runtime on the *input* model; outside
-    tolerance raises :class:`VerificationError` and no artifact is written.
+    ``output`` defaults to ``build/<model stem>-<target>`` (see
+    :func:`~graphopt.outputs.default_artifact_path`); it, ``report`` and the
+    dumps may not be, sit inside or contain an input (:class:`OutputError`,
+    before anything runs). With ``verify`` the artifact runs on the data
+    source's inputs (generated when none) and is compared with ONNX Runtime on
+    the *input* model; outside tolerance raises :class:`VerificationError` and
+    no artifact is written. The report is written before the artifact is moved
+    into place (a report that cannot be written leaves no artifact) and is
+    rewritten with ``"ok": false`` and the error when the run fails. TVM's and
+    the C compiler's temporary files live inside the artifact's temporary
+    folder and go with it.
     """
     registry = registry or get_registry()
-    output = Path(output)
-    pipe = _as_pipeline(pipeline, DEFAULT_LOWER_PIPELINE, registry)
-    tgt = make_target(target, target_options, registry)
-    if output.exists() and not is_artifact(output):
-        raise OptionError(f"{output}: exists and is not a graphopt artifact; choose another -o or remove it")
-    progress = progress or Progress(enabled=False)
     data = data or DataSource()
-    original = _as_graph(model).with_input_shapes(input_shapes or {})
-    ctx = PassContext(data=data, verify=verify_passes, dump_after=tuple(dump_after),
-                      dump_dir=str(output.parent), progress=progress, atol=atol, rtol=rtol)
-    graph, records = PassManager(pipe, ctx, registry).run(original)
-    tgt.check(graph)
-    lctx = LowerContext(progress=progress)
-    comparison = None
-    native = ""
-    with atomic_directory(output, replace_if=is_artifact) as tmp:
-        lctx.params = tgt.select_params(graph)
-        weights = write_graph_and_weights(graph, lctx.params, tmp)
-        with capture_native_output() as nlog:
-            lowered = tgt.lower(graph, tmp, lctx)
-        native = nlog.text + "".join(s + "\n" for s in lctx.native_log)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "source": {"name": Path(original.source).name if original.source else None, "sha256": _source_digest(original)},
-            "pipeline": str(pipe),
-            "inputs": [s.to_json() for s in graph.inputs],
-            "outputs": [s.to_json() for s in graph.outputs],
-            "weights": weights,
-            "versions": versions(),
-            **lowered,
-        }
-        write_manifest(tmp, manifest)
-        if verify:
-            with progress.step("verify against ONNX Runtime"):
-                comparison = verify_artifact(Artifact(tmp), original, data, atol=atol, rtol=rtol)
-            if not comparison.ok:
-                raise VerificationError(f"{output}: lowered artifact does not match ONNX Runtime: {comparison.summary()}")
-    doc = _report(original, graph, pipe, records, ctx, artifact=str(output), target=manifest["target"],
-                  verification=comparison.to_json() if comparison else None)
-    if report:
-        atomic_write_text(report, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
-    return RunResult(graph, records, str(pipe), output, comparison, manifest, native, doc)
+    output = Path(output) if output is not None else default_artifact_path(model, target)
+    check_outputs([("artifact", output), ("report", report)], model_inputs(model, data, pipeline))
+    with Reporting(report, command="lower", model=_source_name(model), artifact=str(output)) as rep:
+        pipe = _as_pipeline(pipeline, DEFAULT_LOWER_PIPELINE, registry)
+        rep.update(pipeline=str(pipe))
+        tgt = make_target(target, target_options, registry)
+        if os.path.lexists(output) and not is_artifact(output):
+            raise OutputError(f"{output}: exists and is not a graphopt artifact; choose another output path or remove it")
+        dumps = dump_paths(pipe, dump_after, output.parent)
+        if dumps:
+            check_outputs([("artifact", output), ("report", report), *(("dump", d) for d in dumps)],
+                          model_inputs(model, data, pipeline))
+            check_dumps(dumps)
+        progress = progress or Progress(enabled=False)
+        original = _as_graph(model).with_input_shapes(input_shapes or {})
+        ctx = PassContext(data=data, verify=verify_passes, dump_after=tuple(dump_after),
+                          dump_dir=str(output.parent), progress=progress, atol=atol, rtol=rtol)
+        graph, records = PassManager(pipe, ctx, registry).run(original)
+        tgt.check(graph)
+        lctx = LowerContext(progress=progress)
+        comparison = None
+        native = ""
+        with atomic_directory(output, replace_if=is_artifact) as tmp:
+            with private_tempdir(tmp / SCRATCH_DIR):
+                lctx.params = tgt.select_params(graph)
+                weights = write_graph_and_weights(graph, lctx.params, tmp)
+                with capture_native_output() as nlog:
+                    lowered = tgt.lower(graph, tmp, lctx)
+                native = nlog.text + "".join(s + "\n" for s in lctx.native_log)
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "source": {"name": Path(original.source).name if original.source else None, "sha256": _source_digest(original)},
+                "pipeline": str(pipe),
+                "inputs": [s.to_json() for s in graph.inputs],
+                "outputs": [s.to_json() for s in graph.outputs],
+                "weights": weights,
+                "versions": versions(),
+                **lowered,
+            }
+            write_manifest(tmp, manifest)
+            if verify:
+                with progress.step("verify against ONNX Runtime"):
+                    comparison = verify_artifact(Artifact(tmp), original, data, atol=atol, rtol=rtol)
+                if not comparison.ok:
+                    raise VerificationError(f"{output}: lowered artifact does not match ONNX Runtime: {comparison.summary()}")
+            doc = rep.success(_report(original, graph, pipe, records, ctx, artifact=str(output),
+                                      target=manifest["target"],
+                                      verification=comparison.to_json() if comparison else None))
+        return RunResult(graph, records, str(pipe), output, comparison, manifest, native, doc)
 
 
 def verify_artifact(

@@ -3,13 +3,20 @@
 Exit codes (stable; build systems may rely on them):
   0  success
   1  verification failed (outputs differ from ONNX Runtime beyond tolerance)
-  2  bad input or usage (missing/corrupt model, unknown pass/option/target, unreadable inputs, plugin failure)
+  2  bad input or usage (missing/corrupt model, unknown pass/option/target, unreadable inputs, plugin failure,
+     an output that would overwrite or delete an input, an output the file system refuses)
   3  internal error (a bug: rerun with --debug and report the traceback)
+  128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP): outputs rolled back, temp files removed
+
+With --json, stdout holds exactly one JSON document, on failure too:
+``{"ok": false, "error": {"message", "kind", "exit_code"}, "exit_code": N}``; the one-line
+error still goes to stderr (for the person watching the build log).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -30,7 +37,8 @@ examples:
   graphopt inspect model.onnx --json
   graphopt passes
 
-exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error
+exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error,
+  128+N stopped by signal N (outputs rolled back)
 """
 
 
@@ -55,9 +63,11 @@ def _pipeline_args(p: argparse.ArgumentParser, default_help: str) -> None:
                    help="fix a symbolic input's dims, e.g. x:1,3,320,320 (repeatable)")
     p.add_argument("--data", metavar="PATH", help="inputs for calibration/verification: .npz/.npy or a folder of them")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs (default 0)")
-    p.add_argument("--report", metavar="FILE.json", help="write the per-pass JSON record here")
+    p.add_argument("--report", metavar="FILE.json",
+                   help="write the per-pass JSON record here (also on failure: \"ok\": false and the error)")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
-                   help="write the graph after this pass (repeatable)")
+                   help="write the graph after this pass next to the output, as NN-PASS.onnx; "
+                        "never overwrites a file (repeatable)")
     p.add_argument("--no-verify-passes", action="store_true", help="skip the numerical check of lossless passes")
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="tolerance relative to max|reference| (default 1e-3)")
@@ -74,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="input .onnx file (never modified)")
     p.add_argument("-t", "--target", default="cpu", help="target name (see `graphopt targets`; default cpu)")
-    p.add_argument("-o", "--output", required=True, help="artifact directory to write (replaced atomically)")
+    p.add_argument("-o", "--output", help="artifact directory to write, replaced atomically "
+                                           "(default: build/<model stem>-<target>, printed)")
     p.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="target option, e.g. mcpu=portable (repeatable)")
     p.add_argument("--verify", action="store_true", help="run the artifact and compare with ONNX Runtime")
@@ -96,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--inputs", metavar="PATH", help=".npz (one array per input) / .npy / folder; default: generated")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs")
     p.add_argument("--verify", action="store_true", help="compare with ONNX Runtime on the artifact's model.onnx")
-    p.add_argument("-o", "--output", metavar="OUT.npz", help="write the outputs of the first input here")
+    p.add_argument("-o", "--output", metavar="OUT.npz",
+                   help="write the outputs of the first input here (same outputs, same bytes)")
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--rtol", type=float, default=1e-3)
     _common(p)
@@ -156,6 +168,24 @@ def _kv(items, flag):
     return out
 
 
+@contextlib.contextmanager
+def _early_report(args, command: str):
+    """A failure while reading the command line's own values still gets its ``--report``.
+
+    (The API writes the report for everything after these values are parsed.)
+    """
+    try:
+        yield
+    except GraphoptError as e:
+        if getattr(args, "report", None):
+            from .outputs import Reporting, check_outputs, model_inputs
+
+            with contextlib.suppress(GraphoptError):
+                check_outputs([("report", args.report)], model_inputs(args.model, args.data, _pipeline(args)))
+                Reporting(args.report, command=command, model=str(args.model)).failure(e)
+        raise
+
+
 def _record_lines(records):
     from .stats import human_bytes, human_count
 
@@ -176,11 +206,17 @@ def _record_lines(records):
 def cmd_lower(args, out: _Out, debug_log: list) -> int:
     from . import api
     from .graph import parse_input_shapes
+    from .outputs import default_artifact_path
 
+    with _early_report(args, "lower"):
+        target_options = _kv(args.target_opt, "--target-opt")
+        input_shapes = parse_input_shapes(args.input_shape)
+        data = _data(args)
+    output = args.output or default_artifact_path(args.model, args.target)
     res = api.lower(
-        args.model, args.target, args.output, pipeline=_pipeline(args),
-        target_options=_kv(args.target_opt, "--target-opt"), input_shapes=parse_input_shapes(args.input_shape),
-        data=_data(args), verify=args.verify, verify_passes=not args.no_verify_passes,
+        args.model, args.target, output, pipeline=_pipeline(args),
+        target_options=target_options, input_shapes=input_shapes,
+        data=data, verify=args.verify, verify_passes=not args.no_verify_passes,
         dump_after=args.dump_after, report=args.report, progress=_progress(args), atol=args.atol, rtol=args.rtol,
     )
     debug_log.append(res.native_log)
@@ -190,7 +226,7 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
         out.say(line)
     if res.verification:
         out.say(f"verified against ONNX Runtime: {res.verification.summary()}")
-    out.emit({"artifact": str(res.artifact), "manifest": res.manifest, "report": res.report})
+    out.emit({"ok": True, "artifact": str(res.artifact), "manifest": res.manifest, "report": res.report})
     return EXIT_OK
 
 
@@ -198,9 +234,12 @@ def cmd_optimize(args, out: _Out, debug_log: list) -> int:
     from . import api
     from .graph import parse_input_shapes
 
+    with _early_report(args, "optimize"):
+        input_shapes = parse_input_shapes(args.input_shape)
+        data = _data(args)
     res = api.optimize(
-        args.model, _pipeline(args), output=args.output, input_shapes=parse_input_shapes(args.input_shape),
-        data=_data(args), verify=not args.no_verify_passes, dump_after=args.dump_after,
+        args.model, _pipeline(args), output=args.output, input_shapes=input_shapes,
+        data=data, verify=not args.no_verify_passes, dump_after=args.dump_after,
         dump_dir=str(Path(args.output).parent), report=args.report, progress=_progress(args),
         atol=args.atol, rtol=args.rtol,
     )
@@ -218,7 +257,9 @@ def cmd_run(args, out: _Out, debug_log: list) -> int:
     from .console import capture_native_output
     from .data import DataSource
     from .fsutil import atomic_write_bytes
+    from .outputs import check_outputs
 
+    check_outputs([("output", args.output)], [("artifact", args.artifact), ("inputs", args.inputs)])
     with capture_native_output() as nlog:
         art = Artifact(args.artifact)
     debug_log.append(nlog.text)
@@ -244,10 +285,12 @@ def cmd_run(args, out: _Out, debug_log: list) -> int:
             print(f"graphopt: error: {args.artifact}: outputs differ from ONNX Runtime: {cmp.summary()}", file=sys.stderr)
             code = EXIT_VERIFY_FAILED
     if args.output:
+        # np.savez stamps members with zipfile's fixed 1980 date: same outputs, same bytes (tested).
         buf = io.BytesIO()
         np.savez(buf, **results[0])
         atomic_write_bytes(args.output, buf.getvalue())
         doc["output"] = args.output
+    doc["ok"] = code == EXIT_OK
     out.emit(doc)
     return code
 
@@ -313,13 +356,37 @@ COMMANDS = {
 }
 
 
+def _where_raised(e: BaseException) -> str:
+    """``module:line`` of the innermost frame of ``e``'s traceback (who called sys.exit)."""
+    tb = e.__traceback__
+    if tb is None:
+        return "unknown code"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_globals.get('__name__', tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; returns the exit code (never raises, never exits 0 on an error).
+
+    Errors become one line on stderr (and, with ``--json``, one JSON error
+    object on stdout). SystemExit or any other BaseException raised inside a
+    command (a library or plugin calling ``sys.exit(0)``) is an error, not a
+    silent success; SIGTERM/SIGHUP unwind like Ctrl-C (exit 128 + signal).
+    """
+    from .outputs import error_json
+    from .signals import Interrupted, orderly_unwind
+
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     debug = "--debug" in argv
+    as_json = "--json" in argv
     debug_log: list[str] = []
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    error: dict | None = None
+    parsed = False
     try:
         args = build_parser().parse_args(argv)
+        parsed, as_json = True, getattr(args, "json", False)
         if args.version:
             from . import __version__
 
@@ -339,24 +406,45 @@ def main(argv=None) -> int:
             for p in reg.plugins.values():
                 for w in p.warnings:
                     print(f"graphopt: warning: plugin '{p.name}': {w}", file=sys.stderr)
-        code = COMMANDS[args.command](args, out, debug_log)
+        with orderly_unwind():
+            code = COMMANDS[args.command](args, out, debug_log)
     except GraphoptError as e:
         if debug:
             traceback.print_exc()
         print(f"graphopt: error: {e}", file=sys.stderr)
-        code = e.exit_code
+        code, error = e.exit_code, error_json(e)
+    except Interrupted as e:
+        print(f"graphopt: interrupted ({signal_name(e.signum)}); outputs rolled back", file=sys.stderr)
+        code, error = e.exit_code, {"message": str(e), "kind": "Interrupted", "exit_code": e.exit_code}
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
-        code = 130
-    except Exception as e:  # a bug in graphopt or a library
+        code, error = 130, {"message": "interrupted", "kind": "Interrupted", "exit_code": 130}
+    except SystemExit as e:  # raised inside a command: never a silent exit 0
+        if not parsed:  # argparse's own exit after printing --help
+            return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_BAD_INPUT)
+        if debug:
+            traceback.print_exc()
+        msg = (f"internal error: sys.exit({e.code!r}) was called inside the command by {_where_raised(e)} "
+               "(rerun with --debug for the traceback and please report it)")
+        print(f"graphopt: {msg}", file=sys.stderr)
+        code, error = EXIT_INTERNAL, {"message": msg, "kind": "SystemExit", "exit_code": EXIT_INTERNAL}
+    except BaseException as e:  # a bug in graphopt or a library (or a stray BaseException)
         if debug:
             traceback.print_exc()
         print(f"graphopt: internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
               " (rerun with --debug for the traceback and please report it)", file=sys.stderr)
-        code = EXIT_INTERNAL
+        code, error = EXIT_INTERNAL, error_json(e)
+    if error is not None and as_json:
+        print(json.dumps({"ok": False, "error": error, "exit_code": code}, indent=2, sort_keys=True, default=str))
     if debug and any(debug_log):
         print("---- library output ----\n" + "".join(debug_log), file=sys.stderr)
     return code
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,3 +57,8 @@ class VerificationError(GraphoptError):
     """Outputs differ from the reference beyond tolerance."""
 
     exit_code = EXIT_VERIFY_FAILED
+
+
+class OutputError(OptionError):
+    """An output that cannot or must not be written: it would overwrite, sit inside or contain an input,
+    it would overwrite an existing dump, or the file system refused it (read-only, full, name too long)."""

@@ -45,7 +45,7 @@ def _bad_input_cases(tmp_path, mlp_onnx):
         (["optimize", mlp_onnx, "-o", tmp_path / "o.onnx", "--data", text_npz], "cannot read inputs"),
         (["optimize", mlp_onnx, "-o", tmp_path / "o.onnx", "--data", pickled], "cannot read inputs"),
         (["optimize", mlp_onnx, "-o", tmp_path / "o.onnx", "--data", tmp_path / "nope.npz"], "inputs file not found"),
-        (["lower", mlp_onnx], "required: -o/--output"),
+        (["optimize", mlp_onnx], "required: -o/--output"),
         (["frobnicate"], "invalid choice"),
     ]
 
