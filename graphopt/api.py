@@ -21,14 +21,14 @@ from .artifact import Artifact, is_artifact, versions, write_graph_and_weights, 
 from .artifact import FORMAT, FORMAT_VERSION
 from .console import Progress, capture_native_output
 from .data import DataSource
-from .errors import OptionError, VerificationError
+from .errors import ModelError, OptionError, VerificationError
 from .fsutil import atomic_directory, atomic_write_text
 from .graph import Graph
 from .manager import PassManager
 from .passbase import PassContext, PassRecord
 from .pipeline import Pipeline
 from .plugins import Registry, get_registry
-from .reference import Comparison, compare_outputs, run_reference
+from .reference import Comparison, compare_outputs, reference_session, run_reference
 from .stats import graph_stats
 from .target import LowerContext, Target
 
@@ -202,8 +202,13 @@ def verify_artifact(
 ) -> Comparison:
     """Run ``artifact`` and ONNX Runtime (on ``reference``, default: the artifact's own graph) on the same inputs."""
     reference = reference or artifact.reference_graph()
-    feeds = (data or DataSource()).samples(reference, limit=None if data and not data.generated else 2)
-    ref = run_reference(reference, feeds)
+    data = data or DataSource()
+    feeds = data.samples(reference, limit=None if not data.generated else 2)
+    session = reference_session(reference)
+    try:
+        ref = run_reference(reference, feeds, session)
+    except ModelError as e:  # the reference itself cannot run on these inputs: not the artifact's fault
+        raise data.cannot_run(reference, e) from e
     got = artifact.run_many(feeds)
     return compare_outputs(ref, got, [o.name for o in artifact.outputs], atol=atol, rtol=rtol)
 
