@@ -24,7 +24,7 @@ from graphopt.graph import Graph
 from graphopt.reference import run_reference
 from graphopt.testing import REAL_MODELS
 
-from .conftest import init, make_model, run_cli, vi
+from .conftest import init, make_model, run_cli, run_cli_subprocess, vi
 
 
 def _const(name, arr):
@@ -165,9 +165,9 @@ def _needs_real_inputs(path):
 
 def test_model_that_cannot_run_on_generated_inputs_asks_for_data(tmp_path, capsys):
     model = _needs_real_inputs(tmp_path / "m.onnx")
-    assert run_cli("lower", model, "-o", tmp_path / "out") == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1, err
+    proc = run_cli_subprocess("lower", model, "-o", tmp_path / "out")  # a real process: ORT's own log goes to fd 2
+    err = proc.stderr
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
     assert str(model) in err and "generated inputs" in err and "--data FILE.npz" in err
     assert "pass '" not in err and "internal error" not in err
     assert not (tmp_path / "out").exists()
