@@ -109,7 +109,8 @@ def markdown(rows: list[dict]) -> str:
             status = "yes" + ("" if r.get("verified") else " (outside tolerance)")
             err = f"{r['max_abs_error']:.2g}"
         else:
-            status = "no: " + r.get("error", "?").replace("|", "\\|")
+            reason = r.get("error", "?")
+            status = "no: " + (reason if len(reason) <= 220 else reason[:217] + "...").replace("|", "\\|")
             err = "–"
         lines.append(
             f"| {r['model']} | {r.get('nodes_before', '–')} | {r.get('nodes_after', '–')} | {status} | {err} "

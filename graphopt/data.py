@@ -9,6 +9,7 @@ inputs (names, dtypes, ranks, fixed dims) before use.
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -231,8 +232,11 @@ def integer_domains(graph: Graph) -> dict[str, IntDomain]:
         return {}
     import onnx_graphsurgeon as gs
 
-    gsg = gs.import_onnx(graph.model)
-    tensors = gsg.tensors()
+    try:
+        tensors = gs.import_onnx(graph.model).tensors()
+    except Exception as e:  # noqa: BLE001 - an aid to generation only: fall back to the small default range
+        logging.getLogger("graphopt.data").debug("integer input uses not followed (%s: %s)", type(e).__name__, e)
+        tensors = {}
     out: dict[str, IntDomain] = {}
     for spec in ints:
         info = np.iinfo(np.dtype(spec.dtype))

