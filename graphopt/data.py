@@ -172,6 +172,8 @@ def _dim(tensor, axis: int) -> int | None:
 
 def _follow(tensor, shift: int, uses: _Uses, seen: set, depth: int = 0) -> None:
     """Record what each consumer of ``tensor`` (whose values are the input's plus ``shift``) allows."""
+    import onnx_graphsurgeon as gs
+
     if (id(tensor), shift) in seen or depth > 200:
         return
     seen.add((id(tensor), shift))
@@ -209,6 +211,12 @@ def _follow(tensor, shift: int, uses: _Uses, seen: set, depth: int = 0) -> None:
                     step = int(c.reshape(()))
                     for out in node.outputs:
                         _follow(out, shift + (step if op == "Add" else -step), uses, seen, depth + 1)
+            elif op in ("Loop", "Scan") and isinstance(attrs.get("body"), gs.Graph):
+                # Loop: inputs 2.. are the first values of the body's inputs 2..; Scan (opset 9+):
+                # states then scanned tensors, whose slices the body's inputs receive, in the same order.
+                body = attrs["body"]
+                if (op == "Scan" or slot >= 2) and len(node.inputs) == len(body.inputs):
+                    _follow(body.inputs[slot], shift, uses, seen, depth + 1)
             elif op in _VALUE_OUTPUTS:
                 if slot == 0:
                     for k in _VALUE_OUTPUTS[op]:

@@ -90,6 +90,20 @@ def test_ids_used_inside_if_branches_are_followed():
     _runs_on_generated(m)
 
 
+def test_ids_scanned_by_a_scan_body_are_followed_into_it():
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "row"], ["picked"])], "body",
+        [helper.make_tensor_value_info("row", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("picked", TensorProto.FLOAT, [2, 2])])
+    m = make_model(
+        [helper.make_node("Scan", ["ids"], ["ys"], body=body, num_scan_inputs=1)],
+        [vi("ids", [3, 2], TensorProto.INT64)], [vi("ys", [3, 2, 2])],
+        [init("emb", np.zeros((5, 2), np.float32))])
+    d = integer_domains(Graph(m))["ids"]
+    assert (d.low, d.high) == (0, 5)
+    _runs_on_generated(m)
+
+
 def test_sequence_lengths_equal_the_sequence_dim():
     seq, batch, inp, hid = 4, 2, 3, 2
     rng = np.random.default_rng(0)
