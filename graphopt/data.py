@@ -354,6 +354,21 @@ class DataSource:
         return DataError(f"{model}: ONNX Runtime cannot run the original model on the inputs from "
                          f"{self.describe()}: {detail}")
 
+    def reference_outputs(self, graph: Graph, feeds: Sequence[Feed], session=None) -> list[list[np.ndarray]]:
+        """ONNX Runtime's outputs of ``graph`` on ``feeds`` (samples of this source).
+
+        A model ONNX Runtime cannot load raises its :class:`ModelError`; one it
+        loads but cannot run on these inputs raises :meth:`cannot_run`'s error.
+        """
+        from .errors import ModelError
+        from .reference import reference_session, run_reference
+
+        session = session or reference_session(graph)
+        try:
+            return run_reference(graph, feeds, session)
+        except ModelError as e:
+            raise self.cannot_run(graph, e) from e
+
     def samples(self, graph: Graph, limit: int | None = None) -> list[Feed]:
         specs = graph.inputs
         if self.path is not None:

@@ -50,10 +50,7 @@ class _Reference:
             self.skipped = f"reference runtime unavailable for the input: {e}"
             return
         self.feeds = self.ctx.data.samples(graph, limit=2)
-        try:
-            self.outputs = run_reference(graph, self.feeds, session)
-        except ModelError as e:
-            raise self.ctx.data.cannot_run(graph, e) from e
+        self.outputs = self.ctx.data.reference_outputs(graph, self.feeds, session)
 
 
 class PassManager:
