@@ -162,6 +162,9 @@ def _const_of(tensor) -> np.ndarray | None:
 
 def _dim(tensor, axis: int) -> int | None:
     shape = getattr(tensor, "shape", None)
+    if shape is None:
+        value = _const_of(tensor)
+        shape = value.shape if value is not None else None
     if shape is None or not len(shape):
         return None
     if not -len(shape) <= axis < len(shape):
@@ -229,17 +232,24 @@ def _follow(tensor, shift: int, uses: _Uses, seen: set, depth: int = 0) -> None:
                         _follow(out, shift, uses, seen, depth + 1)
 
 
+#: Models smaller than this get their shapes inferred for :func:`integer_domains` when they
+#: carry none (inference copies the model; large ones rely on what they declare).
+_INFER_SHAPES_BELOW = 256 << 20
+
+
 def integer_domains(graph: Graph) -> dict[str, IntDomain]:
     """For each integer graph input, the values :func:`generate_inputs` draws from (see the rule above).
 
-    Uses the graph's own shape information (``value_info``; run :meth:`Graph.infer_shapes`
-    or :meth:`Graph.with_input_shapes` first for indexed dims that are not initializers).
+    Indexed dims come from initializers, Constant nodes and the graph's shape
+    information (inferred here when the graph carries none and is not large).
     """
     ints = [s for s in graph.inputs if s.dtype != "unknown" and np.dtype(s.dtype).kind in "iu"]
     if not ints:
         return {}
     import onnx_graphsurgeon as gs
 
+    if not graph.graph.value_info and graph.model.ByteSize() < _INFER_SHAPES_BELOW:
+        graph = graph.infer_shapes()  # dims of computed tensors that get indexed
     try:
         tensors = gs.import_onnx(graph.model).tensors()
     except Exception as e:  # noqa: BLE001 - an aid to generation only: fall back to the small default range

@@ -61,9 +61,21 @@ def test_ids_reshaped_into_a_gather_over_a_constant_node_on_axis_1():
          helper.make_node("Reshape", ["ids", "flat"], ["r"]),
          helper.make_node("Gather", ["table", "r"], ["y"], axis=1)],
         [vi("ids", [2, 3], TensorProto.INT64)], [vi("y", [4, 6])])
-    d = integer_domains(Graph(m).infer_shapes())["ids"]
+    d = integer_domains(Graph(m))["ids"]
     assert (d.low, d.high) == (0, 7)
     _runs_on_generated(m)
+
+
+def test_ids_indexing_a_computed_tensor_use_its_inferred_dim():
+    """The indexed table is a Concat of two weights; the graph carries no shape information of its own."""
+    m = make_model(
+        [helper.make_node("Concat", ["w1", "w2"], ["table"], axis=0), helper.make_node("Gather", ["table", "ids"], ["y"])],
+        [vi("ids", [16], TensorProto.INT64)], [vi("y", [16, 2])],
+        [init("w1", np.zeros((3, 2), np.float32)), init("w2", np.ones((4, 2), np.float32))])
+    assert not m.graph.value_info
+    d = integer_domains(Graph(m))["ids"]
+    assert (d.low, d.high) == (0, 7)
+    assert _runs_on_generated(m)[0]["ids"].max() >= 3  # rows of the second weight are reached too
 
 
 def test_the_tightest_of_several_index_uses_wins():
