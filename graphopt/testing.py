@@ -132,7 +132,7 @@ REAL_MODELS = {m.name: m for m in (
               {"bytes": [1, 2048]}, "Apache-2.0", _magika_bytes,
               about="file-type classifier; int bytes one-hot through Equal"),
     RealModel("ppocr-cls", _RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-              {"x": [1, 3, 48, 192]}, "Apache-2.0", _ppocr_image([1, 3, 48, 192]),
+              {"x": [1, 3, 48, 192]}, "Apache-2.0", _ppocr_image([1, 3, 48, 192]), slow=True,
               about="text-direction classifier (MobileNetV3)"),
     RealModel("ppocrv4-det", _RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
               {"x": [1, 3, 320, 320]}, "Apache-2.0", _imagenet_image([1, 3, 320, 320]),
