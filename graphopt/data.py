@@ -273,7 +273,7 @@ def integer_domains(graph: Graph) -> dict[str, IntDomain]:
         elif uses.low is not None and low < high:
             out[spec.name] = IntDomain(low, high, why=why)
         elif equals:
-            out[spec.name] = IntDomain(choices=tuple(equals), why="compared with constants "
+            out[spec.name] = IntDomain(choices=tuple(equals), why="is compared with constants "
                                        + (f"{equals}" if len(equals) <= 4 else f"{equals[0]}..{equals[-1]}"))
         else:
             out[spec.name] = IntDomain(why=why or "no use bounds it")
@@ -290,6 +290,10 @@ def generate_inputs(graph: Graph, *, seed: int = 0, count: int = 1, dim_value: i
     """
     rng = np.random.default_rng(seed)
     domains = integer_domains(graph)
+    for name, d in domains.items():
+        values = (f"{d.choices}" if len(d.choices) <= 4 else f"{len(d.choices)} constants") if d.choices \
+            else f"[{d.low}, {d.high})"
+        logging.getLogger("graphopt.data").debug("generated input '%s': %s (%s)", name, values, d.why)
     feeds: list[Feed] = []
     for _ in range(count):
         feed: Feed = {}
