@@ -110,7 +110,7 @@ def markdown(rows: list[dict]) -> str:
             err = f"{r['max_abs_error']:.2g}"
         else:
             reason = r.get("error", "?")
-            status = "no: " + (reason if len(reason) <= 220 else reason[:217] + "...").replace("|", "\\|")
+            status = "no: " + (reason if len(reason) <= 320 else reason[:317] + "...").replace("|", "\\|")
             err = "–"
         lines.append(
             f"| {r['model']} | {r.get('nodes_before', '–')} | {r.get('nodes_after', '–')} | {status} | {err} "
