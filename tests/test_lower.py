@@ -9,7 +9,6 @@ import pytest
 
 import graphopt
 from graphopt.errors import ArtifactError, UnsupportedOpsError
-from graphopt.testing import REAL_MODELS
 from onnx import helper
 
 from .conftest import make_model, run_cli, vi
@@ -129,23 +128,6 @@ def test_lower_replaces_an_existing_artifact_but_not_other_folders(tmp_path, mlp
     with pytest.raises(graphopt.OptionError, match="not a graphopt artifact"):
         graphopt.lower(mlp_onnx, "cpu", other)
     assert (other / "keep.txt").read_text() == "x"
-
-
-@pytest.mark.realmodel
-@pytest.mark.parametrize("name", sorted(REAL_MODELS))
-def test_real_model_lowers_and_verifies(tmp_path, real_model, name, capsys):
-    """The pre-trained models of MODELS.md, with their symbolic dims fixed, through the CLI."""
-    path = real_model(name)
-    spec = REAL_MODELS[name]
-    shapes = [f"{k}:{','.join(map(str, v))}" for k, v in spec.input_shapes.items()]
-    args = ["lower", path, "-o", tmp_path / name, "--verify", "--json"]
-    for s in shapes:
-        args += ["--input-shape", s]
-    assert run_cli(*args) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["report"]["verification"]["ok"] is True
-    assert doc["report"]["after"]["nodes"] < doc["report"]["before"]["nodes"] or name == "magika"
-    assert run_cli("run", tmp_path / name, "--verify", "--quiet") == 0
 
 
 @pytest.mark.realmodel
