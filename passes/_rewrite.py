@@ -56,6 +56,53 @@ def graphs_innermost_first(graph: gs.Graph) -> list[gs.Graph]:
     return out
 
 
+def _names_read(graph: gs.Graph) -> set[str]:
+    """Names of every value read by the nodes of ``graph`` and its subgraphs."""
+    out: set[str] = set()
+    for node in graph.nodes:
+        out.update(t.name for t in node.inputs if t.name)
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                out |= _names_read(attr)
+    return out
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Sort ``graph.nodes`` so producers come first (reads inside subgraphs count), keeping the order otherwise.
+
+    Iterative Kahn's algorithm, linear in the graph: onnx-graphsurgeon's own
+    toposort recurses once per node of a chain and overflows on unrolled graphs.
+    """
+    import heapq
+
+    nodes = list(graph.nodes)
+    producer = {t.name: i for i, n in enumerate(nodes) for t in n.outputs if t.name}
+    users: list[list[int]] = [[] for _ in nodes]
+    pending = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        reads = {t.name for t in node.inputs if t.name}
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                reads |= _names_read(attr)
+        deps = {producer[r] for r in reads if r in producer and producer[r] != i}
+        pending[i] = len(deps)
+        for d in deps:
+            users[d].append(i)
+    ready = [i for i, n in enumerate(pending) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users[i]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):  # a cycle: leave the order alone, the checker will name it
+        return
+    graph.nodes = order
+
+
 def rewrite_with_gs(graph: Graph, rewrite: Callable[[gs.Graph, "Namer"], int]) -> tuple[Graph, int]:
     """Apply ``rewrite`` to every graph of the model (innermost first); returns (new Graph, count).
 
@@ -70,7 +117,7 @@ def rewrite_with_gs(graph: Graph, rewrite: Callable[[gs.Graph, "Namer"], int]) -
         n = rewrite(sub, namer)
         if n:
             # New nodes were appended; sort now, since an enclosing rewrite may copy this body in order.
-            sub.toposort(recurse_subgraphs=False)
+            toposort(sub)
         count += n
     if not count:
         return graph, 0
@@ -89,6 +136,8 @@ class Namer:
         self.taken = set(taken)
         self.opset = opset
         self.counter = 0
+        #: (graph id, dtype, shape, bytes) -> Constant, so equal constants (shapes, axes, step indices) are shared
+        self.constants: dict[tuple, gs.Constant] = {}
 
     def fresh(self, hint: str) -> str:
         while True:
@@ -116,7 +165,14 @@ class Builder:
         if dtype is None and not isinstance(value, np.ndarray):
             dtype = self.dtype
         arr = np.asarray(value, dtype=dtype)
-        return gs.Constant(self.namer.fresh(f"{self.prefix}/c"), arr.copy(order="C"))  # keeps 0-d arrays 0-d
+        if arr.size > 64:  # weights: one each, never hashed or kept twice
+            return gs.Constant(self.namer.fresh(f"{self.prefix}/c"), arr.copy(order="C"))
+        key = (id(self.graph), arr.dtype.str, arr.shape, arr.tobytes())
+        hit = self.namer.constants.get(key)
+        if hit is None:
+            hit = gs.Constant(self.namer.fresh(f"{self.prefix}/c"), arr.copy(order="C"))  # keeps 0-d arrays 0-d
+            self.namer.constants[key] = hit
+        return hit
 
     def op(self, op_type: str, inputs: Sequence, attrs: dict | None = None, n_out: int = 1, dtype=None):
         """Add one node; returns its output Variable (or a list when ``n_out`` > 1)."""
