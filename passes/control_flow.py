@@ -245,7 +245,7 @@ def _unroll_scan(g: gs.Graph, node: gs.Node, namer: Namer, limit: int) -> None:
             shape = None if t.shape is None else list(t.shape)
             raise _Refused(
                 f"its sequence length (dim {axis} of '{t.name}', shape {shape}) is not static; fix the model's "
-                "symbolic input dims with --input-shape NAME:D1,D2,..."
+                "symbolic input dims with --input-shape NAME:D1,D2,... and let fold-constants (cleanup) run first"
             )
         if length is not None and d != length:
             raise _Refused(f"its scan inputs have different lengths ({length} and {d})")

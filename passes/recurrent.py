@@ -72,11 +72,25 @@ class LowerRecurrent(Pass):
 
         out, count = rewrite_with_gs(graph, rewrite)
         if refused:
+            hint = f"; {LENGTH_HINT}" if any("sequence length" in r for r in refused) else ""
             raise LoweringError(
-                f"{graph.source or 'model'}: lower-recurrent cannot unroll {len(refused)} node(s): " + "; ".join(refused)
+                f"{graph.source or 'model'}: lower-recurrent cannot unroll {len(refused)} node(s): "
+                + "; ".join(refused) + hint
             )
         self.note("rewritten", count)
         return out
+
+
+def _length_unknown(x: gs.Tensor, axis: int) -> str:
+    """Why the sequence length of ``x`` is unknown, and what to do about it."""
+    if x.shape is None or axis >= len(x.shape):
+        return f"the shape of its input '{x.name}' is unknown, so its sequence length (dim {axis}) is too"
+    return f"its sequence length (dim {axis} of input '{x.name}', shape {list(x.shape)}) is not static"
+
+
+#: Said once after the list of refused nodes when any of them has an unknown sequence length.
+LENGTH_HINT = ("fix the model's symbolic input dims with --input-shape NAME:D1,D2,... and let fold-constants "
+               "(cleanup) run first so the shape computations feeding these inputs fold")
 
 
 def _direction_count(direction: str) -> int:
@@ -126,11 +140,7 @@ def _unroll(g: gs.Graph, node: gs.Node, namer: Namer) -> None:
     time_axis = 1 if layout else 0
     steps = static_dim(x, time_axis)
     if steps is None:
-        shape = None if x.shape is None else list(x.shape)
-        raise _Refused(
-            f"its sequence length (dim {time_axis} of input '{x.name}', shape {shape}) is not static; "
-            "fix the model's symbolic input dims with --input-shape NAME:D1,D2,... so it can be unrolled"
-        )
+        raise _Refused(_length_unknown(x, time_axis))
 
     wv, rv, bv, pv = const_value(w), const_value(r), const_value(bias) if present(bias) else None, None
     if present(peep):
