@@ -52,8 +52,8 @@ class UnrollLoops(Pass):
         if not has_ops(graph.graph, LOOP_OPS):
             self.note("unrolled", 0)
             return graph
-        if not graph.graph.value_info:
-            graph = graph.infer_shapes()
+        # Scan lengths come from inferred shapes (fresh: earlier passes may have left them stale).
+        graph = graph.infer_shapes()
         refused: list[str] = []
         limit = self.opts.max_iterations
 

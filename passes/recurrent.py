@@ -54,9 +54,9 @@ class LowerRecurrent(Pass):
         if not has_ops(graph.graph, RECURRENT_OPS):
             self.note("rewritten", 0)
             return graph
-        # X's sequence length comes from inferred shapes; infer them if the graph has none yet.
-        if not graph.graph.value_info:
-            graph = graph.infer_shapes()
+        # X's sequence length comes from inferred shapes (fresh: earlier passes may have left them stale).
+        # The unrolled graph re-checks it at run time, so a wrongly inferred length cannot go unnoticed.
+        graph = graph.infer_shapes()
         refused: list[str] = []
 
         def rewrite(g: gs.Graph, namer: Namer) -> int:

@@ -168,6 +168,17 @@ def test_scan_directions_and_axes(in_dir, out_dir, in_axis, out_axis):
     assert_same(*scan_model(in_dir, out_dir, in_axis, out_axis))
 
 
+def test_scan_old_opset_and_wrong_length_caught_at_run_time():
+    m, feeds = scan_model(1, 1, 0, 0, opset=11)
+    lowered = assert_same(m, feeds)
+    # Were the inferred length wrong, the unrolled graph must fail rather than silently drop steps:
+    # declare x's length symbolic (as a wrong inference would leave it) and feed a longer x.
+    lowered.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "n"
+    del lowered.graph.value_info[:]
+    with pytest.raises(Exception, match="split"):
+        ort_run(lowered, {"s0": feeds["s0"], "x": np.concatenate([feeds["x"], feeds["x"]])})
+
+
 def test_scan_symbolic_length_is_refused_with_hint():
     m, _ = scan_model()
     m.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "n"
