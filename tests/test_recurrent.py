@@ -333,3 +333,19 @@ def test_ddddocr_lowers_through_tvm_and_verifies(real_model, tmp_path):
     res = graphopt.lower(tmp_path / "folded.onnx", "cpu", tmp_path / "art", pipeline="lower-recurrent", verify=True,
                          data=graphopt.DataSource(tmp_path / "x.npz"))
     assert res.verification.ok and res.verification.max_abs < 1e-4
+
+
+@pytest.mark.slow
+def test_tashkeel_lowers_through_tvm_and_verifies(real_model, tmp_path):
+    # cleanup runs before the unrolling only: today's cleanup is quadratic on the ~20,000 unrolled nodes.
+    path = cached_model(real_model, "tashkeel")
+    np.savez(tmp_path / "x.npz", **tashkeel_feeds())
+    res = graphopt.lower(path, "cpu", tmp_path / "art", pipeline="cleanup,lower-recurrent", verify=True,
+                         input_shapes=TASHKEEL_SHAPES, data=graphopt.DataSource(tmp_path / "x.npz"))
+    assert res.verification.ok and res.verification.max_abs < 1e-4
+
+
+def test_unrolling_is_deterministic():
+    model, _ = rnn_model("LSTM", direction="bidirectional", seq_lens=[1, 2, 3], init_h=True, peep=True)
+    a, b = unroll(model), unroll(model)
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
