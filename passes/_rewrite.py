@@ -122,9 +122,18 @@ def rewrite_with_gs(graph: Graph, rewrite: Callable[[gs.Graph, "Namer"], int]) -
     if not count:
         return graph, 0
     out = gs.export_onnx(g, do_type_check=False)
-    # Keep what the export would otherwise rebuild or drop: model-level fields are the input's.
+    # Model-level fields (ir_version, opset imports, functions, metadata...) are the input's, not the
+    # exporter's rebuild; copied field by field so the input's graph and weights are not copied in vain.
     new = onnx.ModelProto()
-    new.CopyFrom(model)
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if field.is_repeated:
+            getattr(new, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(new, field.name).CopyFrom(value)
+        else:
+            setattr(new, field.name, value)
     new.graph.CopyFrom(out.graph)
     return Graph(new, graph.source), count
 

@@ -349,3 +349,17 @@ def test_unrolling_is_deterministic():
     model, _ = rnn_model("LSTM", direction="bidirectional", seq_lens=[1, 2, 3], init_h=True, peep=True)
     a, b = unroll(model), unroll(model)
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+def test_model_level_fields_are_kept():
+    model, _ = rnn_model("GRU", opset=15)
+    model.ir_version = 7
+    model.producer_name = "someone"
+    onnx.helper.set_model_props(model, {"author": "x"})
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    model.functions.append(helper.make_function("com.example", "F", ["a"], ["b"],
+                                                [helper.make_node("Neg", ["a"], ["b"])], [helper.make_opsetid("", 15)]))
+    out = unroll(model)
+    assert out.ir_version == 7 and out.producer_name == "someone"
+    assert {(o.domain, o.version) for o in out.opset_import} == {("", 15), ("com.example", 1)}
+    assert [p.key for p in out.metadata_props] == ["author"] and [f.name for f in out.functions] == ["F"]
