@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import LoweringError
 from graphopt.graph import Graph
+from graphopt.options import Option
 from graphopt.passbase import Pass, PassContext
 
 from ._rewrite import Builder, Namer, bind_output, const_value, detach, has_ops, rewrite_with_gs, static_dim
@@ -41,14 +42,19 @@ class LowerRecurrent(Pass):
     ``If``/``Loop``/``Scan`` bodies are rewritten too.
 
     The sequence length must be a known dim of X (fix symbolic input dims with
-    ``--input-shape``); the unrolled graph checks it at run time (a Split with
-    one piece per step fails if the real length differs). Activations other
-    than Sigmoid, Tanh and Relu are refused, naming the node. Everything else
+    ``--input-shape``) and at most ``max_steps``; the unrolled graph checks it
+    at run time (a Split with one piece per step fails if the real length
+    differs). Activations other than Sigmoid, Tanh and Relu are refused,
+    naming the node; all refusals are listed in one error. Everything else
     in the graph is left alone; a graph without these ops is returned as is.
     """
 
     name = "lower-recurrent"
     lossless = True
+    options = (
+        Option("max_steps", int, 2048, "refuse nodes whose sequence is longer than this (each step adds ~15 nodes)",
+               min=1),
+    )
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if not has_ops(graph.graph, RECURRENT_OPS):
@@ -63,7 +69,7 @@ class LowerRecurrent(Pass):
             n = 0
             for node in [x for x in g.nodes if x.op in RECURRENT_OPS and (x.domain or "") in ("", "ai.onnx")]:
                 try:
-                    _unroll(g, node, namer)
+                    _unroll(g, node, namer, self.opts.max_steps)
                     n += 1
                     log.debug("lower-recurrent: unrolled %s '%s'", node.op, node.name)
                 except _Refused as e:
@@ -97,7 +103,7 @@ def _direction_count(direction: str) -> int:
     return 2 if direction == "bidirectional" else 1
 
 
-def _unroll(g: gs.Graph, node: gs.Node, namer: Namer) -> None:
+def _unroll(g: gs.Graph, node: gs.Node, namer: Namer, max_steps: int) -> None:
     op = node.op
     attrs = node.attrs
     gates = _GATES[op]
@@ -141,6 +147,8 @@ def _unroll(g: gs.Graph, node: gs.Node, namer: Namer) -> None:
     steps = static_dim(x, time_axis)
     if steps is None:
         raise _Refused(_length_unknown(x, time_axis))
+    if steps > max_steps:
+        raise _Refused(f"its sequence length {steps} is over lower-recurrent(max_steps={max_steps})")
 
     wv, rv, bv, pv = const_value(w), const_value(r), const_value(bias) if present(bias) else None, None
     if present(peep):

@@ -181,6 +181,12 @@ def test_symbolic_sequence_length_names_node_and_input_shape():
         unroll(model)
 
 
+def test_sequence_longer_than_max_steps_is_refused():
+    model, _ = rnn_model("GRU", t=9)
+    with pytest.raises(LoweringError, match=r"GRU 'gru_0'.*length 9 is over lower-recurrent\(max_steps=8\)"):
+        LowerRecurrent(max_steps=8).run(Graph(model), PassContext())
+
+
 def test_no_recurrent_ops_is_a_cheap_no_op(mlp_onnx):
     g = Graph.load(mlp_onnx)
     assert LowerRecurrent().run(g, PassContext()) is g
