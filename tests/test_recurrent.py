@@ -369,3 +369,18 @@ def test_model_level_fields_are_kept():
     assert out.ir_version == 7 and out.producer_name == "someone"
     assert {(o.domain, o.version) for o in out.opset_import} == {("", 15), ("com.example", 1)}
     assert [p.key for p in out.metadata_props] == ["author"] and [f.name for f in out.functions] == ["F"]
+
+
+def test_cli_symbolic_length_exits_2_with_one_line_naming_node_and_fix(tmp_path, capsys):
+    from graphopt import cli
+
+    model, _ = rnn_model("LSTM", x_shape=["seq", B, I], t=1)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    before = src.read_bytes()
+    code = cli.main(["lower", str(src), "-o", str(tmp_path / "art")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "LSTM 'lstm_0'" in err and "--input-shape" in err
+    assert not (tmp_path / "art").exists() and src.read_bytes() == before
