@@ -33,8 +33,9 @@ from .reference import Comparison, compare_outputs
 from .stats import graph_stats
 from .target import LowerContext, Target
 
-#: What `graphopt lower` runs when no pipeline is given: every lossless clean-up.
-DEFAULT_LOWER_PIPELINE = "cleanup,fold-batchnorm,cleanup"
+#: What `graphopt lower` runs when no pipeline is given: every lossless clean-up, plus the rewrites of
+#: Loop/Scan and LSTM/GRU/RNN into ops TVM imports (no-ops on graphs without them).
+DEFAULT_LOWER_PIPELINE = "cleanup,unroll-loops,lower-recurrent,fold-batchnorm,cleanup"
 
 #: Inside an artifact's temporary folder: where TVM and the C compiler keep their temporary files.
 SCRATCH_DIR = ".scratch"

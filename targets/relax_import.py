@@ -28,27 +28,86 @@ _PARAM_KINDS = "fc"  # float and complex tensors; integer tensors are usually sh
 
 
 def unsupported_ops(graph: Graph) -> dict[str, list[str]]:
-    """``{op: [node names]}`` for every node TVM's ONNX importer cannot convert."""
+    """``{op: [node names]}`` for every node TVM's ONNX importer cannot convert (subgraphs included)."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     known = set(_get_convert_map()) | {"Constant", "If"}
     missing: dict[str, list[str]] = {}
-    for i, node in enumerate(graph.graph.node):
-        domain = node.domain if node.domain not in ("", "ai.onnx") else ""
-        if domain or node.op_type not in known:
-            op = f"{domain}.{node.op_type}" if domain else node.op_type
-            missing.setdefault(op, []).append(node.name or f"#{i}")
+
+    def walk(g: onnx.GraphProto) -> None:
+        for i, node in enumerate(g.node):
+            domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+            if domain or node.op_type not in known:
+                op = f"{domain}.{node.op_type}" if domain else node.op_type
+                missing.setdefault(op, []).append(node.name or f"#{i}")
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(graph.graph)
     return missing
 
 
+#: Standard ONNX ops TVM's importer lacks that a built-in pass rewrites into ops it has.
+REWRITING_PASS = {"LSTM": "lower-recurrent", "GRU": "lower-recurrent", "RNN": "lower-recurrent",
+                  "Loop": "unroll-loops", "Scan": "unroll-loops"}
+
+
+def _is_standard(op: str) -> bool:
+    """Whether ``op`` (``Name`` or ``domain.Name``) is an operator of the ONNX standard (ai.onnx, ai.onnx.ml)."""
+    domain, _, name = op.rpartition(".")
+    if domain not in ("", "ai.onnx", "ai.onnx.ml"):
+        return False
+    try:
+        return onnx.defs.has(name, domain)
+    except Exception:  # pragma: no cover - defensive: an odd name must not hide the real error
+        return False
+
+
 def raise_if_unsupported(graph: Graph, target: str) -> None:
+    """Refuse a graph with ops the importer cannot convert, listing every op and its nodes at once.
+
+    Standard ONNX ops are named as such (TVM's importer has no converter for
+    them) with the built-in pass that rewrites them, where one exists;
+    ops of other domains (``com.microsoft``...) are named as non-standard.
+    """
     missing = unsupported_ops(graph)
     if not missing:
         return
-    listing = "; ".join(f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for op, names in sorted(missing.items()))
+
+    standard = sorted(op for op in missing if _is_standard(op))
+    custom = sorted(op for op in missing if op not in standard)
+    advice = []
+    rewritable = [op for op in standard if op in REWRITING_PASS]
+    if rewritable:
+        by_pass: dict[str, list[str]] = {}
+        for op in rewritable:
+            by_pass.setdefault(REWRITING_PASS[op], []).append(op)
+        advice.append(
+            f"{', '.join(rewritable)} {'is a standard ONNX op' if len(rewritable) == 1 else 'are standard ONNX ops'} "
+            "that TVM's importer has no converter for: run "
+            + ", ".join(f"the pass '{p}' ({'/'.join(ops)})" for p, ops in sorted(by_pass.items()))
+            + " before lowering (the default lower pipeline does)"
+        )
+    others = [op for op in standard if op not in REWRITING_PASS]
+    if others:
+        advice.append(
+            f"{', '.join(others)} {'is a standard ONNX op' if len(others) == 1 else 'are standard ONNX ops'} "
+            "that TVM's importer has no converter for, and no built-in pass rewrites yet: rewrite with a plugin pass"
+        )
+    if custom:
+        advice.append(
+            f"{', '.join(custom)} {'is not a standard ONNX op' if len(custom) == 1 else 'are not standard ONNX ops'}: "
+            "rewrite with a pass, or export the model with standard ONNX ops"
+        )
+    listing = "; ".join(
+        f"{op} (nodes: {', '.join(missing[op][:5])}{', ...' if len(missing[op]) > 5 else ''})" for op in sorted(missing)
+    )
     raise UnsupportedOpsError(
         f"{graph.source or 'model'}: target '{target}' cannot lower {sum(map(len, missing.values()))} node(s): "
-        f"{listing}. Rewrite these ops with a pass, or export the model with standard ONNX ops",
+        f"{listing}. " + ". ".join(advice),
         missing,
     )
 
