@@ -89,6 +89,7 @@ def optimize(
     *,
     output: str | os.PathLike | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
     data: DataSource | None = None,
     verify: bool = True,
     dump_after: Sequence[str] = (),
@@ -102,7 +103,7 @@ def optimize(
     """Run a pass pipeline over a model; optionally save the result and a JSON report."""
     registry = registry or get_registry()
     pipe = _as_pipeline(pipeline, "cleanup", registry)
-    graph = _as_graph(model).with_input_shapes(input_shapes or {})
+    graph = _as_graph(model).with_input_shapes(input_shapes or {}).with_input_values(input_values or {})
     ctx = PassContext(
         data=data or DataSource(), verify=verify, dump_after=tuple(dump_after), dump_dir=str(dump_dir),
         progress=progress, atol=atol, rtol=rtol,
@@ -130,6 +131,7 @@ def lower(
     pipeline: Pipeline | str | None = None,
     target_options: Mapping[str, Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
     data: DataSource | None = None,
     verify: bool = False,
     verify_passes: bool = True,
@@ -154,7 +156,7 @@ def lower(
         raise OptionError(f"{output}: exists and is not a graphopt artifact; choose another -o or remove it")
     progress = progress or Progress(enabled=False)
     data = data or DataSource()
-    original = _as_graph(model).with_input_shapes(input_shapes or {})
+    original = _as_graph(model).with_input_shapes(input_shapes or {}).with_input_values(input_values or {})
     ctx = PassContext(data=data, verify=verify_passes, dump_after=tuple(dump_after),
                       dump_dir=str(output.parent), progress=progress, atol=atol, rtol=rtol)
     graph, records = PassManager(pipe, ctx, registry).run(original)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from graphopt.ir import GraphSurgeonPass
 from graphopt.options import Option
 
-from .dedup_initializers import dedup_initializers
-from .eliminate_dead import constant_names, eliminate_dead
-from .eliminate_identity import eliminate_identity
-from .fold_constants import FoldStats, fold, report
+from .dedup_initializers import DedupInitializers, dedup_initializers
+from .eliminate_dead import EliminateDead, constant_names, eliminate_dead
+from .eliminate_identity import EliminateIdentity, eliminate_identity
+from .fold_constants import FoldConstants, FoldStats, fold, report
+
+# The single passes used to live here; importing them from this module keeps working.
+__all__ = ["Cleanup", "DedupInitializers", "EliminateDead", "EliminateIdentity", "FoldConstants"]
 
 
 class Cleanup(GraphSurgeonPass):

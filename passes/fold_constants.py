@@ -40,6 +40,7 @@ class FoldStats:
     shape_proof: str | None = None
     proven: dict = field(default_factory=dict)
     attempted: set = field(default_factory=set)
+    edited_since_proof: bool = False
 
 
 def _nbytes(t: gs.Constant) -> int:
@@ -149,11 +150,12 @@ def proven_shapes(ir: IR, ctx, names: set[str]) -> tuple[dict[str, tuple[int, ..
     for o in model.graph.output:
         o.type.tensor_type.ClearField("shape")
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        # No data propagation: ONNX materializes values for it (GBs on a hostile ConstantOfShape).
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=False)
     except Exception as e:
         return {}, f"shape inference failed: {type(e).__name__}"
     static: dict[str, tuple[int, ...]] = {}
-    for vi in inferred.graph.value_info:
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         if vi.name in names and vi.type.tensor_type.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
             if all(d is not None for d in dims):
@@ -215,6 +217,9 @@ def fold(ir: IR, ctx, *, cap_bytes: float, rounds: int, stats: FoldStats) -> Non
     for _ in range(rounds):
         if not _sweep(ir, ctx, cap_bytes, stats):
             break
+    # Report only the shapes still unproven at the end (earlier sweeps may have settled some).
+    stats.unproven_shapes = {n.inputs[0].name for n in ir.g.nodes if n.op in ("Shape", "Size") and n.inputs
+                             and not isinstance(n.inputs[0], gs.Constant)}
 
 
 def _sweep(ir: IR, ctx, cap: float, stats: FoldStats) -> bool:
@@ -227,20 +232,24 @@ def _sweep(ir: IR, ctx, cap: float, stats: FoldStats) -> bool:
     # Prove intermediate shapes before this sweep edits anything (the proof runs an exported copy).
     wanted = {n.inputs[0].name for n in g.nodes if n.op in ("Shape", "Size") and n.inputs
               and isinstance(n.inputs[0], gs.Variable) and _known_shape(n.inputs[0], g, {}) is None}
-    if wanted - stats.attempted:
+    # Retry names inference could not settle once edits (inlined branches, folded shapes) may have settled them.
+    if wanted - stats.attempted or (stats.edited_since_proof and wanted - set(stats.proven)):
         stats.attempted |= wanted
+        stats.edited_since_proof = False
         found, why = proven_shapes(ir, ctx, wanted)
         stats.proven.update(found)
         stats.shape_proof = why or stats.shape_proof
     for node in list(g.nodes):
-        if (node.domain or "") not in ("", "ai.onnx") or any(id(t) in outs for t in node.outputs):
+        if (node.domain or "") not in ("", "ai.onnx"):
             continue
         op = node.op
-        if op == "If":
+        if op == "If":  # inlined even when it writes graph outputs: the branch's producers take the names
             if isinstance(node.inputs[0], gs.Constant) and node.inputs[0]._values.nbytes > 0:
                 replaced[id(node)] = _inline_if(node)
                 stats.inlined_ifs += 1
                 log.debug("fold-constants: inlined %s", label(node))
+            continue
+        if any(id(t) in outs for t in node.outputs):
             continue
         if op in _NOT_FOLDABLE or subgraphs(node):
             continue
@@ -252,7 +261,6 @@ def _sweep(ir: IR, ctx, cap: float, stats: FoldStats) -> bool:
             src = node.inputs[0]
             shape = _known_shape(src, g, stats.proven)
             if shape is None:
-                stats.unproven_shapes.add(src.name)
                 continue
             if op == "Size":
                 vals = [np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)]
@@ -289,6 +297,7 @@ def _sweep(ir: IR, ctx, cap: float, stats: FoldStats) -> bool:
         log.debug("fold-constants: folded %s", label(node))
     if not dead and not replaced:
         return False
+    stats.edited_since_proof = True
     drop_nodes(g, dead)
     if replaced:
         new = []
