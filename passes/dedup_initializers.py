@@ -6,6 +6,7 @@ import hashlib
 import logging
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -17,6 +18,10 @@ log = logging.getLogger("graphopt.passes.dedup_initializers")
 def _digest(t: gs.Constant) -> str:
     """sha256 of a constant's bytes, read from its TensorProto when it has raw data (no numpy copy)."""
     v = t._values
+    if isinstance(v, LazyValues) and v.tensor.data_location == onnx.TensorProto.EXTERNAL:
+        # Not loaded: only references to the same bytes of the same file count as equal.
+        ref = sorted((e.key, e.value) for e in v.tensor.external_data if e.key != "checksum")
+        return "external:" + hashlib.sha256(repr(ref).encode()).hexdigest()
     if isinstance(v, LazyValues) and v.tensor.HasField("raw_data"):
         return hashlib.sha256(v.tensor.raw_data).hexdigest()
     return hashlib.sha256(np.ascontiguousarray(t.values).tobytes()).hexdigest()

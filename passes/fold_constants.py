@@ -25,6 +25,8 @@ _NOT_FOLDABLE = {
 }
 #: Integer/bool results up to this size always fold: shape arithmetic, even when it grows (Range, Concat).
 SHAPE_ARITH_BYTES = 4096
+#: Results up to this size fold whatever their type (scalars such as a Cast fp16 epsilon): no weight is that small.
+TINY_BYTES = 64
 #: Constant inputs up to this size are handed to per-node shape inference as data (shape operands).
 _DATA_BYTES = 1 << 16
 
@@ -110,23 +112,23 @@ def _evaluate(node: gs.Node, opset: int) -> list[np.ndarray] | None:
     """Run one node on ONNX Runtime with its constant inputs fed; None if ORT refuses it."""
     import onnxruntime as ort
 
-    proto = OnnxExporter.export_node(node)
-    feeds, inputs = {}, []
-    for t in node.inputs:
-        if t.is_empty() or t.name in feeds:
-            continue
-        arr = np.asarray(t.values)
-        feeds[t.name] = arr
-        inputs.append(helper.make_tensor_value_info(t.name, dtype_to_onnx(arr.dtype), list(arr.shape)))
-    outs = [o.name for o in node.outputs if not o.is_empty()]
-    g = helper.make_graph([proto], "fold", inputs, [helper.make_empty_tensor_value_info(o) for o in outs])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = _ir_version(opset)
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
     try:
+        proto = OnnxExporter.export_node(node)
+        feeds, inputs = {}, []
+        for t in node.inputs:
+            if t.is_empty() or t.name in feeds:
+                continue
+            arr = np.asarray(t.values)  # may fail: external data not loaded, dtypes numpy lacks
+            feeds[t.name] = arr
+            inputs.append(helper.make_tensor_value_info(t.name, dtype_to_onnx(arr.dtype), list(arr.shape)))
+        outs = [o.name for o in node.outputs if not o.is_empty()]
+        g = helper.make_graph([proto], "fold", inputs, [helper.make_empty_tensor_value_info(o) for o in outs])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = _ir_version(opset)
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.intra_op_num_threads = 1
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         vals = dict(zip(outs, sess.run(outs, feeds)))
     except Exception:
@@ -149,9 +151,13 @@ def proven_shapes(ir: IR, ctx, names: set[str]) -> tuple[dict[str, tuple[int, ..
     del model.graph.value_info[:]
     for o in model.graph.output:
         o.type.tensor_type.ClearField("shape")
+    # Inference needs the values of small constants (Reshape targets) but only the types of weights:
+    # hand it weights as typed inputs, so it does not serialize them.
+    light = onnx.ModelProto()
+    _light_copy(model, light)
     try:
         # No data propagation: ONNX materializes values for it (GBs on a hostile ConstantOfShape).
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=False)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
     except Exception as e:
         return {}, f"shape inference failed: {type(e).__name__}"
     static: dict[str, tuple[int, ...]] = {}
@@ -178,6 +184,33 @@ def proven_shapes(ir: IR, ctx, names: set[str]) -> tuple[dict[str, tuple[int, ..
     if not seen:
         return {}, "no input samples to confirm shapes"
     return {n: s for n, s in static.items() if all(tuple(obs[n]) == s for obs in seen)}, None
+
+
+def _light_copy(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """Fill ``out`` with ``model`` minus the main graph's large initializers (typed inputs instead)."""
+    for field in ("ir_version", "opset_import", "functions"):
+        if field == "ir_version":
+            out.ir_version = model.ir_version
+        else:
+            getattr(out, field).extend(getattr(model, field))
+    src, dst = model.graph, out.graph
+    dst.name = src.name
+    dst.node.extend(src.node)
+    dst.input.extend(src.input)
+    dst.output.extend(src.output)
+    dst.initializer.extend(t for t in src.initializer if _proto_bytes(t) <= _DATA_BYTES)
+    dst.sparse_initializer.extend(src.sparse_initializer)
+    have = {v.name for v in dst.input}
+    dst.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                     for t in src.initializer if _proto_bytes(t) > _DATA_BYTES and t.name not in have)
+
+
+def _proto_bytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims, dtype=np.int64))
+    try:
+        return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        return n * 8
 
 
 def _known_shape(t: gs.Tensor, g: gs.Graph, proven: dict) -> tuple[int, ...] | None:
@@ -282,7 +315,7 @@ def _sweep(ir: IR, ctx, cap: float, stats: FoldStats) -> bool:
                 continue
             in_bytes = sum(_nbytes(t) for t in {id(t): t for t in ins}.values())
             small_ints = all(ty is None or ty[0].kind in "iub" for ty in types) and sum(sizes) <= SHAPE_ARITH_BYTES
-            if sum(sizes) > in_bytes and not small_ints:
+            if sum(sizes) > in_bytes and not small_ints and sum(sizes) > TINY_BYTES:
                 stats.kept_compressed.add(label(node))
                 continue
             vals = _evaluate(node, opset)
@@ -326,7 +359,7 @@ class FoldConstants(GraphSurgeonPass):
     intermediate value); and any fold that would store more bytes than the
     constants it reads (DequantizeLinear of low-bit weights, Cast of fp16
     weights, Gather over a palette, Expand/Tile/ConstantOfShape), except
-    integer results up to 4 KiB (shape arithmetic).
+    integer results up to 4 KiB (shape arithmetic) and results up to 64 bytes.
     """
 
     name = "fold-constants"
