@@ -150,8 +150,14 @@ def _hoist_outer_initializers(main: onnx.GraphProto, inner_inits: set[str]) -> N
         sg.initializer.extend(copies)
 
 
+# Standard ops that can hold graphs; any other op of the standard domain holds none (a fast path).
+_GRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
+
+
 def subgraphs(node: Node) -> list[gs.Graph]:
     """The graphs held directly in ``node``'s attributes (If branches, Loop/Scan bodies)."""
+    if node.op not in _GRAPH_OPS and not node.domain or not node.attrs:
+        return []
     out = []
     for v in node.attrs.values():
         if isinstance(v, gs.Graph):
@@ -285,6 +291,19 @@ def live_nodes(g: gs.Graph, cache: dict | None = None) -> set[int]:
     return live
 
 
+def _is_sorted(g: gs.Graph, cache: dict) -> bool:
+    """Whether every node of ``g`` comes after the producers (in ``g``) of what it reads. O(n)."""
+    produced_by = {}
+    for i, n in enumerate(g.nodes):
+        for t in n.outputs:
+            produced_by[id(t)] = i
+    for i, n in enumerate(g.nodes):
+        for t in node_reads(n, cache):
+            if produced_by.get(id(t), -1) >= i:
+                return False
+    return True
+
+
 def toposort(root: gs.Graph) -> None:
     """Sort every graph's nodes so producers come first; stable (original order breaks ties).
 
@@ -293,6 +312,8 @@ def toposort(root: gs.Graph) -> None:
     """
     cache: dict = {}
     for g in all_graphs(root):
+        if _is_sorted(g, cache):
+            continue
         nodes = list(g.nodes)
         index = {id(n): i for i, n in enumerate(nodes)}
         producer: dict[int, int] = {}

@@ -175,4 +175,4 @@ def test_cleanup_is_near_linear_on_a_20000_identity_chain():
     res = graphopt.optimize(g, "cleanup", verify=False)
     seconds = time.perf_counter() - t0
     assert ops(res.graph) == ["Relu"]
-    assert seconds < 20, f"cleanup took {seconds:.1f}s on 20k nodes"
+    assert seconds < 30, f"cleanup took {seconds:.1f}s on 20k nodes"
