@@ -39,7 +39,11 @@ from .graph import Graph
 from .passbase import Pass, PassContext
 
 # gs prints its warnings (duplicate node names, ...) to stdout; graphopt reports through its own channels.
+# Below ERROR its messages are dropped before gs formats them: its logger costs ~60 us a call, once per
+# tensor on import (6 s of a 100,000-node import).
 G_LOGGER.severity = G_LOGGER.ERROR
+for _level in ("ultra_verbose", "verbose", "debug", "info", "warning"):
+    setattr(G_LOGGER, _level, lambda *args, **kwargs: None)
 
 Tensor = gs.Tensor
 Node = gs.Node
