@@ -226,3 +226,34 @@ def test_silero_vad_sample_rate_ifs_fold():
     assert "If" not in all_ops(res.graph.graph)
     assert res.records[0].verification["ok"]
     assert [i.name for i in res.graph.graph.input] == ["input", "state"]
+
+
+# name: (input shapes, input values); inputs of the right kind come from graphopt's generator
+# (integer inputs that index an embedding stay in range) except where a value is fixed.
+CORPUS = {
+    "magika": ({"bytes": [1, 2048]}, {}),
+    "ppocr-cls": ({"x": [1, 3, 48, 192]}, {}),
+    "ppocrv4-det": ({"x": [1, 3, 640, 640]}, {}),
+    "ppocrv6-rec": ({"x": [1, 3, 48, 320]}, {}),
+    "orientation": ({"x": [1, 3, 224, 224]}, {}),
+    "ddddocr": ({"input1": [1, 1, 64, 256]}, {}),
+    "ddddocr-old": ({"input1": [1, 1, 64, 256]}, {}),
+    "tashkeel": ({"char_inputs": [1, 64], "diac_inputs": [1, 64], "input_lengths": [1]}, {"input_lengths": [64]}),
+    "silero-vad": ({"input": [1, 512], "state": [2, 1, 128]}, {"sr": 16000}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_lower_pipeline_passes_are_lossless_and_deterministic_on_the_corpus(name):
+    """`lower`'s default passes on each real model: verified on ONNX Runtime, same bytes twice."""
+    path = MODEL_CACHE / f"{name}.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} not downloaded (see shared/MODELS.md)")
+    shapes, values = CORPUS[name]
+    runs = [graphopt.optimize(path, "cleanup,fold-batchnorm,cleanup", input_shapes=shapes, input_values=values)
+            for _ in range(2)]
+    assert all(r.verification["ok"] for r in runs[0].records)
+    assert runs[0].graph.to_bytes() == runs[1].graph.to_bytes()
+    assert runs[0].records[-1].after["nodes"] <= runs[0].records[0].before["nodes"] or name == "silero-vad"
