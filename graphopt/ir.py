@@ -31,8 +31,10 @@ from __future__ import annotations
 import heapq
 from typing import Iterable, Iterator
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .graph import Graph
@@ -348,6 +350,27 @@ def toposort(root: gs.Graph) -> None:
         if order != list(range(len(nodes))):
             g.nodes = [nodes[i] for i in order]
         del index
+
+
+def array(t: gs.Constant) -> np.ndarray:
+    """A constant's value as numpy, without caching it on the tensor.
+
+    ``Constant.values`` replaces the tensor's lazily loaded proto with the
+    array, and export then re-encodes it: a copy of every weight a pass looked
+    at, and a dtype change for types numpy lacks (int4, bfloat16, float8).
+    """
+    v = t._values
+    return v.load() if isinstance(v, LazyValues) else np.asarray(v)
+
+
+def tensor_proto(t: gs.Constant) -> onnx.TensorProto:
+    """A constant as a TensorProto: the original one when it was never loaded (exact dtype, no copy)."""
+    v = t._values
+    if isinstance(v, LazyValues):
+        return v.tensor
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(v), t.name)
 
 
 def label(node: Node) -> str:

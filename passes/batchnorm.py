@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import GraphSurgeonPass, all_graphs, detach, drop_nodes, graph_outputs_of, label
+from graphopt.ir import GraphSurgeonPass, all_graphs, array, detach, drop_nodes, graph_outputs_of, label
 
 log = logging.getLogger("graphopt.passes.batchnorm")
 
@@ -53,10 +53,10 @@ class FoldBatchNorm(GraphSurgeonPass):
     @staticmethod
     def _fold(bn: gs.Node, name: str) -> None:
         prev = bn.inputs[0].inputs[0]
-        gamma, beta, mean, var = (np.asarray(t.values, dtype=np.float64) for t in bn.inputs[1:5])
+        gamma, beta, mean, var = (array(t).astype(np.float64) for t in bn.inputs[1:5])
         scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
         w_t = prev.inputs[1]
-        w = np.asarray(w_t.values)
+        w = array(w_t)
         if prev.op == "Conv":
             out_ch = w.shape[0]
             w_new = w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))
@@ -67,7 +67,7 @@ class FoldBatchNorm(GraphSurgeonPass):
             w_new = w.astype(np.float64) * alpha * (scale[:, None] if trans_b else scale[None, :])
         has_bias = len(prev.inputs) > 2 and not prev.inputs[2].is_empty()
         if has_bias:
-            b = np.asarray(prev.inputs[2].values, dtype=np.float64)
+            b = array(prev.inputs[2]).astype(np.float64)
             if prev.op == "Gemm":
                 b = b * float(prev.attrs.get("beta", 1.0))
             b = np.broadcast_to(b, (out_ch,))

@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.ir import GraphSurgeonPass, graph_outputs_of, replace_uses, subgraphs
+from graphopt.ir import GraphSurgeonPass, array, graph_outputs_of, replace_uses, subgraphs
 
 log = logging.getLogger("graphopt.passes.dedup_initializers")
 
@@ -24,7 +24,7 @@ def _digest(t: gs.Constant) -> str:
         return "external:" + hashlib.sha256(repr(ref).encode()).hexdigest()
     if isinstance(v, LazyValues) and v.tensor.HasField("raw_data"):
         return hashlib.sha256(v.tensor.raw_data).hexdigest()
-    return hashlib.sha256(np.ascontiguousarray(t.values).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array(t)).tobytes()).hexdigest()
 
 
 def dedup_initializers(root: gs.Graph, keep_names: set[str] = frozenset()) -> tuple[int, int]:

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
+from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
 
 from graphopt.graph import Graph
-from graphopt.ir import IR, GraphSurgeonPass, detach, drop_nodes, label, replace_uses, subgraphs, toposort
+from graphopt.ir import (IR, GraphSurgeonPass, array, detach, drop_nodes, label, replace_uses, subgraphs,
+                         tensor_proto, toposort)
 from graphopt.options import Option
 
 log = logging.getLogger("graphopt.passes.fold_constants")
@@ -54,7 +55,11 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     a = node.attrs
     if "value" in a and isinstance(a["value"], gs.Constant):
         v = a["value"]
-        return None if v.dtype is None or np.dtype(v.dtype).kind in "OSU" else np.asarray(v.values)
+        try:
+            arr = array(v)
+        except Exception:
+            return None
+        return None if arr.dtype.kind in "OSU" else arr
     for key, dt in (("value_float", np.float32), ("value_floats", np.float32),
                     ("value_int", np.int64), ("value_ints", np.int64)):
         if key in a:
@@ -82,7 +87,7 @@ def _infer_outputs(node: gs.Node, opset: int) -> list[tuple[np.dtype, tuple[int,
                 continue
             types[t.name] = helper.make_tensor_type_proto(dtype_to_onnx(t.dtype), list(t.shape))
             if _nbytes(t) <= _DATA_BYTES:
-                data[t.name] = numpy_helper.from_array(np.asarray(t.values), t.name)
+                data[t.name] = tensor_proto(t)
         got = onnx.shape_inference.infer_node_outputs(
             schema, proto, types, data, opset_imports=[helper.make_opsetid("", opset)])
     except Exception:
@@ -118,7 +123,7 @@ def _evaluate(node: gs.Node, opset: int) -> list[np.ndarray] | None:
         for t in node.inputs:
             if t.is_empty() or t.name in feeds:
                 continue
-            arr = np.asarray(t.values)  # may fail: external data not loaded, dtypes numpy lacks
+            arr = array(t)  # may fail: external data not loaded, dtypes numpy lacks
             feeds[t.name] = arr
             inputs.append(helper.make_tensor_value_info(t.name, dtype_to_onnx(arr.dtype), list(arr.shape)))
         outs = [o.name for o in node.outputs if not o.is_empty()]
@@ -223,7 +228,7 @@ def _known_shape(t: gs.Tensor, g: gs.Graph, proven: dict) -> tuple[int, ...] | N
 
 def _inline_if(node: gs.Node) -> list[gs.Node]:
     """The nodes replacing an If whose condition is constant: its taken branch, outputs renamed."""
-    cond = np.asarray(node.inputs[0].values).reshape(-1)
+    cond = array(node.inputs[0]).reshape(-1)
     branch = node.attrs["then_branch" if bool(cond[0]) else "else_branch"]
     nodes = list(branch.nodes)
     local = {id(n) for n in nodes}

@@ -176,3 +176,23 @@ def test_cleanup_is_near_linear_on_a_20000_identity_chain():
     seconds = time.perf_counter() - t0
     assert ops(res.graph) == ["Relu"]
     assert seconds < 30, f"cleanup took {seconds:.1f}s on 20k nodes"
+
+
+def test_weights_pass_through_without_a_numpy_round_trip():
+    """int4 and bfloat16 weights (no numpy dtype) keep their exact bytes through cleanup; int4 is not dequantized."""
+    rng = np.random.default_rng(0)
+    q = helper.make_tensor("q", TensorProto.INT4, [8, 8], rng.integers(-8, 8, 64).tolist())
+    bf = helper.make_tensor("bf", TensorProto.BFLOAT16, [8], rng.standard_normal(8).astype(np.float32).tolist())
+    nodes = [helper.make_node("DequantizeLinear", ["q", "scale"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["a"]),
+             helper.make_node("Cast", ["bf"], ["b"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])], [q, bf, init("scale", np.array(0.1, np.float32))],
+                   opset=21)
+    m.ir_version = 10
+    res = graphopt.optimize(graphopt.Graph(m), "cleanup")
+    out = {t.name: t for t in res.graph.graph.initializer}
+    assert out["q"].data_type == TensorProto.INT4 and out["q"].SerializeToString() == q.SerializeToString()
+    assert out["bf"].SerializeToString() == bf.SerializeToString()
+    assert "DequantizeLinear" in ops(res.graph)
+    assert res.graph.model.ir_version == 10
