@@ -360,7 +360,16 @@ def array(t: gs.Constant) -> np.ndarray:
     at, and a dtype change for types numpy lacks (int4, bfloat16, float8).
     """
     v = t._values
+    if not is_loaded(t):
+        # onnx would resolve the location against the current directory, not the model's folder.
+        raise ValueError(f"constant '{t.name}' is external data that is not loaded")
     return v.load() if isinstance(v, LazyValues) else np.asarray(v)
+
+
+def is_loaded(t: gs.Constant) -> bool:
+    """Whether a constant's bytes are in memory (not a reference to an external-data file)."""
+    v = t._values
+    return not (isinstance(v, LazyValues) and v.tensor.data_location == onnx.TensorProto.EXTERNAL)
 
 
 def tensor_proto(t: gs.Constant) -> onnx.TensorProto:

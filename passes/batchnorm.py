@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import GraphSurgeonPass, all_graphs, array, detach, drop_nodes, graph_outputs_of, label
+from graphopt.ir import GraphSurgeonPass, all_graphs, array, detach, drop_nodes, graph_outputs_of, is_loaded, label
 
 log = logging.getLogger("graphopt.passes.batchnorm")
 
@@ -100,6 +100,8 @@ class FoldBatchNorm(GraphSurgeonPass):
             return "training_mode=1"
         if len(bn.inputs) < 5 or not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
             return "scale/bias/mean/var are not constants"
+        if not all(is_loaded(t) for t in bn.inputs[1:5]):
+            return "scale/bias/mean/var are external data that is not loaded"
         x = bn.inputs[0]
         prev = x.inputs[0] if isinstance(x, gs.Variable) and len(x.inputs) == 1 else None
         if prev is None or prev.op not in ("Conv", "Gemm") or (prev.domain or "") not in ("", "ai.onnx"):
@@ -110,6 +112,8 @@ class FoldBatchNorm(GraphSurgeonPass):
             return f"the {prev.op} weight is not a constant"
         if len(prev.inputs) > 2 and not prev.inputs[2].is_empty() and not isinstance(prev.inputs[2], gs.Constant):
             return f"the {prev.op} bias is not a constant"
+        if not all(is_loaded(t) for t in prev.inputs[1:3] if not t.is_empty()):
+            return f"the {prev.op} weights are external data that is not loaded"
         if prev.op == "Gemm":
             w = prev.inputs[1]
             if len(w.shape) != 2:

@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.graph import Graph
 from graphopt.ir import (IR, GraphSurgeonPass, array, detach, drop_nodes, label, replace_uses, subgraphs,
@@ -50,16 +51,16 @@ def _nbytes(t: gs.Constant) -> int:
     return int(t._values.nbytes)
 
 
-def _constant_node_value(node: gs.Node) -> np.ndarray | None:
-    """Value of a Constant node; None for forms left alone (sparse, strings)."""
+def _constant_node_value(node: gs.Node):
+    """Value of a Constant node (its TensorProto kept as is, not decoded); None for sparse and strings."""
     a = node.attrs
     if "value" in a and isinstance(a["value"], gs.Constant):
-        v = a["value"]
-        try:
-            arr = array(v)
-        except Exception:
-            return None
-        return None if arr.dtype.kind in "OSU" else arr
+        v = a["value"]._values
+        if isinstance(v, LazyValues):
+            is_str = v.tensor.data_type == onnx.TensorProto.STRING
+        else:
+            is_str = np.asarray(v).dtype.kind in "OSU"
+        return None if is_str else v
     for key, dt in (("value_float", np.float32), ("value_floats", np.float32),
                     ("value_int", np.int64), ("value_ints", np.int64)):
         if key in a:
@@ -329,7 +330,7 @@ def _sweep(ir: IR, ctx, cap: float, stats: FoldStats) -> bool:
                 continue
         for t, v in zip(node.outputs, vals):
             if not t.is_empty() and v is not None:
-                t.to_constant(np.asarray(v))
+                t.to_constant(v if isinstance(v, LazyValues) else np.asarray(v))
         dead.append(node)
         stats.folded += 1
         log.debug("fold-constants: folded %s", label(node))

@@ -196,3 +196,15 @@ def test_weights_pass_through_without_a_numpy_round_trip():
     assert out["bf"].SerializeToString() == bf.SerializeToString()
     assert "DequantizeLinear" in ops(res.graph)
     assert res.graph.model.ir_version == 10
+
+
+def test_constant_nodes_become_initializers_with_their_exact_bytes():
+    """A bfloat16 weight held in a Constant node (old exporters) becomes an initializer, bytes unchanged."""
+    bf = helper.make_tensor("bfw", TensorProto.BFLOAT16, [4], [0.5, -1.25, 3.0, 0.1])
+    nodes = [helper.make_node("Constant", [], ["w"], value=bf),
+             helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Add", ["x", "wf"], ["y"])]
+    m = make_model(nodes, [vi("x", [4])], [vi("y", [4])])
+    res = graphopt.optimize(graphopt.Graph(m), "fold-constants")
+    w = {t.name: t for t in res.graph.graph.initializer}["w"]
+    assert w.data_type == TensorProto.BFLOAT16
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(w), onnx.numpy_helper.to_array(bf))
