@@ -103,6 +103,7 @@ def optimize(
     *,
     output: str | os.PathLike | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
     data: DataSource | None = None,
     verify: bool = True,
     dump_after: Sequence[str] = (),
@@ -133,7 +134,7 @@ def optimize(
             check_outputs([("output", output), ("report", report), *(("dump", d) for d in dumps)],
                           model_inputs(model, data, pipeline))
             check_dumps(dumps)
-        graph = _as_graph(model).with_input_shapes(input_shapes or {})
+        graph = _as_graph(model).with_input_shapes(input_shapes or {}).with_input_values(input_values or {})
         ctx = PassContext(
             data=data, verify=verify, dump_after=tuple(dump_after), dump_dir=str(dump_dir),
             progress=progress, atol=atol, rtol=rtol,
@@ -159,6 +160,7 @@ def lower(
     pipeline: Pipeline | str | None = None,
     target_options: Mapping[str, Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
     data: DataSource | None = None,
     verify: bool = False,
     verify_passes: bool = True,
@@ -199,7 +201,7 @@ def lower(
                           model_inputs(model, data, pipeline))
             check_dumps(dumps)
         progress = progress or Progress(enabled=False)
-        original = _as_graph(model).with_input_shapes(input_shapes or {})
+        original = _as_graph(model).with_input_shapes(input_shapes or {}).with_input_values(input_values or {})
         ctx = PassContext(data=data, verify=verify_passes, dump_after=tuple(dump_after),
                           dump_dir=str(output.parent), progress=progress, atol=atol, rtol=rtol)
         graph, records = PassManager(pipe, ctx, registry).run(original)

@@ -61,6 +61,9 @@ def _pipeline_args(p: argparse.ArgumentParser, default_help: str) -> None:
     g.add_argument("--pipeline", metavar="FILE.toml", help="pass pipeline from a TOML file")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
                    help="fix a symbolic input's dims, e.g. x:1,3,320,320 (repeatable)")
+    p.add_argument("--input-value", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix an input to a constant (a number or comma list, dtype from the input), "
+                        "e.g. sr=16000, so what depends on it folds (repeatable)")
     p.add_argument("--data", metavar="PATH", help="inputs for calibration/verification: .npz/.npy or a folder of them")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs (default 0)")
     p.add_argument("--report", metavar="FILE.json",
@@ -205,17 +208,19 @@ def _record_lines(records):
 # --------------------------------------------------------------------------- commands
 def cmd_lower(args, out: _Out, debug_log: list) -> int:
     from . import api
-    from .graph import parse_input_shapes
+    from .graph import parse_input_shapes, parse_input_values
     from .outputs import default_artifact_path
 
     with _early_report(args, "lower"):
         target_options = _kv(args.target_opt, "--target-opt")
         input_shapes = parse_input_shapes(args.input_shape)
+        input_values = parse_input_values(args.input_value)
         data = _data(args)
     output = args.output or default_artifact_path(args.model, args.target)
     res = api.lower(
         args.model, args.target, output, pipeline=_pipeline(args),
         target_options=target_options, input_shapes=input_shapes,
+        input_values=input_values,
         data=data, verify=args.verify, verify_passes=not args.no_verify_passes,
         dump_after=args.dump_after, report=args.report, progress=_progress(args), atol=args.atol, rtol=args.rtol,
     )
@@ -232,13 +237,15 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
 
 def cmd_optimize(args, out: _Out, debug_log: list) -> int:
     from . import api
-    from .graph import parse_input_shapes
+    from .graph import parse_input_shapes, parse_input_values
 
     with _early_report(args, "optimize"):
         input_shapes = parse_input_shapes(args.input_shape)
+        input_values = parse_input_values(args.input_value)
         data = _data(args)
     res = api.optimize(
         args.model, _pipeline(args), output=args.output, input_shapes=input_shapes,
+        input_values=input_values,
         data=data, verify=not args.no_verify_passes, dump_after=args.dump_after,
         dump_dir=str(Path(args.output).parent), report=args.report, progress=_progress(args),
         atol=args.atol, rtol=args.rtol,

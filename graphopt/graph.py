@@ -337,6 +337,57 @@ class Graph:
                     d.Clear()
         return g.infer_shapes()
 
+    def with_input_values(self, values: Mapping[str, object]) -> "Graph":
+        """A copy in which each named input is a constant (an initializer) of the given value.
+
+        The dtype is the input's; a value whose element count matches the
+        input's fixed dims takes that shape (a scalar for a rank-0 input).
+        Dependent branches, pads and shapes can then fold. Unknown names, values
+        that do not fit the dtype (fractions or out-of-range numbers for integer
+        inputs) and element counts that do not match are rejected.
+        """
+        if not values:
+            return self
+        g = self.copy()
+        by_name = {v.name: v for v in g.graph.input}
+        specs = {s.name: s for s in self.inputs}
+        valid = ", ".join(specs) or "none"
+        kept = []
+        for name, value in values.items():
+            if name not in specs:
+                raise OptionError(f"--input-value: the model has no input '{name}' (inputs: {valid})")
+            spec = specs[name]
+            if spec.dtype == "unknown":
+                raise OptionError(f"--input-value {name}: the input has no tensor dtype to convert the value to")
+            dtype = np.dtype(spec.dtype)
+            try:
+                raw = np.asarray(value)
+                if dtype.kind in "iu":
+                    if raw.dtype.kind == "f" and not np.all(np.isfinite(raw) & (raw == np.round(raw))):
+                        raise ValueError(f"{name} is an integer input ({dtype}), got {value!r}")
+                    info = np.iinfo(dtype)
+                    if raw.size and (np.min(raw) < info.min or np.max(raw) > info.max):
+                        raise ValueError(f"{value!r} is out of range for {dtype}")
+                elif dtype.kind == "b" and raw.dtype.kind not in "biu":
+                    raise ValueError(f"{name} is a bool input, got {value!r}")
+                arr = raw.astype(dtype)
+            except (TypeError, ValueError) as e:
+                raise OptionError(f"--input-value {name}: {e}") from None
+            if spec.is_static and int(np.prod(spec.shape, dtype=np.int64)) == arr.size:
+                arr = arr.reshape(spec.shape)
+            elif arr.ndim != len(spec.shape) or any(
+                    isinstance(d, int) and d != n for d, n in zip(spec.shape, arr.shape)):
+                raise OptionError(
+                    f"--input-value {name}: the input has shape {list(spec.shape)}, got {arr.size} value(s) "
+                    f"of shape {list(arr.shape)}")
+            g.graph.initializer.append(numpy_helper.from_array(arr, name))
+            kept.append(name)
+        remaining = [v for v in g.graph.input if v.name not in kept]
+        del g.graph.input[:]
+        g.graph.input.extend(remaining)
+        del by_name
+        return g
+
     def __repr__(self) -> str:
         return f"Graph({self.source or 'in-memory'}, nodes={len(self.graph.node)}, opset={self.opset})"
 
@@ -354,4 +405,26 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, list[int]]:
             raise OptionError(f"--input-shape '{spec}': dims must be integers, e.g. {name}:1,3,224,224") from None
         if not out[name]:
             raise OptionError(f"--input-shape '{spec}': no dims given")
+    return out
+
+
+def parse_input_values(specs: Iterable[str]) -> dict[str, np.ndarray]:
+    """Parse ``name=VALUE`` strings (the ``--input-value`` syntax): a number or a comma list."""
+    out: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not text.strip():
+            raise OptionError(f"--input-value '{spec}': expected NAME=VALUE or NAME=V1,V2,... such as sr=16000")
+        items = [t.strip() for t in text.split(",")]
+        try:
+            nums = [int(t) for t in items]
+            arr = np.array(nums if len(nums) > 1 else nums[0])
+        except ValueError:
+            try:
+                nums = [float(t) for t in items]
+            except ValueError:
+                raise OptionError(f"--input-value '{spec}': values must be numbers, e.g. {name}=16000") from None
+            arr = np.array(nums if len(nums) > 1 else nums[0])
+        out[name] = arr
     return out

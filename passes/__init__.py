@@ -1,4 +1,7 @@
-"""Built-in passes; registered through the ``graphopt`` entry point like any plugin."""
+"""Built-in passes; registered through the ``graphopt`` entry point like any plugin.
+
+One pass per module; helpers they share live in :mod:`graphopt.ir`.
+"""
 
 from graphopt.hookspecs import hookimpl
 
@@ -6,7 +9,11 @@ from graphopt.hookspecs import hookimpl
 @hookimpl
 def graphopt_register_passes():
     from .batchnorm import FoldBatchNorm
-    from .cleanup import Cleanup, DedupInitializers, EliminateDead, EliminateIdentity, FoldConstants
+    from .cleanup import Cleanup
+    from .dedup_initializers import DedupInitializers
+    from .eliminate_dead import EliminateDead
+    from .eliminate_identity import EliminateIdentity
+    from .fold_constants import FoldConstants
     from .control_flow import UnrollLoops
     from .recurrent import LowerRecurrent
 

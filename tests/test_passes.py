@@ -59,14 +59,17 @@ def test_fold_constants_leaves_symbolic_shapes_alone():
 
 
 def test_fold_constants_respects_size_cap():
-    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
-             helper.make_node("Add", ["x", "big"], ["y"])]
-    m = make_model(nodes, [vi("x", [512, 1024])], [vi("y", [512, 1024])], [init("shape", np.array([512, 1024], np.int64))])
+    """A 2 MiB folded result (a transposed weight) is left alone under a 1 MiB cap and folded under 4 MiB."""
+    w = np.random.default_rng(0).standard_normal((1024, 512)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["w"], ["big"], perm=[1, 0], name="t"),
+             helper.make_node("MatMul", ["x", "big"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 1024])], [vi("y", [1, 512])], [init("w", w)])
     res = graphopt.optimize(graphopt.Graph(m), "fold-constants(max_mb=1)")
-    assert "ConstantOfShape" in ops(res.graph)
+    assert "Transpose" in ops(res.graph)
     assert res.records[0].details["left_unfolded_too_large"] == ["big"]
     res = graphopt.optimize(graphopt.Graph(m), "fold-constants(max_mb=4)")
-    assert "ConstantOfShape" not in ops(res.graph)
+    assert "Transpose" not in ops(res.graph)
+    np.testing.assert_array_equal(res.graph.array("big"), w.T)
 
 
 def test_eliminate_identity_keeps_input_to_output_copy():
