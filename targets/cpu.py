@@ -19,7 +19,7 @@ from graphopt.graph import Graph
 from graphopt.options import Option
 from graphopt.target import LowerContext, Target
 
-from .relax_import import import_graph, raise_if_unsupported, select_params
+from .relax_import import build_pipeline, import_graph, raise_if_unsupported, select_params
 
 PORTABLE_CPU = {"x86_64": "x86-64-v2", "aarch64": "generic"}
 
@@ -120,7 +120,7 @@ class CpuTarget(Target):
         with step(ctx.progress, f"compile for {mcpu} (llvm)"):
             try:
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
-                    ex = tvm.compile(mod, target=target)
+                    ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline())
                 ex.export_library(str(out_dir / "main.so"))
             except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
