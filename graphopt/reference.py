@@ -16,9 +16,22 @@ from .errors import ModelError
 from .graph import Graph
 
 
+#: Main-graph initializers of at least this many bytes reach ONNX Runtime as separate buffers, not in the protobuf.
+_SEPARATE_BYTES = 1 << 20
+
+
 def reference_session(graph: Graph, threads: int = 0):
-    """An ONNX Runtime CPU session for ``graph`` (all graph optimizations off: a pure reference)."""
+    """An ONNX Runtime CPU session for ``graph`` (all graph optimizations off: a pure reference).
+
+    Large weights (lazy tensors, and inline ones of 1 MiB or more) are not
+    serialized into the protobuf ONNX Runtime parses: the session gets a
+    weight-free skeleton plus the arrays themselves (memory maps for lazy
+    tensors) through ``add_external_initializers``, so models over 2 GiB load
+    and no weight is copied into a protobuf.
+    """
     import onnxruntime as ort
+
+    from .graph import skeleton, tensor_array
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -26,7 +39,16 @@ def reference_session(graph: Graph, threads: int = 0):
     if threads:
         so.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(graph.to_bytes(), so, providers=["CPUExecutionProvider"])
+        model, stubbed = skeleton(graph.model, how="external", min_bytes=_SEPARATE_BYTES)
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor_array(t))) for _, t in stubbed]
+        if stubbed:
+            so.add_external_initializers([t.name for _, t in stubbed], values)
+        sess = ort.InferenceSession(model.SerializeToString(deterministic=True), so,
+                                    providers=["CPUExecutionProvider"])
+        sess._graphopt_weights = values  # ONNX Runtime reads these buffers for the session's lifetime
+        return sess
+    except ModelError:
+        raise
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{graph.source or 'model'}: ONNX Runtime (the reference) cannot load it: {msg}") from e

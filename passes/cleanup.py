@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graphopt.graph import Graph
+from graphopt.graph import Graph, tensor_array
 from graphopt.options import Option
 from graphopt.passbase import Pass, PassContext
 
@@ -272,7 +272,7 @@ class DedupInitializers(Pass):
         for t in gp.initializer:
             if t.name in overridable:
                 continue
-            arr = numpy_helper.to_array(t)
+            arr = tensor_array(t)  # a lazy weight (large model) is read from its file, not from the cwd
             key = (t.data_type, tuple(t.dims), hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
             if key in first:
                 rename_uses(gp, t.name, first[key])

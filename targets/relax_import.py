@@ -63,29 +63,35 @@ def select_params(graph: Graph) -> list[str]:
 
 
 def _importable_model(graph: Graph, params: list[str]) -> onnx.ModelProto:
-    """A copy in which every initializer that is not a param is a Constant node."""
-    g = graph.copy().model
+    """The model the importer sees: params as trailing graph inputs, other initializers as Constant nodes.
+
+    Params are declared as inputs (same name, dtype and shape) rather than
+    handed over as initializers, so the importer never reads or copies a
+    weight: they become parameters of ``main`` after the real inputs, in
+    ``params`` order, which is exactly how the artifact calls it. A lazy tensor
+    (a large model's weight left on disk) is therefore never loaded here.
+    """
+    from graphopt.graph import _copy_fields
+
+    src = graph.model
+    g = onnx.ModelProto()
+    _copy_fields(g, src, skip="graph")
+    _copy_fields(g.graph, src.graph, skip="initializer")
     keep = set(params)
-    consts = []
-    rest = []
-    for t in g.graph.initializer:
-        if t.name in keep:
-            rest.append(t)
-        else:
-            consts.append(onnx.helper.make_node("Constant", [], [t.name], value=t, name=f"graphopt_const_{t.name}"))
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(rest)
-    names = {t.name for t in consts}
+    by_name = {t.name: t for t in src.graph.initializer}
+    consts = [onnx.helper.make_node("Constant", [], [t.name], value=t, name=f"graphopt_const_{t.name}")
+              for t in src.graph.initializer if t.name not in keep]
+    names = {t.name for t in src.graph.initializer}
     kept_inputs = [v for v in g.graph.input if v.name not in names]
     del g.graph.input[:]
     g.graph.input.extend(kept_inputs)
+    for name in params:
+        t = by_name[name]
+        g.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
     nodes = list(g.graph.node)
     del g.graph.node[:]
     g.graph.node.extend(consts + nodes)
     return g
-
-
-
 
 
 def _shape_hint(graph: Graph) -> str:
@@ -120,9 +126,12 @@ def import_graph(graph: Graph, params: list[str]):
         raise LoweringError(f"{graph.source or 'model'}: TVM could not import the graph: {failure}{_shape_hint(graph)}")
     mod, _ = relax.frontend.detach_params(mod)
     n_inputs = len(graph.inputs)
-    got = len(mod["main"].params) - n_inputs
+    main = mod["main"]
+    got = len(main.params) - n_inputs
     if got != len(params):  # pragma: no cover - guards an importer change
         raise LoweringError(f"TVM importer produced {got} weight parameters, expected {len(params)}")
+    # Only the real inputs are checked at call time; weights come from weights.bin (as with initializer params).
+    mod["main"] = main.with_attr("num_input", n_inputs)
     return mod
 
 
