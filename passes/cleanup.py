@@ -273,7 +273,7 @@ class DedupInitializers(Pass):
             if t.name in overridable:
                 continue
             arr = tensor_array(t)  # a lazy weight (large model) is read from its file, not from the cwd
-            key = (t.data_type, tuple(t.dims), hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
+            key = (t.data_type, tuple(t.dims), hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest())
             if key in first:
                 rename_uses(gp, t.name, first[key])
                 drop.add(t.name)

@@ -116,7 +116,8 @@ def test_large_model_reference_stats_and_lowering(tmp_path, lazy_thresholds):
     x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
     got = run_reference(g, [{"x": x}])[0][0]
     want = run_reference(Graph(eager), [{"x": x}])[0][0]
-    np.testing.assert_array_equal(got, want)
+    # ONNX Runtime may pre-pack a constant weight and sum in another order than for a fed one.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     st, st_eager = graph_stats(g), graph_stats(Graph(eager))
     assert (st.params, st.nonzeros, st.flops) == (st_eager.params, st_eager.nonzeros, st_eager.flops)
     assert abs(st.bytes - st_eager.bytes) < 1024
