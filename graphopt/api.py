@@ -9,7 +9,6 @@ failed check leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ def _as_pipeline(pipeline: Pipeline | str | os.PathLike | None, default: str, re
 
 
 def _source_digest(graph: Graph) -> str:
-    return hashlib.sha256(graph.to_bytes()).hexdigest()
+    return graph.digest()
 
 
 def _report(graph_in: Graph, graph_out: Graph, pipeline: Pipeline, records, ctx: PassContext, **extra) -> dict:

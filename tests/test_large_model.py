@@ -160,3 +160,15 @@ def test_model_over_2gib_lowers_and_verifies_within_twice_its_weights(tmp_path):
           f"peak RSS {peak / 2**30:.2f} GiB ({peak / weight_bytes:.2f}x the weights)")
     assert peak < 2.5 * weight_bytes, f"peak RSS {peak / 2**30:.2f} GiB for {weight_bytes / 2**30:.2f} GiB of weights"
     assert (tmp_path / "art" / "weights.bin").stat().st_size >= weight_bytes
+
+
+def test_large_model_artifact_does_not_depend_on_where_the_model_lives(tmp_path, lazy_thresholds):
+    """Lazy tensors point at absolute paths in memory; nothing of that may reach the artifact."""
+    arts = []
+    for where in ("one", "two/deeper"):
+        folder = tmp_path / where
+        folder.mkdir(parents=True)
+        path = _write_matmul_chain(folder, 64, 2)
+        arts.append(graphopt.lower(Graph.load(path), "cpu", tmp_path / f"art-{len(arts)}").artifact)
+    for f in ("main.so", "manifest.json", "model.onnx", "weights.bin"):
+        assert (arts[0] / f).read_bytes() == (arts[1] / f).read_bytes(), f
