@@ -152,7 +152,8 @@ def _stub(t: onnx.TensorProto, how: str) -> onnx.TensorProto:
     return s
 
 
-def skeleton(model: onnx.ModelProto, how: str = "external", min_bytes: int = _STRIP_BYTES) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+def skeleton(model: onnx.ModelProto, how: str = "external",
+             min_bytes: int = _STRIP_BYTES) -> tuple[onnx.ModelProto, list[tuple[int, onnx.TensorProto]]]:
     """A copy of ``model`` whose lazy and large main-graph initializers are stubs (see :func:`_stub`).
 
     Returns the copy and ``(index in graph.initializer, original tensor)`` for
@@ -265,22 +266,24 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     """
     from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
 
-    tensors = [t for t in _get_all_tensors(model) if uses_external_data(t)]
-    total = sum(tensor_nbytes(t) for t in tensors)
+    total = sum(tensor_nbytes(t) for t in _get_all_tensors(model) if uses_external_data(t))
     base = path.parent.resolve()
-    for t in tensors:
-        if total >= LAZY_EXTERNAL_BYTES and tensor_nbytes(t) >= LAZY_TENSOR_BYTES and t.data_type in _PLAIN_TYPES:
-            info = _external_info(t)
-            target = (base / info["location"]).resolve()
-            offset = int(info.get("offset", 0) or 0)
-            if offset + tensor_nbytes(t) > target.stat().st_size:
-                raise ModelError(f"{path}: initializer '{t.name}': its external data end before its "
-                                 f"{tensor_nbytes(t)} bytes")
-            del t.external_data[:]
-            for k, v in (("location", str(target)), ("offset", str(offset)), ("length", str(tensor_nbytes(t)))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-        else:
+    if total >= LAZY_EXTERNAL_BYTES:
+        # Only main-graph initializers stay lazy: Constant attributes and subgraph tensors are read inline.
+        for t in model.graph.initializer:
+            if uses_external_data(t) and tensor_nbytes(t) >= LAZY_TENSOR_BYTES and t.data_type in _PLAIN_TYPES:
+                info = _external_info(t)
+                target = (base / info["location"]).resolve()
+                offset = int(info.get("offset", 0) or 0)
+                if offset + tensor_nbytes(t) > target.stat().st_size:
+                    raise ModelError(f"{path}: initializer '{t.name}': its external data end before its "
+                                     f"{tensor_nbytes(t)} bytes")
+                del t.external_data[:]
+                for k, v in (("location", str(target)), ("offset", str(offset)), ("length", str(tensor_nbytes(t)))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+    for t in _get_all_tensors(model):
+        if uses_external_data(t) and not is_lazy(t):
             load_external_data_for_tensor(t, str(base))
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]
