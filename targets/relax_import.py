@@ -15,6 +15,7 @@ import gc
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from graphopt.errors import LoweringError, UnsupportedOpsError
 from graphopt.graph import Graph
@@ -71,7 +72,7 @@ def _importable_model(graph: Graph, params: list[str]) -> onnx.ModelProto:
     ``params`` order, which is exactly how the artifact calls it. A lazy tensor
     (a large model's weight left on disk) is therefore never loaded here.
     """
-    from graphopt.graph import _copy_fields
+    from graphopt.graph import _copy_fields, is_lazy, tensor_array
 
     src = graph.model
     g = onnx.ModelProto()
@@ -79,7 +80,9 @@ def _importable_model(graph: Graph, params: list[str]) -> onnx.ModelProto:
     _copy_fields(g.graph, src.graph, skip="initializer")
     keep = set(params)
     by_name = {t.name: t for t in src.graph.initializer}
-    consts = [onnx.helper.make_node("Constant", [], [t.name], value=t, name=f"graphopt_const_{t.name}")
+    # A lazy tensor that is not a weight (a large integer table, say) becomes an inline constant.
+    consts = [onnx.helper.make_node("Constant", [], [t.name], name=f"graphopt_const_{t.name}",
+                                    value=numpy_helper.from_array(np.asarray(tensor_array(t)), t.name) if is_lazy(t) else t)
               for t in src.graph.initializer if t.name not in keep]
     names = {t.name for t in src.graph.initializer}
     kept_inputs = [v for v in g.graph.input if v.name not in names]
