@@ -9,7 +9,6 @@ failed check leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -80,7 +79,7 @@ def _opt_str(path) -> str | None:
 
 
 def _source_digest(graph: Graph) -> str:
-    return hashlib.sha256(graph.to_bytes()).hexdigest()
+    return graph.digest()
 
 
 def _report(graph_in: Graph, graph_out: Graph, pipeline: Pipeline, records, ctx: PassContext, **extra) -> dict:

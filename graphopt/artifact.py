@@ -27,7 +27,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .data import Feed, check_feed
 from .errors import ArtifactError
@@ -52,35 +51,50 @@ def sha256_file(path: Path) -> str:
 def write_graph_and_weights(graph: Graph, params: Sequence[str], out_dir: Path) -> list[dict]:
     """Write ``weights.bin`` (the named initializers, in order) and ``model.onnx`` referencing it.
 
+    Weights are streamed to ``weights.bin`` one chunk at a time (a lazy tensor
+    straight from its file), and ``model.onnx`` is the skeleton whose params
+    point into ``weights.bin`` as ONNX external data: no step holds the model
+    with its weights inline, so models over 2 GiB are written the same way.
     Returns the weight index for the manifest: name, dtype, shape, offset, nbytes.
     """
-    g = graph.copy()
-    inits = {t.name: t for t in g.graph.initializer}
+    from .graph import iter_chunks, skeleton
+
+    model, _ = skeleton(graph.model, how="external", min_bytes=1 << 62)  # a copy of the skeleton only
+    del model.graph.initializer[:]
+    wanted = set(params)
+    kept = {t.name: t for t in graph.graph.initializer}
+    order = []
+    for t in graph.graph.initializer:
+        if t.name in wanted:
+            stub = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+            model.graph.initializer.append(stub)
+            order.append((t.name, len(model.graph.initializer) - 1))
+        else:
+            model.graph.initializer.append(t)
+    where = dict(order)
     index = []
     offset = 0
     with open(out_dir / WEIGHTS_FILE, "wb") as f:
         for name in params:
-            t = inits[name]
-            arr = np.ascontiguousarray(numpy_helper.to_array(t))
+            t = kept[name]
             pad = (-offset) % _ALIGN
             f.write(b"\0" * pad)
             offset += pad
-            data = arr.tobytes()
-            f.write(data)
-            index.append(
-                {"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset, "nbytes": len(data)}
-            )
-            # Point the ONNX initializer at the same bytes instead of a second copy.
-            t.ClearField("raw_data")
-            for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-                t.ClearField(fld)
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(len(data)))):
-                e = t.external_data.add()
+            n = 0
+            for chunk in iter_chunks(t):
+                f.write(chunk)
+                n += len(chunk)
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            index.append({"name": name, "dtype": dtype.name, "shape": [int(d) for d in t.dims], "offset": offset,
+                          "nbytes": n})
+            # The ONNX initializer points at the same bytes instead of a second copy.
+            stub = model.graph.initializer[where[name]]
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(n))):
+                e = stub.external_data.add()
                 e.key, e.value = k, v
-            offset += len(data)
-    (out_dir / GRAPH_FILE).write_bytes(g.model.SerializeToString(deterministic=True))
+            offset += n
+    (out_dir / GRAPH_FILE).write_bytes(model.SerializeToString(deterministic=True))
     return index
 
 

@@ -5,6 +5,32 @@ were given: they call :meth:`Graph.copy` (or build a new one) and return it.
 Loading checks a file before trusting it: size caps, a parse that fails
 cleanly, and external-data locations that must stay inside the model's folder
 (checked before a single external byte is read).
+
+Large models (weights on disk)
+------------------------------
+A protobuf cannot exceed 2 GiB, and a model's weights may be far larger. When
+the external data of a loaded model add up to :data:`LAZY_EXTERNAL_BYTES` or
+more, each external tensor of at least :data:`LAZY_TENSOR_BYTES` stays on disk:
+it remains an ``EXTERNAL`` ``TensorProto`` in ``graph.model`` (name, dtype and
+dims as usual, no data) whose ``location`` is the *absolute*, already
+validated path of its file. Such a tensor is **lazy** (:func:`is_lazy`). The
+contract for pass authors and for every consumer of ``graph.model``:
+
+* read tensor values with :meth:`Graph.array` or :func:`tensor_array` (a
+  read-only memory map for a lazy tensor); ``onnx.numpy_helper.to_array`` and
+  onnx-graphsurgeon's ``LazyValues.load`` refuse it (onnx rejects absolute
+  locations), so a pass that forgets this fails loudly instead of reading a
+  file relative to the working directory;
+* a lazy tensor may be renamed, moved or dropped like any other; a new value
+  is an ordinary inline tensor;
+* :meth:`Graph.copy` copies the skeleton only; :meth:`Graph.to_bytes`
+  serializes the skeleton (it raises :class:`ModelError` rather than exceed
+  2 GiB); :meth:`Graph.save` writes large tensors as external data beside the
+  model; :meth:`Graph.infer_shapes` and :meth:`Graph.check` run on a
+  weight-stripped skeleton; the reference runtime and the TVM importer get
+  the weights as memory maps (no copy into one protobuf anywhere).
+
+Smaller models load exactly as before: every tensor inline.
 """
 
 from __future__ import annotations
@@ -25,6 +51,127 @@ from .fsutil import atomic_write_bytes
 MAX_PROTO_BYTES = 2 << 30
 #: Default cap on the sum of external-data bytes a model may reference.
 MAX_EXTERNAL_BYTES = 32 << 30
+#: A loaded model whose external data reach this many bytes keeps its large tensors on disk (lazy).
+LAZY_EXTERNAL_BYTES = 1 << 30
+#: ... each external tensor of at least this many bytes, that is; smaller ones are read inline.
+LAZY_TENSOR_BYTES = 1 << 20
+#: Inline tensors of at least this many bytes leave the skeleton used for shape inference and checks.
+_STRIP_BYTES = 1 << 16
+
+
+#: Element types whose bytes numpy (and ONNX Runtime's numpy bridge) read as they are.
+_PLAIN_TYPES = {getattr(onnx.TensorProto, n) for n in (
+    "FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL")}
+
+
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def is_lazy(t: onnx.TensorProto) -> bool:
+    """True for a tensor whose data stay on disk (see the module docstring)."""
+    return t.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(_external_info(t).get("location", ""))
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of the tensor's values (without reading them)."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    return int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """The values of ``t``: a read-only memory map for a lazy tensor, ``numpy_helper.to_array`` otherwise."""
+    if not is_lazy(t):
+        return numpy_helper.to_array(t)
+    info = _external_info(t)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    if t.data_type not in _PLAIN_TYPES:
+        raise ModelError(f"initializer '{t.name}': lazy tensors of type {dtype} are not supported")
+    shape = tuple(int(d) for d in t.dims)
+    offset = int(info.get("offset", 0) or 0)
+    if int(np.prod(shape, dtype=np.int64)) == 0:
+        return np.zeros(shape, dtype)
+    try:
+        return np.memmap(info["location"], dtype=dtype.newbyteorder("<"), mode="r", offset=offset, shape=shape)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"initializer '{t.name}': cannot map its data in {info['location']}: {e}") from e
+
+
+def iter_chunks(t: onnx.TensorProto, chunk: int = 64 << 20) -> Iterator[bytes]:
+    """The raw little-endian bytes of ``t`` in chunks of at most ``chunk`` bytes, without holding them all.
+
+    For a lazy tensor this streams from its file; for an inline one it serializes once.
+    """
+    if not is_lazy(t):
+        data = np.ascontiguousarray(numpy_helper.to_array(t)).tobytes()
+        for i in range(0, len(data), chunk):
+            yield data[i:i + chunk]
+        return
+    info = _external_info(t)
+    remaining = tensor_nbytes(t)
+    with open(info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0) or 0))
+        while remaining > 0:
+            data = f.read(min(chunk, remaining))
+            if not data:
+                raise ModelError(f"initializer '{t.name}': its data in {info['location']} end early")
+            remaining -= len(data)
+            yield data
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    """Copy every set field of message ``src`` into ``dst`` except the one named ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _stub(t: onnx.TensorProto, how: str) -> onnx.TensorProto:
+    """A data-free stand-in for a large tensor: same name and dtype.
+
+    ``how="external"`` keeps the dims and points at a location that does not exist
+    (enough for shape inference and for ONNX Runtime, which gets the data separately);
+    ``how="empty"`` is an empty inline tensor, for the checker, which would look
+    for the external file.
+    """
+    s = onnx.TensorProto(name=t.name, data_type=t.data_type)
+    if how == "external":
+        s.dims.extend(t.dims)
+        s.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", "graphopt-weights-not-loaded"), ("offset", "0"), ("length", str(tensor_nbytes(t)))):
+            e = s.external_data.add()
+            e.key, e.value = k, v
+    else:
+        s.dims.append(0)
+    return s
+
+
+def skeleton(model: onnx.ModelProto, how: str = "external",
+             min_bytes: int = _STRIP_BYTES) -> tuple[onnx.ModelProto, list[tuple[int, onnx.TensorProto]]]:
+    """A copy of ``model`` whose lazy and large main-graph initializers are stubs (see :func:`_stub`).
+
+    Returns the copy and ``(index in graph.initializer, original tensor)`` for
+    each stubbed tensor. Only the skeleton is copied: a stubbed tensor's data are
+    never touched.
+    """
+    out = onnx.ModelProto()
+    _copy_fields(out, model, skip="graph")
+    _copy_fields(out.graph, model.graph, skip="initializer")
+    stubbed = []
+    for i, t in enumerate(model.graph.initializer):
+        if is_lazy(t) or (t.data_location != onnx.TensorProto.EXTERNAL and t.data_type in _PLAIN_TYPES
+                          and tensor_nbytes(t) >= min_bytes):
+            out.graph.initializer.append(_stub(t, how))
+            stubbed.append((i, t))
+        else:
+            out.graph.initializer.append(t)
+    return out, stubbed
 
 
 @dataclass(frozen=True)
@@ -152,24 +299,40 @@ def _check_external_data(model: onnx.ModelProto, model_path: Path, max_bytes: in
             raise ModelError(f"{model_path}: external data exceeds the {max_bytes} byte cap")
 
 
-def _load_external_data(model: onnx.ModelProto, model_path: Path) -> None:
-    """Read every external tensor of :func:`_all_tensors` into the proto (after :func:`_check_external_data`).
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read external data inline, except that a large model's large tensors stay lazy (on disk).
 
-    ``onnx.load_external_data_for_model`` skips sparse tensors, which ONNX
-    Runtime would then read relative to the current directory; loading them
-    all here means no external location is left for anyone to resolve.
+    Runs after :func:`_check_external_data`, so every location is a checked
+    relative path inside the model's folder.
     """
-    from onnx.external_data_helper import load_external_data_for_tensor
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    base = str(model_path.parent)
-    for desc, tensor in _described_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+    total = sum(tensor_nbytes(t) for t in _all_tensors(model) if uses_external_data(t))
+    base = path.parent.resolve()
+    if total >= LAZY_EXTERNAL_BYTES:
+        # Only main-graph initializers stay lazy: Constant attributes and subgraph tensors are read inline.
+        for t in model.graph.initializer:
+            if uses_external_data(t) and tensor_nbytes(t) >= LAZY_TENSOR_BYTES and t.data_type in _PLAIN_TYPES:
+                info = _external_info(t)
+                target = (base / info["location"]).resolve()
+                offset = int(info.get("offset", 0) or 0)
+                if offset + tensor_nbytes(t) > target.stat().st_size:
+                    raise ModelError(f"{path}: initializer '{t.name}': its external data end before its "
+                                     f"{tensor_nbytes(t)} bytes")
+                del t.external_data[:]
+                for k, v in (("location", str(target)), ("offset", str(offset)), ("length", str(tensor_nbytes(t)))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+    # Everything else is read inline, sparse tensors included: ONNX Runtime would resolve those
+    # against the *current* directory, so no external location may be left for it to resolve.
+    for desc, t in _described_tensors(model):
+        if uses_external_data(t) and not is_lazy(t):
             try:
-                load_external_data_for_tensor(tensor, base)
+                load_external_data_for_tensor(t, str(base))
             except Exception as e:
-                raise ModelError(f"{model_path}: {desc}: cannot read external data: {e}") from e
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+                raise ModelError(f"{path}: {desc}: cannot read external data: {e}") from e
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
 
 
 def _check_has_outputs(model: onnx.ModelProto, where: str) -> None:
@@ -180,7 +343,11 @@ def _check_has_outputs(model: onnx.ModelProto, where: str) -> None:
 
 
 class Graph:
-    """An ONNX model plus where it came from. Treat the wrapped proto as read-only."""
+    """An ONNX model plus where it came from. Treat the wrapped proto as read-only.
+
+    ``graph.model`` may hold lazy tensors (weights left on disk); see the module
+    docstring for how to read them.
+    """
 
     def __init__(self, model: onnx.ModelProto, source: str | None = None):
         self._model = model
@@ -213,29 +380,110 @@ class Graph:
             raise ModelError(f"{path}: not a valid ONNX model (no graph found; truncated or not an .onnx file?)")
         _check_has_outputs(model, str(path))
         _check_external_data(model, path, max_external_bytes)
-        _load_external_data(model, path)
+        try:
+            _load_external_data(model, path)
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"{path}: cannot read external data: {e}") from e
         graph = cls(model, source=str(path))
         graph.check(where=str(path))
         return graph
 
     def check(self, where: str = "model") -> None:
-        """Run the ONNX checker; a failure is a :class:`ModelError` naming ``where``."""
-        if self._model.ByteSize() >= MAX_PROTO_BYTES:
+        """Run the ONNX checker (on the weight-stripped skeleton); a failure is a :class:`ModelError` naming ``where``."""
+        model, _ = skeleton(self._model, how="empty", min_bytes=LAZY_TENSOR_BYTES)
+        if model.ByteSize() >= MAX_PROTO_BYTES:
             return  # the checker cannot take protos this large in memory
         try:
-            onnx.checker.check_model(self._model)
+            onnx.checker.check_model(model)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{where}: invalid ONNX model: {first}") from e
 
     # ----------------------------------------------------------------- saving
     def to_bytes(self) -> bytes:
+        """The model as one protobuf (lazy tensors as references to their files).
+
+        Raises :class:`ModelError` when that would exceed protobuf's 2 GiB limit:
+        :meth:`save` such a model, which writes large tensors as external data.
+        """
+        size = self._model.ByteSize()
+        if size >= MAX_PROTO_BYTES:
+            raise ModelError(f"{self.source or 'model'}: {size} bytes do not fit in one protobuf (2 GiB limit); "
+                             "save it with its weights as external data")
         return self._model.SerializeToString(deterministic=True)
 
+    def digest(self) -> str:
+        """SHA-256 identifying the model's content: the protobuf, and the bytes of every lazy tensor.
+
+        Where a lazy tensor's file lives does not enter it, so the same model gives
+        the same digest from any folder (for a model without lazy tensors it is the
+        SHA-256 of :meth:`to_bytes`).
+        """
+        import hashlib
+
+        if not self.has_lazy_tensors:
+            return hashlib.sha256(self.to_bytes()).hexdigest()
+        model, stubbed = skeleton(self._model, how="external", min_bytes=1 << 62)
+        h = hashlib.sha256(model.SerializeToString(deterministic=True))
+        for _, t in stubbed:
+            for chunk in iter_chunks(t):
+                h.update(chunk)
+        return h.hexdigest()
+
+    @property
+    def has_lazy_tensors(self) -> bool:
+        return any(is_lazy(t) for t in self.graph.initializer)
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model to ``path`` atomically (weights inline; < 2 GiB)."""
+        """Write the model to ``path`` atomically.
+
+        Small models are written as one file with their weights inline. A model with
+        lazy tensors, or one too large for one protobuf, gets its tensors of
+        :data:`LAZY_TENSOR_BYTES` or more written (streamed) to ``<name>.data``
+        beside it as ONNX external data; both files appear only once complete.
+        """
         path = Path(path)
-        atomic_write_bytes(path, self.to_bytes())
+        if not self.has_lazy_tensors and self._model.ByteSize() < MAX_PROTO_BYTES - (64 << 20):
+            atomic_write_bytes(path, self.to_bytes())
+            return path
+        data_path = path.with_name(path.name + ".data")
+        sources = {str(Path(_external_info(t)["location"])) for t in self.graph.initializer if is_lazy(t)}
+        if str(data_path.resolve()) in sources:
+            raise ModelError(f"{path}: saving here would overwrite '{data_path.name}', which holds this model's "
+                             "weights; choose another output path")
+        model, stubbed = skeleton(self._model, how="external", min_bytes=LAZY_TENSOR_BYTES)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_beside(data_path)
+        try:
+            offset = 0
+            with open(tmp, "wb") as f:
+                for i, orig in stubbed:
+                    stub = model.graph.initializer[i]
+                    pad = (-offset) % 64
+                    f.write(b"\0" * pad)
+                    offset += pad
+                    n = 0
+                    for chunk in iter_chunks(orig):
+                        f.write(chunk)
+                        n += len(chunk)
+                    del stub.external_data[:]
+                    for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(n))):
+                        e = stub.external_data.add()
+                        e.key, e.value = k, v
+                    offset += n
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, data_path)
+            try:
+                atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+            except BaseException:
+                data_path.unlink(missing_ok=True)
+                raise
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     # ------------------------------------------------------------- accessors
@@ -248,6 +496,7 @@ class Graph:
         return self._model.graph
 
     def copy(self) -> "Graph":
+        """A deep copy (lazy tensors stay on disk, so only the skeleton is copied for a large model)."""
         m = onnx.ModelProto()
         m.CopyFrom(self._model)
         return Graph(m, self.source)
@@ -273,7 +522,8 @@ class Graph:
         return {t.name: t for t in self.graph.initializer}
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers()[name])
+        """Values of initializer ``name`` (read-only memory map for a lazy tensor)."""
+        return tensor_array(self.initializers()[name])
 
     def value_specs(self) -> dict[str, TensorSpec]:
         """Specs of every typed value: inputs, outputs, value_info and initializers."""
@@ -288,15 +538,26 @@ class Graph:
 
     # -------------------------------------------------------- transformations
     def infer_shapes(self) -> "Graph":
-        """A copy with value_info recomputed (stale entries dropped first)."""
+        """A copy with value_info recomputed (stale entries dropped first).
+
+        Inference runs on a skeleton without the large weights (it needs their
+        dims, not their values), so no model is serialized whole.
+        """
         g = self.copy()
         del g.graph.value_info[:]
+        stripped, _ = skeleton(g.model, how="external")
         try:
-            inferred = onnx.shape_inference.infer_shapes(g.model, strict_mode=False, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=False, data_prop=True)
         except Exception:
             # Shape inference is an aid, not a requirement: some valid models
             # (custom domains, odd opsets) defeat it.
             return g
+        # Put the real tensors back in place of the stubs (shape inference keeps initializer order).
+        inits = list(g.graph.initializer)
+        if len(inferred.graph.initializer) != len(inits):  # pragma: no cover - guards an onnx change
+            return g
+        del inferred.graph.initializer[:]
+        inferred.graph.initializer.extend(inits)
         return Graph(inferred, self.source)
 
     def with_input_shapes(self, shapes: Mapping[str, Iterable[int]]) -> "Graph":
@@ -390,6 +651,18 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"Graph({self.source or 'in-memory'}, nodes={len(self.graph.node)}, opset={self.opset})"
+
+
+def _temp_beside(path: Path) -> str:
+    """A new empty file next to ``path`` (same filesystem, so it can be renamed onto it), mode per umask."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    return tmp
 
 
 def parse_input_shapes(specs: Iterable[str]) -> dict[str, list[int]]:

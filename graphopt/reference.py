@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+import onnx
 
 from .data import Feed
 from .errors import ModelError
@@ -58,12 +59,68 @@ def session_options(threads: int = 0):
     return so
 
 
+#: In a large model, main-graph initializers of at least this many bytes reach ONNX Runtime as fed arrays.
+_FED_BYTES = 1 << 20
+
+
+class _WeightFedSession:
+    """An ONNX Runtime session whose large weights are fed as inputs on every run, from memory maps.
+
+    ONNX Runtime copies every initializer it is given (in the protobuf, from an
+    external-data file or through ``add_external_initializers``) into memory of
+    its own; a CPU input that is a contiguous numpy array it reads in place.
+    Feeding the weights makes a session over a large model cost no anonymous
+    memory for them and lets the operating system page them in and out.
+    Everything else is delegated to the wrapped session; ``get_inputs`` lists
+    the model's own inputs only.
+    """
+
+    def __init__(self, session, weights: dict):
+        self._session = session
+        self._weights = weights
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self._session.run(output_names, {**input_feed, **self._weights}, run_options)
+
+    def get_inputs(self):
+        return [i for i in self._session.get_inputs() if i.name not in self._weights]
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
 def reference_session(graph: Graph, threads: int = 0):
-    """An ONNX Runtime CPU session for ``graph`` (all graph optimizations off: a pure reference)."""
+    """An ONNX Runtime CPU session for ``graph`` (all graph optimizations off: a pure reference).
+
+    A large model (lazy tensors, or a protobuf near 2 GiB) is never serialized
+    whole: ONNX Runtime gets a skeleton in which its large initializers are
+    graph inputs, and the returned session feeds them (memory maps for lazy
+    tensors) on every run (see :class:`_WeightFedSession`). Results are the
+    same model's; only where the weights live differs.
+    """
+    from .graph import MAX_PROTO_BYTES, skeleton, tensor_array
+
     ort = onnxruntime()
     so = session_options(threads)
     try:
-        return ort.InferenceSession(graph.to_bytes(), so, providers=["CPUExecutionProvider"])
+        large = graph.has_lazy_tensors or graph.model.ByteSize() >= MAX_PROTO_BYTES // 2
+        if not large:
+            return ort.InferenceSession(graph.to_bytes(), so, providers=["CPUExecutionProvider"])
+        model, stubbed = skeleton(graph.model, how="external", min_bytes=_FED_BYTES)
+        fed = {t.name for _, t in stubbed}
+        declared = {v.name for v in model.graph.input}
+        kept = [t for t in model.graph.initializer if t.name not in fed]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        for _, t in stubbed:
+            if t.name not in declared:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        weights = {t.name: np.ascontiguousarray(tensor_array(t)) for _, t in stubbed}
+        sess = ort.InferenceSession(model.SerializeToString(deterministic=True), so,
+                                    providers=["CPUExecutionProvider"])
+        return _WeightFedSession(sess, weights)
+    except ModelError:
+        raise
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{graph.source or 'model'}: ONNX Runtime (the reference) cannot load it: {msg}") from e

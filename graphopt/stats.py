@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from onnx import numpy_helper
 
-from .graph import Graph, TensorSpec
+from .graph import Graph, TensorSpec, is_lazy, tensor_array, tensor_nbytes
 
 
 @dataclass
@@ -63,22 +63,38 @@ def _node_flops(node, specs: dict[str, TensorSpec]) -> int:
     return out_numel
 
 
+def _count_nonzero(t) -> tuple[int, int]:
+    """(elements, non-zero elements) of a tensor; a lazy one is read in slices, never whole."""
+    if not is_lazy(t):
+        arr = numpy_helper.to_array(t)
+        return arr.size, int(np.count_nonzero(arr))
+    flat = tensor_array(t).reshape(-1)
+    step = max(1, (64 << 20) // max(flat.itemsize, 1))
+    nz = sum(int(np.count_nonzero(flat[i:i + step])) for i in range(0, flat.size, step))
+    return flat.size, nz
+
+
 def graph_stats(graph: Graph) -> GraphStats:
-    """Count nodes, parameters, serialized bytes, non-zero weights and estimated FLOPs."""
+    """Count nodes, parameters, bytes, non-zero weights and estimated FLOPs.
+
+    ``bytes`` is the model's serialized size with every weight inline: the
+    protobuf plus the data of lazy tensors (see :mod:`graphopt.graph`).
+    """
     g = graph.infer_shapes()
     specs = g.value_specs()
     params = nonzeros = 0
     const_tensors = [a.t for n in graph.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     for t in list(graph.graph.initializer) + const_tensors:
-        arr = numpy_helper.to_array(t)
-        params += arr.size
-        nonzeros += int(np.count_nonzero(arr))
+        n, nz = _count_nonzero(t)
+        params += n
+        nonzeros += nz
     flops = sum(_node_flops(n, specs) for n in g.graph.node)
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph.graph.node)
+    lazy_bytes = sum(tensor_nbytes(t) for t in graph.graph.initializer if is_lazy(t))
     return GraphStats(
         nodes=len(graph.graph.node),
         params=int(params),
-        bytes=int(graph.model.ByteSize()),
+        bytes=int(graph.model.ByteSize()) + lazy_bytes,
         nonzeros=nonzeros,
         flops=int(flops),
         ops=dict(sorted(ops.items())),

@@ -19,7 +19,7 @@ from graphopt.graph import Graph
 from graphopt.options import Option
 from graphopt.target import LowerContext, Target
 
-from .relax_import import import_graph, raise_if_unsupported, select_params
+from .relax_import import build_pipeline, import_graph, raise_if_unsupported, select_params
 
 PORTABLE_CPU = {"x86_64": "x86-64-v2", "aarch64": "generic"}
 
@@ -120,7 +120,7 @@ class CpuTarget(Target):
         with step(ctx.progress, f"compile for {mcpu} (llvm)"):
             try:
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
-                    ex = tvm.compile(mod, target=target)
+                    ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline())
                 ex.export_library(str(out_dir / "main.so"))
             except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -153,7 +153,7 @@ class CpuTarget(Target):
             )
         programs = {}
         dev = tvm.cpu()
-        params = [tvm.runtime.tensor(w, dev) for w in artifact.weights]
+        params = _device_params(artifact, dev)
         for prog in artifact.manifest["programs"]:
             lib = tvm.runtime.load_module(str(artifact.path / prog["library"]))
             vm = relax.VirtualMachine(lib, dev)
@@ -166,6 +166,33 @@ class CpuTarget(Target):
 
             programs[prog["name"]] = run
         return programs
+
+
+def _device_params(artifact, dev) -> list:
+    """The weights as TVM tensors; large ones share the pages of weights.bin instead of being copied.
+
+    A copy-on-write map (``mode="c"``) is writable, which DLPack export needs, yet
+    shares the file's pages until written; the compiled program never writes
+    its parameters. Small weights, or any the zero-copy route refuses, are copied.
+    """
+    import numpy as np
+    import tvm
+
+    from graphopt.artifact import WEIGHTS_FILE
+
+    index = artifact.manifest.get("weights", [])
+    out = []
+    for w, entry in zip(artifact.weights, index):
+        if w.nbytes >= 1 << 20:
+            try:
+                shared = np.memmap(artifact.path / WEIGHTS_FILE, dtype=w.dtype, mode="c",
+                                   offset=int(entry["offset"]), shape=w.shape)
+                out.append(tvm.runtime.from_dlpack(shared))
+                continue
+            except (BufferError, OSError, ValueError, TypeError, RuntimeError):
+                pass
+        out.append(tvm.runtime.tensor(w, dev))
+    return out
 
 
 def _triple() -> str:

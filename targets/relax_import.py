@@ -4,18 +4,18 @@
 - :func:`select_params` picks the initializers that stay weights (function
   parameters read from ``weights.bin``) rather than constants compiled in;
 - :func:`import_graph` runs the importer with those parameters and turns its
-  failures into errors that name the node and say what to do.
+  failures into errors that name the node and say what to do;
+- :func:`build_pipeline` is TVM's default Relax build pipeline plus the one
+  step that makes its output reproducible (see :func:`canonicalize_shape_funcs`).
 """
 
 from __future__ import annotations
 
 import gc
 
-
-
 import numpy as np
 import onnx
-
+from onnx import numpy_helper
 
 from graphopt.errors import LoweringError, UnsupportedOpsError
 from graphopt.graph import Graph
@@ -123,29 +123,37 @@ def select_params(graph: Graph) -> list[str]:
 
 
 def _importable_model(graph: Graph, params: list[str]) -> onnx.ModelProto:
-    """A copy in which every initializer that is not a param is a Constant node."""
-    g = graph.copy().model
+    """The model the importer sees: params as trailing graph inputs, other initializers as Constant nodes.
+
+    Params are declared as inputs (same name, dtype and shape) rather than
+    handed over as initializers, so the importer never reads or copies a
+    weight: they become parameters of ``main`` after the real inputs, in
+    ``params`` order, which is exactly how the artifact calls it. A lazy tensor
+    (a large model's weight left on disk) is therefore never loaded here.
+    """
+    from graphopt.graph import _copy_fields, is_lazy, tensor_array
+
+    src = graph.model
+    g = onnx.ModelProto()
+    _copy_fields(g, src, skip="graph")
+    _copy_fields(g.graph, src.graph, skip="initializer")
     keep = set(params)
-    consts = []
-    rest = []
-    for t in g.graph.initializer:
-        if t.name in keep:
-            rest.append(t)
-        else:
-            consts.append(onnx.helper.make_node("Constant", [], [t.name], value=t, name=f"graphopt_const_{t.name}"))
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(rest)
-    names = {t.name for t in consts}
+    by_name = {t.name: t for t in src.graph.initializer}
+    # A lazy tensor that is not a weight (a large integer table, say) becomes an inline constant.
+    consts = [onnx.helper.make_node("Constant", [], [t.name], name=f"graphopt_const_{t.name}",
+                                    value=numpy_helper.from_array(np.asarray(tensor_array(t)), t.name) if is_lazy(t) else t)
+              for t in src.graph.initializer if t.name not in keep]
+    names = {t.name for t in src.graph.initializer}
     kept_inputs = [v for v in g.graph.input if v.name not in names]
     del g.graph.input[:]
     g.graph.input.extend(kept_inputs)
+    for name in params:
+        t = by_name[name]
+        g.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
     nodes = list(g.graph.node)
     del g.graph.node[:]
     g.graph.node.extend(consts + nodes)
     return g
-
-
-
 
 
 def _shape_hint(graph: Graph) -> str:
@@ -180,9 +188,118 @@ def import_graph(graph: Graph, params: list[str]):
         raise LoweringError(f"{graph.source or 'model'}: TVM could not import the graph: {failure}{_shape_hint(graph)}")
     mod, _ = relax.frontend.detach_params(mod)
     n_inputs = len(graph.inputs)
-    got = len(mod["main"].params) - n_inputs
+    main = mod["main"]
+    got = len(main.params) - n_inputs
     if got != len(params):  # pragma: no cover - guards an importer change
         raise LoweringError(f"TVM importer produced {got} weight parameters, expected {len(params)}")
+    # Only the real inputs are checked at call time; weights come from weights.bin (as with initializer params).
+    mod["main"] = main.with_attr("num_input", n_inputs)
     return mod
 
 
+# ------------------------------------------------------------ reproducible builds
+def _heap_reads(expr, out: list) -> bool:
+    """Collect the BufferLoads of a PrimExpr into ``out``.
+
+    Returns False when ``expr`` holds a node kind this walker does not know, so
+    the caller can stay conservative instead of guessing what it reads.
+    """
+    from tvm import ir
+    from tvm.ir.prim import expr as E
+
+    if isinstance(expr, (E.IntImm, E.FloatImm, E.Var, int, float)):
+        return True
+    if isinstance(expr, ir.expr.TensorLoad):  # what tirx.BufferLoad builds in TVM 0.27
+        out.append(expr)
+        return all(_heap_reads(i, out) for i in expr.indices)
+    if isinstance(expr, (E.BinaryOpExpr, E.CmpExpr, E.LogicalExpr)):
+        return _heap_reads(expr.a, out) and _heap_reads(expr.b, out)
+    if isinstance(expr, E.Not):
+        return _heap_reads(expr.a, out)
+    if isinstance(expr, E.Cast):
+        return _heap_reads(expr.value, out)
+    if isinstance(expr, E.Select):
+        return all(_heap_reads(x, out) for x in (expr.condition, expr.true_value, expr.false_value))
+    if isinstance(expr, ir.Call):  # struct-info shape expressions are pure, calls included
+        return all(_heap_reads(x, out) for x in expr.args)
+    return False
+
+
+def _sorted_stores(body):
+    """``body`` with its shape-heap stores ordered by slot, or None when that could change its meaning.
+
+    Reordering is sound only for a flat sequence of stores into one buffer at
+    distinct constant indices, none of which reads a slot another one writes.
+    """
+    from tvm import tirx
+    from tvm.ir.prim import expr as E
+
+    stmts = list(body.seq) if isinstance(body, tirx.SeqStmt) else None
+    if not stmts or not all(isinstance(s, tirx.BufferStore) for s in stmts):
+        return None
+    buf = stmts[0].buffer
+    slots = []
+    for s in stmts:
+        if not s.buffer.same_as(buf) or len(s.indices) != 1 or not isinstance(s.indices[0], E.IntImm):
+            return None
+        slots.append(int(s.indices[0].value))
+    if len(set(slots)) != len(slots):
+        return None
+    written = set(slots)
+    for s in stmts:
+        reads: list = []
+        if not _heap_reads(s.value, reads):
+            return None
+        for load in reads:  # any buffer: a shape function has only the heap
+            idx = load.indices[0] if len(load.indices) == 1 else None
+            if not isinstance(idx, E.IntImm) or int(idx.value) in written:
+                return None
+    order = sorted(range(len(stmts)), key=slots.__getitem__)
+    if order == list(range(len(stmts))):
+        return body
+    return tirx.SeqStmt([stmts[i] for i in order])
+
+
+def canonicalize_shape_funcs():
+    """A module pass that puts the stores of every symbolic-shape function in slot order.
+
+    Why: TVM's ``VMShapeLower`` emits the shape computations of a dynamic-shape
+    model (``H[k] = H[0] * 16`` ...) in the iteration order of a C++
+    ``unordered_map`` keyed by a hash of the expressions, which for free
+    variables is their address. That order changes from build to build (even in
+    one process), so ``main.so`` did too. The stores of one such function are
+    independent (each reads only slots of variables and writes a distinct
+    computed slot), so ordering them by slot index changes nothing but the bytes.
+    Functions of any other form are left exactly as they are.
+    """
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.CanonicalizeShapeFuncs")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gvar, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            body = _sorted_stores(func.body)
+            if body is not None and not body.same_as(func.body):
+                updates[gvar] = func.with_body(body)
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _pass
+
+
+def build_pipeline():
+    """TVM's default Relax build pipeline, then :func:`canonicalize_shape_funcs`, for ``tvm.compile``.
+
+    ``VMShapeLower`` runs near the end of the default pipeline (only
+    ``AttachGlobalSymbol`` follows it), so canonicalizing after the whole
+    pipeline sees its output unchanged.
+    """
+    import tvm
+    from tvm import relax
+
+    return tvm.transform.Sequential([relax.get_pipeline("default"), canonicalize_shape_funcs()],
+                                    name="graphopt.build_pipeline")

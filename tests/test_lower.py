@@ -60,7 +60,7 @@ def test_cli_lower_and_run_verify_on_exported_onnx(tmp_path, captured, capsys):
 def test_lowering_is_deterministic(tmp_path, mlp_onnx):
     a = graphopt.lower(mlp_onnx, "cpu", tmp_path / "a").artifact
     b = graphopt.lower(mlp_onnx, "cpu", tmp_path / "b").artifact
-    for f in ("manifest.json", "weights.bin", "model.onnx"):
+    for f in ("main.so", "manifest.json", "weights.bin", "model.onnx"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
