@@ -28,7 +28,7 @@ from .outputs import Reporting, check_dumps, check_outputs, default_artifact_pat
 from .passbase import PassContext, PassRecord
 from .pipeline import Pipeline
 from .plugins import Registry, get_registry
-from .reference import Comparison, compare_outputs
+from .reference import check_value_sizes, Comparison, compare_outputs
 from .stats import graph_stats
 from .target import LowerContext, Target
 
@@ -205,6 +205,7 @@ def lower(
                           dump_dir=str(output.parent), progress=progress, atol=atol, rtol=rtol)
         graph, records = PassManager(pipe, ctx, registry).run(original)
         tgt.check(graph)
+        check_value_sizes(graph)  # the importer evaluates constant subgraphs: no unbounded values
         lctx = LowerContext(progress=progress)
         comparison = None
         native = ""

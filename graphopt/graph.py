@@ -544,10 +544,12 @@ class Graph:
         dims, not their values), so no model is serialized whole.
         """
         g = self.copy()
+        # No data propagation: ONNX materializes propagated values without a size cap (ConstantOfShape
+        # of 2^30 elements took 23 GB); shape arithmetic is folded by fold-constants, under its caps.
         del g.graph.value_info[:]
         stripped, _ = skeleton(g.model, how="external")
         try:
-            inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=False, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=False, data_prop=False)
         except Exception:
             # Shape inference is an aid, not a requirement: some valid models
             # (custom domains, odd opsets) defeat it.

@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .graph import Graph
+from .graph import Graph, is_lazy, tensor_array
 from .passbase import Pass, PassContext
 
 # gs prints its warnings (duplicate node names, ...) to stdout; graphopt reports through its own channels.
@@ -361,6 +361,8 @@ def array(t: gs.Constant) -> np.ndarray:
     """
     v = t._values
     if not is_loaded(t):
+        if is_lazy(v.tensor):  # a large model's weight left on disk by Graph.load: a read-only memory map
+            return tensor_array(v.tensor)
         # onnx would resolve the location against the current directory, not the model's folder.
         raise ValueError(f"constant '{t.name}' is external data that is not loaded")
     return v.load() if isinstance(v, LazyValues) else np.asarray(v)

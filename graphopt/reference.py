@@ -7,6 +7,7 @@ Lossless passes, `lower --verify` and `run --verify` all compare through
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -89,6 +90,44 @@ class _WeightFedSession:
         return getattr(self._session, name)
 
 
+#: Largest value (bytes) one reference run may compute; ``GRAPHOPT_MAX_TENSOR_BYTES`` overrides it.
+DEFAULT_MAX_TENSOR_BYTES = 2 << 30
+
+
+def max_tensor_bytes() -> int:
+    raw = os.environ.get("GRAPHOPT_MAX_TENSOR_BYTES", "")
+    try:
+        return int(raw) if raw.strip() else DEFAULT_MAX_TENSOR_BYTES
+    except ValueError:
+        raise ModelError(f"GRAPHOPT_MAX_TENSOR_BYTES='{raw}': expected a number of bytes") from None
+
+
+def check_value_sizes(graph: Graph) -> None:
+    """Refuse a model whose run would compute a value over :func:`max_tensor_bytes`, before running it.
+
+    Sizes come from shape inference (no data propagation, so inference itself
+    allocates nothing big); weights are not counted (they exist already). A
+    199-byte model whose ``ConstantOfShape`` makes 2^30 floats is refused here
+    instead of taking gigabytes in ONNX Runtime. Values whose shape inference
+    cannot fix are not checked.
+    """
+    cap = max_tensor_bytes()
+    inits = {t.name for t in graph.graph.initializer}
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    for name, spec in graph.infer_shapes().value_specs().items():
+        if name in inits or not spec.is_static or spec.dtype == "unknown":
+            continue
+        nbytes = int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+        if nbytes > cap:
+            node = producers.get(name)
+            by = f" (made by {node.op_type} '{node.name or name}')" if node is not None else ""
+            raise ModelError(
+                f"{graph.source or 'model'}: running it computes value '{name}'{by} of {nbytes} bytes, over the "
+                f"{cap} byte cap for one value; if that is really what the model does, raise the cap with "
+                "GRAPHOPT_MAX_TENSOR_BYTES"
+            )
+
+
 def reference_session(graph: Graph, threads: int = 0):
     """An ONNX Runtime CPU session for ``graph`` (all graph optimizations off: a pure reference).
 
@@ -100,6 +139,7 @@ def reference_session(graph: Graph, threads: int = 0):
     """
     from .graph import MAX_PROTO_BYTES, skeleton, tensor_array
 
+    check_value_sizes(graph)
     ort = onnxruntime()
     so = session_options(threads)
     try:

@@ -257,7 +257,8 @@ def test_corpus_model_lowers_and_verifies_or_is_refused(tmp_path, real_model, na
     assert code == 0, captured.err
     doc = json.loads(captured.out)["report"]
     assert doc["verification"]["ok"] is True
-    assert doc["after"]["nodes"] <= doc["before"]["nodes"]
+    # Node counts may grow: recurrent ops and loops are unrolled, If branches inlined.
+    assert not {"LSTM", "GRU", "RNN", "Loop", "Scan"} & set(doc["after"]["ops"])
     assert run_cli("run", out, "--inputs", feeds, "--verify", "--json") == 0
     ran = json.loads(capsys.readouterr().out)
     assert ran["verification"]["ok"] is True
