@@ -66,7 +66,7 @@ class IR:
         inits = {t.name for t in model.graph.initializer}
         self.init_inputs = [v for v in model.graph.input if v.name in inits]
         self._inner_inits = set()
-        for sg in _proto_subgraphs(model.graph):
+        for sg in proto_subgraphs(model.graph):
             self._inner_inits.update(t.name for t in sg.initializer)
             self._inner_inits.update(t.name for t in sg.sparse_initializer)
 
@@ -92,8 +92,12 @@ class IR:
         model.functions.extend(like.functions)
         del model.metadata_props[:]
         model.metadata_props.extend(like.metadata_props)
-        model.producer_name, model.producer_version = like.producer_name, like.producer_version
-        model.doc_string, model.domain, model.model_version = like.doc_string, like.domain, like.model_version
+        # Set where the input sets them, absent where it does not (an empty string would still be serialized).
+        for name in ("producer_name", "producer_version", "doc_string", "domain", "model_version"):
+            if like.HasField(name):
+                setattr(model, name, getattr(like, name))
+            else:
+                model.ClearField(name)
         if like.training_info:
             model.training_info.extend(like.training_info)
         return model
@@ -120,14 +124,14 @@ class GraphSurgeonPass(Pass):
 
 
 # ------------------------------------------------------------------ structure
-def _proto_subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def proto_subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """Every subgraph nested anywhere in ``graph`` (not ``graph`` itself)."""
     for node in graph.node:
         for attr in node.attribute:
             subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
             for sg in subs:
                 yield sg
-                yield from _proto_subgraphs(sg)
+                yield from proto_subgraphs(sg)
 
 
 def _hoist_outer_initializers(main: onnx.GraphProto, inner_inits: set[str]) -> None:
@@ -137,7 +141,7 @@ def _hoist_outer_initializers(main: onnx.GraphProto, inner_inits: set[str]) -> N
     visible in every subgraph; each lands there once.
     """
     have = {t.name for t in main.initializer}
-    for sg in list(_proto_subgraphs(main)):
+    for sg in list(proto_subgraphs(main)):
         keep, move = [], []
         for t in sg.initializer:
             (keep if t.name in inner_inits else move).append(t)
@@ -173,14 +177,38 @@ def subgraphs(node: Node) -> list[gs.Graph]:
     return out
 
 
-def all_graphs(g: gs.Graph) -> Iterator[gs.Graph]:
-    """``g`` and every graph nested in it, outer before inner."""
-    stack = [g]
+def all_graphs(g: gs.Graph, innermost_first: bool = False) -> Iterator[gs.Graph]:
+    """``g`` and every graph nested in it: outer before inner, or with ``innermost_first`` each graph after
+    every graph nested in it (a rewrite that copies bodies then copies rewritten ones).
+
+    Either way siblings come in node order, then attribute order. Iterative (no
+    recursion per nesting level). With ``innermost_first`` a graph's subgraphs
+    are collected when it is first reached, before the graphs inside it are
+    yielded.
+    """
+    stack: list[tuple[gs.Graph, bool]] = [(g, False)]
     while stack:
-        cur = stack.pop()
-        yield cur
+        cur, expanded = stack.pop()
+        if expanded:
+            yield cur
+            continue
+        if not innermost_first:
+            yield cur
+        else:
+            stack.append((cur, True))
         for node in reversed(cur.nodes):
-            stack.extend(reversed(subgraphs(node)))
+            stack.extend((sg, False) for sg in reversed(subgraphs(node)))
+
+
+def has_ops(graph: onnx.GraphProto, ops: set[str]) -> bool:
+    """Whether a node of the standard domain in ``graph`` or any subgraph has an op in ``ops``.
+
+    Works on the proto, so a pass can return its input untouched without importing it.
+    """
+    for g in [graph, *proto_subgraphs(graph)]:
+        if any(n.op_type in ops and n.domain in ("", "ai.onnx") for n in g.node):
+            return True
+    return False
 
 
 def outer_reads(sg: gs.Graph, _cache: dict | None = None) -> list[Tensor]:
