@@ -11,6 +11,11 @@ Contract of the bridge (:class:`IR`):
 * Import does not copy weights: gs wraps each initializer's ``TensorProto`` as
   a lazily loaded value, and export reuses that proto (protobuf copies it once
   into the new model; no numpy round trip, no dtype change).
+* A large model's lazy weights (tensors left on disk, see :mod:`graphopt.graph`)
+  stay lazy: :func:`array` reads them as read-only memory maps, and export
+  writes their EXTERNAL proto back untouched. (gs's ``Constant.values`` reads
+  them too, but caches the map on the tensor, and export then writes the
+  values inline: use :func:`array`.)
 * Export keeps what gs does not own: ``ir_version``, opset imports, model-local
   functions (verbatim), ``metadata_props``, producer, model and graph doc
   strings, domain and model version, and, for old models, initializers that
@@ -29,6 +34,7 @@ see subgraphs.
 from __future__ import annotations
 
 import heapq
+import itertools
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -37,7 +43,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .graph import Graph
+from .graph import Graph, is_lazy, tensor_array
 from .passbase import Pass, PassContext
 
 # gs prints its warnings (duplicate node names, ...) to stdout; graphopt reports through its own channels.
@@ -63,6 +69,8 @@ class IR:
         self.like = model
         self.source = graph.source
         self.g: gs.Graph = gs.import_onnx(model)
+        if any(is_lazy(t) for t in model.graph.initializer):
+            _wrap_disk_values(self.g)
         inits = {t.name for t in model.graph.initializer}
         self.init_inputs = [v for v in model.graph.input if v.name in inits]
         self._inner_inits = set()
@@ -104,6 +112,28 @@ class IR:
 
     def to_graph(self) -> Graph:
         return Graph(self.to_model(), self.source)
+
+
+class DiskValues(LazyValues):
+    """gs's lazily loaded values for a lazy tensor: ``load`` maps its file instead of failing.
+
+    gs's own ``load`` calls ``numpy_helper.to_array``, which refuses the
+    absolute location of a lazy tensor; this one returns a read-only memory
+    map (:func:`graphopt.graph.tensor_array`). Being a ``LazyValues``, export
+    reuses the EXTERNAL proto, so the weight stays on disk.
+    """
+
+    def load(self) -> np.ndarray:
+        return np.asarray(tensor_array(self.tensor))
+
+
+def _wrap_disk_values(root: gs.Graph) -> None:
+    """Give every constant holding a lazy tensor (read at any depth) :class:`DiskValues`."""
+    for g in all_graphs(root):
+        for t in [t for n in g.nodes for t in n.inputs] + list(g.outputs):
+            v = getattr(t, "_values", None)
+            if type(v) is LazyValues and is_lazy(v.tensor):
+                t._values = DiskValues(v.tensor)
 
 
 class GraphSurgeonPass(Pass):
@@ -205,7 +235,7 @@ def has_ops(graph: onnx.GraphProto, ops: set[str]) -> bool:
 
     Works on the proto, so a pass can return its input untouched without importing it.
     """
-    for g in [graph, *proto_subgraphs(graph)]:
+    for g in itertools.chain([graph], proto_subgraphs(graph)):
         if any(n.op_type in ops and n.domain in ("", "ai.onnx") for n in g.node):
             return True
     return False
@@ -386,16 +416,22 @@ def array(t: gs.Constant) -> np.ndarray:
     ``Constant.values`` replaces the tensor's lazily loaded proto with the
     array, and export then re-encodes it: a copy of every weight a pass looked
     at, and a dtype change for types numpy lacks (int4, bfloat16, float8).
+    A lazy tensor (:class:`DiskValues`) reads as a read-only memory map.
+    Raises ``ValueError`` for other external data that is not loaded.
     """
     v = t._values
-    if not is_loaded(t):
+    if not isinstance(v, DiskValues) and not is_loaded(t):
         # onnx would resolve the location against the current directory, not the model's folder.
         raise ValueError(f"constant '{t.name}' is external data that is not loaded")
     return v.load() if isinstance(v, LazyValues) else np.asarray(v)
 
 
 def is_loaded(t: gs.Constant) -> bool:
-    """Whether a constant's bytes are in memory (not a reference to an external-data file)."""
+    """Whether a constant's bytes are in memory (not a reference to an external-data file).
+
+    False for a lazy tensor too: :func:`array` reads it, but from disk, so a
+    pass that would copy whole weights can leave it alone.
+    """
     v = t._values
     return not (isinstance(v, LazyValues) and v.tensor.data_location == onnx.TensorProto.EXTERNAL)
 
