@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import LoweringError
 from graphopt.graph import Graph
-from graphopt.ir import IR, GraphSurgeonPass, has_ops
+from graphopt.ir import IR, GraphSurgeonPass, has_ops, outer_reads
 from graphopt.options import Option
 from graphopt.passbase import PassContext
 
@@ -142,7 +142,11 @@ def _clone_body(b: Builder, body: gs.Graph, mapping: _TensorMap, hint: str) -> _
         attrs = {}
         for k, v in node.attrs.items():
             if isinstance(v, gs.Graph):
-                v = v.copy(tensor_map=mapping.by_name())
+                # gs's copy makes a detached same-name tensor of every outer value its map lacks; graphopt.ir
+                # sees reads by identity, so map each outer read to its tensor in this iteration (or itself).
+                outer = {t.name: mapping.get(t, t) for t in outer_reads(v)}
+                outer.update(mapping.by_name())
+                v = v.copy(tensor_map=outer)
                 _rename_locals(v, namer, hint)
             attrs[k] = v
         new_node = gs.Node(node.op, namer.fresh(f"{hint}/{node.name or node.op}"), attrs, inputs=ins, outputs=outs,
