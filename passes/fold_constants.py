@@ -16,6 +16,7 @@ from graphopt.graph import Graph
 from graphopt.ir import (IR, GraphSurgeonPass, array, detach, drop_nodes, label, replace_uses, subgraphs,
                          tensor_proto, toposort)
 from graphopt.options import Option
+from graphopt.reference import reference_session
 
 log = logging.getLogger("graphopt.passes.fold_constants")
 
@@ -151,8 +152,6 @@ def proven_shapes(ir: IR, ctx, names: set[str]) -> tuple[dict[str, tuple[int, ..
     outputs. A name is proven only when inference and both runs agree. Returns
     (proven shapes, why nothing could be proven or None).
     """
-    import onnxruntime as ort
-
     model = ir.to_model()
     del model.graph.value_info[:]
     for o in model.graph.output:
@@ -179,10 +178,9 @@ def proven_shapes(ir: IR, ctx, names: set[str]) -> tuple[dict[str, tuple[int, ..
     probe = Graph(model)
     try:
         feeds = ctx.data.samples(probe, limit=2)
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        # The reference's session: a large model's lazy weights are fed from memory maps (ONNX Runtime
+        # refuses their absolute external-data locations in a serialized model).
+        sess = reference_session(probe)
         wanted = sorted(static)
         seen = [dict(zip(wanted, (np.shape(v) for v in sess.run(wanted, f)))) for f in feeds]
     except Exception as e:

@@ -254,3 +254,19 @@ def test_cleanup_folds_through_a_lazy_weight_and_leaves_the_others_lazy(tmp_path
     for name in ("W", "R", "Q"):
         assert is_lazy(inits[name]) and inits[name].SerializeToString() == g.initializers()[name].SerializeToString()
     _same_as_onnxruntime(path, out, {"x": np.random.default_rng(5).standard_normal((4, 2, 32)).astype(np.float32)})
+
+
+def test_fold_constants_proves_shapes_on_a_model_with_lazy_weights(tmp_path, lazy_thresholds):
+    """Shape(r) folds once two ONNX Runtime runs confirm r's inferred shape; the runs feed the lazy weight."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Shape", ["r"], ["s"]), helper.make_node("Reshape", ["r", "s"], ["y"])]
+    path = tmp_path / "model.onnx"
+    onnx.save(make_model(nodes, [vi("x", ["n", 64])], [vi("y", ["n", 64])], [w]), path, save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)
+    g = Graph.load(path).with_input_shapes({"x": [2, 64]})
+    assert is_lazy(g.initializers()["w"])
+    res = graphopt.optimize(g, "fold-constants")
+    assert res.records[0].details["folded_nodes"] == 1, res.records[0].details
+    assert "Shape" not in {n.op_type for n in res.graph.graph.node}
+    assert is_lazy({t.name: t for t in res.graph.graph.initializer}["w"])
