@@ -355,41 +355,36 @@ def live_nodes(g: gs.Graph, cache: dict | None = None) -> set[int]:
     return live
 
 
-def _is_sorted(g: gs.Graph, cache: dict) -> bool:
-    """Whether every node of ``g`` comes after the producers (in ``g``) of what it reads. O(n)."""
-    produced_by = {}
-    for i, n in enumerate(g.nodes):
-        for t in n.outputs:
-            produced_by[id(t)] = i
-    for i, n in enumerate(g.nodes):
-        for t in node_reads(n, cache):
-            if produced_by.get(id(t), -1) >= i:
-                return False
-    return True
-
-
 def toposort(root: gs.Graph) -> None:
     """Sort every graph's nodes so producers come first; stable (original order breaks ties).
 
-    Kahn's algorithm, O(n log n); reads by subgraphs count as reads by their
-    node. Nodes in a cycle (invalid input) keep their relative order at the end.
+    Kahn's algorithm, O(n log n), iterative (gs's own toposort recurses once
+    per node of a chain and overflows on unrolled graphs); reads by subgraphs
+    count as reads by their node. One pass over a graph's reads both finds
+    the dependencies and tells whether the graph is already sorted (then it is
+    left as is). Nodes in a cycle (invalid input) keep their relative order at
+    the end.
     """
     cache: dict = {}
     for g in all_graphs(root):
-        if _is_sorted(g, cache):
-            continue
         nodes = list(g.nodes)
-        index = {id(n): i for i, n in enumerate(nodes)}
         producer: dict[int, int] = {}
         for i, n in enumerate(nodes):
             for t in n.outputs:
                 producer[id(t)] = i
-        indeg = [0] * len(nodes)
-        users: list[list[int]] = [[] for _ in nodes]
+        deps_of: list[set[int]] = []
+        ordered = True
         for i, n in enumerate(nodes):
             deps = {producer[id(t)] for t in node_reads(n, cache) if id(t) in producer}
             deps.discard(i)
-            indeg[i] = len(deps)
+            if ordered and deps and max(deps) > i:
+                ordered = False
+            deps_of.append(deps)
+        if ordered:
+            continue
+        indeg = [len(d) for d in deps_of]
+        users: list[list[int]] = [[] for _ in nodes]
+        for i, deps in enumerate(deps_of):
             for d in deps:
                 users[d].append(i)
         heap = [i for i in range(len(nodes)) if indeg[i] == 0]
@@ -405,9 +400,7 @@ def toposort(root: gs.Graph) -> None:
         if len(order) < len(nodes):
             placed = set(order)
             order += [i for i in range(len(nodes)) if i not in placed]
-        if order != list(range(len(nodes))):
-            g.nodes = [nodes[i] for i in order]
-        del index
+        g.nodes = [nodes[i] for i in order]
 
 
 def array(t: gs.Constant) -> np.ndarray:

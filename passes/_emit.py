@@ -38,14 +38,16 @@ def rewrite_graphs(ir: IR, rewrite: Callable[[gs.Graph, "Namer"], int]) -> int:
 
     ``rewrite(g, namer)`` edits ``g`` in place and returns how many nodes it
     replaced. Fresh names avoid every name of the model ``ir`` was imported
-    from; the namer's opset is that model's default-domain opset.
+    from; the namer's opset is that model's default-domain opset. Every
+    rewritten subgraph is sorted; the main graph is left for
+    :class:`~graphopt.ir.GraphSurgeonPass` ``run`` to sort, once.
     """
     opset = next((int(o.version) for o in ir.like.opset_import if o.domain in ("", "ai.onnx")), 0)
     namer = Namer(all_names(ir.like.graph), opset)
     count = 0
     for sub in all_graphs(ir.g, innermost_first=True):
         n = rewrite(sub, namer)
-        if n:
+        if n and sub is not ir.g:
             # New nodes were appended; sort now, since an enclosing rewrite may copy this body in order.
             toposort(sub)
         count += n
