@@ -225,7 +225,8 @@ def test_unrolled_bodies_keep_reading_outer_values_as_the_same_tensors():
               [vi("x", [2, 3]), vi("acc0", [2, 3])], [vi("acc", [2, 3])],
               [numpy_helper.from_array(np.array(3, np.int64), "M")])
     rng = np.random.default_rng(3)
-    feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32), "acc0": rng.standard_normal((2, 3)).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32),
+             "acc0": rng.standard_normal((2, 3)).astype(np.float32)}
 
     ir = IR(Graph(m).infer_shapes())
     UnrollLoops().rewrite(ir, PassContext())

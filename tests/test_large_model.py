@@ -270,3 +270,20 @@ def test_fold_constants_proves_shapes_on_a_model_with_lazy_weights(tmp_path, laz
     assert res.records[0].details["folded_nodes"] == 1, res.records[0].details
     assert "Shape" not in {n.op_type for n in res.graph.graph.node}
     assert is_lazy({t.name: t for t in res.graph.graph.initializer}["w"])
+
+
+def test_generated_integer_inputs_follow_a_comparison_with_a_lazy_constant(tmp_path, lazy_thresholds):
+    """integer_domains reads the lazy table ids are compared with (it raised onnx's ValidationError)."""
+    from graphopt.data import integer_domains
+
+    table = onnx.numpy_helper.from_array(np.arange(7, 2055, 2, dtype=np.int64), "table")  # 8 KiB: lazy
+    nodes = [helper.make_node("Unsqueeze", ["ids", "ax"], ["ids2"]),
+             helper.make_node("Equal", ["ids2", "table"], ["hit"]),
+             helper.make_node("Cast", ["hit"], ["y"], to=onnx.TensorProto.FLOAT)]
+    model = make_model(nodes, [vi("ids", [4], onnx.TensorProto.INT64)], [vi("y", [4, 1024])],
+                       [table, onnx.numpy_helper.from_array(np.array([1], np.int64), "ax")])
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    g = Graph.load(path)
+    assert is_lazy(g.initializers()["table"])
+    assert integer_domains(g)["ids"].choices == tuple(range(7, 2055, 2))
