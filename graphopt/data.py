@@ -285,15 +285,27 @@ class _Uses:
 
 
 def _const_of(tensor) -> np.ndarray | None:
-    """The value of a graphsurgeon tensor that is a constant (initializer or Constant node), else None."""
+    """The value of a graphsurgeon tensor that is a constant (initializer or Constant node), else None.
+
+    Read through :func:`graphopt.ir.array` (a large model's lazy weights as memory maps); a
+    constant whose bytes cannot be read counts as unknown.
+    """
     import onnx_graphsurgeon as gs
 
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+    from .ir import array
+
+    const = tensor if isinstance(tensor, gs.Constant) else None
+    if const is None and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         attrs = tensor.inputs[0].attrs
         if isinstance(attrs.get("value"), gs.Constant):
-            return np.asarray(attrs["value"].values)
+            const = attrs["value"]
+    if const is not None:
+        try:
+            return array(const)
+        except ValueError:
+            return None
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attrs = tensor.inputs[0].attrs
         for k in ("value_int", "value_ints"):
             if k in attrs:
                 return np.asarray(attrs[k], dtype=np.int64)
@@ -386,12 +398,12 @@ def integer_domains(graph: Graph) -> dict[str, IntDomain]:
     ints = [s for s in graph.inputs if s.dtype != "unknown" and np.dtype(s.dtype).kind in "iu"]
     if not ints:
         return {}
-    import onnx_graphsurgeon as gs
-
     if not graph.graph.value_info and graph.model.ByteSize() < _INFER_SHAPES_BELOW:
         graph = graph.infer_shapes()  # dims of computed tensors that get indexed
     try:
-        tensors = gs.import_onnx(graph.model).tensors()
+        from .ir import IR
+
+        tensors = IR(graph).g.tensors()  # through graphopt.ir, so lazy weights read from disk
     except Exception as e:  # noqa: BLE001 - an aid to generation only: fall back to the small default range
         logging.getLogger("graphopt.data").debug("integer input uses not followed (%s: %s)", type(e).__name__, e)
         tensors = {}

@@ -11,6 +11,11 @@ Contract of the bridge (:class:`IR`):
 * Import does not copy weights: gs wraps each initializer's ``TensorProto`` as
   a lazily loaded value, and export reuses that proto (protobuf copies it once
   into the new model; no numpy round trip, no dtype change).
+* A large model's lazy weights (tensors left on disk, see :mod:`graphopt.graph`)
+  stay lazy: :func:`array` reads them as read-only memory maps, and export
+  writes their EXTERNAL proto back untouched. (gs's ``Constant.values`` reads
+  them too, but caches the map on the tensor, and export then writes the
+  values inline: use :func:`array`.)
 * Export keeps what gs does not own: ``ir_version``, opset imports, model-local
   functions (verbatim), ``metadata_props``, producer, model and graph doc
   strings, domain and model version, and, for old models, initializers that
@@ -29,6 +34,7 @@ see subgraphs.
 from __future__ import annotations
 
 import heapq
+import itertools
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -63,10 +69,12 @@ class IR:
         self.like = model
         self.source = graph.source
         self.g: gs.Graph = gs.import_onnx(model)
+        if any(is_lazy(t) for t in model.graph.initializer):
+            _wrap_disk_values(self.g)
         inits = {t.name for t in model.graph.initializer}
         self.init_inputs = [v for v in model.graph.input if v.name in inits]
         self._inner_inits = set()
-        for sg in _proto_subgraphs(model.graph):
+        for sg in proto_subgraphs(model.graph):
             self._inner_inits.update(t.name for t in sg.initializer)
             self._inner_inits.update(t.name for t in sg.sparse_initializer)
 
@@ -92,14 +100,40 @@ class IR:
         model.functions.extend(like.functions)
         del model.metadata_props[:]
         model.metadata_props.extend(like.metadata_props)
-        model.producer_name, model.producer_version = like.producer_name, like.producer_version
-        model.doc_string, model.domain, model.model_version = like.doc_string, like.domain, like.model_version
+        # Set where the input sets them, absent where it does not (an empty string would still be serialized).
+        for name in ("producer_name", "producer_version", "doc_string", "domain", "model_version"):
+            if like.HasField(name):
+                setattr(model, name, getattr(like, name))
+            else:
+                model.ClearField(name)
         if like.training_info:
             model.training_info.extend(like.training_info)
         return model
 
     def to_graph(self) -> Graph:
         return Graph(self.to_model(), self.source)
+
+
+class DiskValues(LazyValues):
+    """gs's lazily loaded values for a lazy tensor: ``load`` maps its file instead of failing.
+
+    gs's own ``load`` calls ``numpy_helper.to_array``, which refuses the
+    absolute location of a lazy tensor; this one returns a read-only memory
+    map (:func:`graphopt.graph.tensor_array`). Being a ``LazyValues``, export
+    reuses the EXTERNAL proto, so the weight stays on disk.
+    """
+
+    def load(self) -> np.ndarray:
+        return np.asarray(tensor_array(self.tensor))
+
+
+def _wrap_disk_values(root: gs.Graph) -> None:
+    """Give every constant holding a lazy tensor (read at any depth) :class:`DiskValues`."""
+    for g in all_graphs(root):
+        for t in [t for n in g.nodes for t in n.inputs] + list(g.outputs):
+            v = getattr(t, "_values", None)
+            if type(v) is LazyValues and is_lazy(v.tensor):
+                t._values = DiskValues(v.tensor)
 
 
 class GraphSurgeonPass(Pass):
@@ -120,14 +154,14 @@ class GraphSurgeonPass(Pass):
 
 
 # ------------------------------------------------------------------ structure
-def _proto_subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def proto_subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """Every subgraph nested anywhere in ``graph`` (not ``graph`` itself)."""
     for node in graph.node:
         for attr in node.attribute:
             subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
             for sg in subs:
                 yield sg
-                yield from _proto_subgraphs(sg)
+                yield from proto_subgraphs(sg)
 
 
 def _hoist_outer_initializers(main: onnx.GraphProto, inner_inits: set[str]) -> None:
@@ -137,7 +171,7 @@ def _hoist_outer_initializers(main: onnx.GraphProto, inner_inits: set[str]) -> N
     visible in every subgraph; each lands there once.
     """
     have = {t.name for t in main.initializer}
-    for sg in list(_proto_subgraphs(main)):
+    for sg in list(proto_subgraphs(main)):
         keep, move = [], []
         for t in sg.initializer:
             (keep if t.name in inner_inits else move).append(t)
@@ -173,14 +207,38 @@ def subgraphs(node: Node) -> list[gs.Graph]:
     return out
 
 
-def all_graphs(g: gs.Graph) -> Iterator[gs.Graph]:
-    """``g`` and every graph nested in it, outer before inner."""
-    stack = [g]
+def all_graphs(g: gs.Graph, innermost_first: bool = False) -> Iterator[gs.Graph]:
+    """``g`` and every graph nested in it: outer before inner, or with ``innermost_first`` each graph after
+    every graph nested in it (a rewrite that copies bodies then copies rewritten ones).
+
+    Either way siblings come in node order, then attribute order. Iterative (no
+    recursion per nesting level). With ``innermost_first`` a graph's subgraphs
+    are collected when it is first reached, before the graphs inside it are
+    yielded.
+    """
+    stack: list[tuple[gs.Graph, bool]] = [(g, False)]
     while stack:
-        cur = stack.pop()
-        yield cur
+        cur, expanded = stack.pop()
+        if expanded:
+            yield cur
+            continue
+        if not innermost_first:
+            yield cur
+        else:
+            stack.append((cur, True))
         for node in reversed(cur.nodes):
-            stack.extend(reversed(subgraphs(node)))
+            stack.extend((sg, False) for sg in reversed(subgraphs(node)))
+
+
+def has_ops(graph: onnx.GraphProto, ops: set[str]) -> bool:
+    """Whether a node of the standard domain in ``graph`` or any subgraph has an op in ``ops``.
+
+    Works on the proto, so a pass can return its input untouched without importing it.
+    """
+    for g in itertools.chain([graph], proto_subgraphs(graph)):
+        if any(n.op_type in ops and n.domain in ("", "ai.onnx") for n in g.node):
+            return True
+    return False
 
 
 def outer_reads(sg: gs.Graph, _cache: dict | None = None) -> list[Tensor]:
@@ -297,41 +355,36 @@ def live_nodes(g: gs.Graph, cache: dict | None = None) -> set[int]:
     return live
 
 
-def _is_sorted(g: gs.Graph, cache: dict) -> bool:
-    """Whether every node of ``g`` comes after the producers (in ``g``) of what it reads. O(n)."""
-    produced_by = {}
-    for i, n in enumerate(g.nodes):
-        for t in n.outputs:
-            produced_by[id(t)] = i
-    for i, n in enumerate(g.nodes):
-        for t in node_reads(n, cache):
-            if produced_by.get(id(t), -1) >= i:
-                return False
-    return True
-
-
 def toposort(root: gs.Graph) -> None:
     """Sort every graph's nodes so producers come first; stable (original order breaks ties).
 
-    Kahn's algorithm, O(n log n); reads by subgraphs count as reads by their
-    node. Nodes in a cycle (invalid input) keep their relative order at the end.
+    Kahn's algorithm, O(n log n), iterative (gs's own toposort recurses once
+    per node of a chain and overflows on unrolled graphs); reads by subgraphs
+    count as reads by their node. One pass over a graph's reads both finds
+    the dependencies and tells whether the graph is already sorted (then it is
+    left as is). Nodes in a cycle (invalid input) keep their relative order at
+    the end.
     """
     cache: dict = {}
     for g in all_graphs(root):
-        if _is_sorted(g, cache):
-            continue
         nodes = list(g.nodes)
-        index = {id(n): i for i, n in enumerate(nodes)}
         producer: dict[int, int] = {}
         for i, n in enumerate(nodes):
             for t in n.outputs:
                 producer[id(t)] = i
-        indeg = [0] * len(nodes)
-        users: list[list[int]] = [[] for _ in nodes]
+        deps_of: list[set[int]] = []
+        ordered = True
         for i, n in enumerate(nodes):
             deps = {producer[id(t)] for t in node_reads(n, cache) if id(t) in producer}
             deps.discard(i)
-            indeg[i] = len(deps)
+            if ordered and deps and max(deps) > i:
+                ordered = False
+            deps_of.append(deps)
+        if ordered:
+            continue
+        indeg = [len(d) for d in deps_of]
+        users: list[list[int]] = [[] for _ in nodes]
+        for i, deps in enumerate(deps_of):
             for d in deps:
                 users[d].append(i)
         heap = [i for i in range(len(nodes)) if indeg[i] == 0]
@@ -347,9 +400,7 @@ def toposort(root: gs.Graph) -> None:
         if len(order) < len(nodes):
             placed = set(order)
             order += [i for i in range(len(nodes)) if i not in placed]
-        if order != list(range(len(nodes))):
-            g.nodes = [nodes[i] for i in order]
-        del index
+        g.nodes = [nodes[i] for i in order]
 
 
 def array(t: gs.Constant) -> np.ndarray:
@@ -358,18 +409,22 @@ def array(t: gs.Constant) -> np.ndarray:
     ``Constant.values`` replaces the tensor's lazily loaded proto with the
     array, and export then re-encodes it: a copy of every weight a pass looked
     at, and a dtype change for types numpy lacks (int4, bfloat16, float8).
+    A lazy tensor (:class:`DiskValues`) reads as a read-only memory map.
+    Raises ``ValueError`` for other external data that is not loaded.
     """
     v = t._values
-    if not is_loaded(t):
-        if is_lazy(v.tensor):  # a large model's weight left on disk by Graph.load: a read-only memory map
-            return tensor_array(v.tensor)
+    if not isinstance(v, DiskValues) and not is_loaded(t):
         # onnx would resolve the location against the current directory, not the model's folder.
         raise ValueError(f"constant '{t.name}' is external data that is not loaded")
     return v.load() if isinstance(v, LazyValues) else np.asarray(v)
 
 
 def is_loaded(t: gs.Constant) -> bool:
-    """Whether a constant's bytes are in memory (not a reference to an external-data file)."""
+    """Whether a constant's bytes are in memory (not a reference to an external-data file).
+
+    False for a lazy tensor too: :func:`array` reads it, but from disk, so a
+    pass that would copy whole weights can leave it alone.
+    """
     v = t._values
     return not (isinstance(v, LazyValues) and v.tensor.data_location == onnx.TensorProto.EXTERNAL)
 

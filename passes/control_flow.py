@@ -9,10 +9,11 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import LoweringError
 from graphopt.graph import Graph
+from graphopt.ir import IR, GraphSurgeonPass, has_ops, outer_reads
 from graphopt.options import Option
-from graphopt.passbase import Pass, PassContext
+from graphopt.passbase import PassContext
 
-from ._rewrite import Builder, Namer, bind_output, const_value, detach, has_ops, rewrite_with_gs, static_dim
+from ._emit import Builder, Namer, bind_output, const_value, remove_node, rewrite_graphs, static_dim
 
 log = logging.getLogger("graphopt.passes.control_flow")
 
@@ -23,7 +24,7 @@ class _Refused(Exception):
     """A node this pass cannot unroll; the message says why and what to do."""
 
 
-class UnrollLoops(Pass):
+class UnrollLoops(GraphSurgeonPass):
     """Unroll Loop nodes with a constant trip count and Scan nodes with a static sequence length.
 
     Every iteration becomes a renamed copy of the body's nodes: the iteration
@@ -53,7 +54,11 @@ class UnrollLoops(Pass):
             self.note("unrolled", 0)
             return graph
         # Scan lengths come from inferred shapes (fresh: earlier passes may have left them stale).
-        graph = graph.infer_shapes()
+        return super().run(graph.infer_shapes(), ctx)
+
+    def rewrite(self, ir: IR, ctx: PassContext) -> None:
+        """Unroll every Loop/Scan of ``ir``, innermost first; Scan lengths come from the tensors'
+        shapes, so ``run`` infers shapes first. Raises LoweringError listing every refusal."""
         refused: list[str] = []
         limit = self.opts.max_iterations
 
@@ -71,13 +76,12 @@ class UnrollLoops(Pass):
                     refused.append(f"{node.op} '{node.name or node.outputs[0].name}': {e}")
             return n
 
-        out, count = rewrite_with_gs(graph, rewrite)
+        count = rewrite_graphs(ir, rewrite)
         if refused:
             raise LoweringError(
-                f"{graph.source or 'model'}: unroll-loops cannot unroll {len(refused)} node(s): " + "; ".join(refused)
+                f"{ir.source or 'model'}: unroll-loops cannot unroll {len(refused)} node(s): " + "; ".join(refused)
             )
         self.note("unrolled", count)
-        return out
 
 
 def _present(t) -> bool:
@@ -138,7 +142,11 @@ def _clone_body(b: Builder, body: gs.Graph, mapping: _TensorMap, hint: str) -> _
         attrs = {}
         for k, v in node.attrs.items():
             if isinstance(v, gs.Graph):
-                v = v.copy(tensor_map=mapping.by_name())
+                # gs's copy makes a detached same-name tensor of every outer value its map lacks; graphopt.ir
+                # sees reads by identity, so map each outer read to its tensor in this iteration (or itself).
+                outer = {t.name: mapping.get(t, t) for t in outer_reads(v)}
+                outer.update(mapping.by_name())
+                v = v.copy(tensor_map=outer)
                 _rename_locals(v, namer, hint)
             attrs[k] = v
         new_node = gs.Node(node.op, namer.fresh(f"{hint}/{node.name or node.op}"), attrs, inputs=ins, outputs=outs,
@@ -201,7 +209,7 @@ def _unroll_loop(g: gs.Graph, node: gs.Node, namer: Namer, limit: int) -> None:
 
     prefix = node.name or node.outputs[0].name
     b = Builder(g, namer, prefix)
-    outs = detach(node, g)
+    outs = remove_node(node, g)
     scans: list[list] = [[] for _ in range(n_scan)]
     for i in range(count):
         hint = f"{prefix}/iter{i}"
@@ -259,7 +267,7 @@ def _unroll_scan(g: gs.Graph, node: gs.Node, namer: Namer, limit: int) -> None:
 
     prefix = node.name or node.outputs[0].name
     b = Builder(g, namer, prefix)
-    outs = detach(node, g)
+    outs = remove_node(node, g)
     # Cut every scan input into its steps once (a Split also checks the length at run time).
     steps = []
     for t, axis in zip(scan_ins, in_axes):

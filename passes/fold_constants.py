@@ -178,7 +178,9 @@ def proven_shapes(ir: IR, ctx, names: set[str]) -> tuple[dict[str, tuple[int, ..
     probe = Graph(model)
     try:
         feeds = ctx.data.samples(probe, limit=2)
-        sess = reference_session(probe)  # handles large models, caps value sizes
+        # The reference's session: a large model's lazy weights are fed from memory maps (ONNX Runtime
+        # refuses their absolute external-data locations in a serialized model).
+        sess = reference_session(probe)
         wanted = sorted(static)
         seen = [dict(zip(wanted, (np.shape(v) for v in sess.run(wanted, f)))) for f in feeds]
     except Exception as e:

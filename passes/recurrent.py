@@ -9,10 +9,11 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import LoweringError
 from graphopt.graph import Graph
+from graphopt.ir import IR, GraphSurgeonPass, has_ops
 from graphopt.options import Option
-from graphopt.passbase import Pass, PassContext
+from graphopt.passbase import PassContext
 
-from ._rewrite import Builder, Namer, bind_output, const_value, detach, has_ops, rewrite_with_gs, static_dim
+from ._emit import Builder, Namer, bind_output, const_value, remove_node, rewrite_graphs, static_dim
 
 log = logging.getLogger("graphopt.passes.recurrent")
 
@@ -28,7 +29,7 @@ class _Refused(Exception):
     """A node this pass cannot rewrite; the message says why and what to do."""
 
 
-class LowerRecurrent(Pass):
+class LowerRecurrent(GraphSurgeonPass):
     """Unroll LSTM, GRU and RNN nodes over their (static) sequence length into basic ops.
 
     Each node becomes per-time-step MatMul/Add/Sigmoid/Tanh/Relu/Mul/Where ops
@@ -62,7 +63,11 @@ class LowerRecurrent(Pass):
             return graph
         # X's sequence length comes from inferred shapes (fresh: earlier passes may have left them stale).
         # The unrolled graph re-checks it at run time, so a wrongly inferred length cannot go unnoticed.
-        graph = graph.infer_shapes()
+        return super().run(graph.infer_shapes(), ctx)
+
+    def rewrite(self, ir: IR, ctx: PassContext) -> None:
+        """Unroll every recurrent node of ``ir``, at any depth; reads sequence lengths from the
+        tensors' shapes, so ``run`` infers shapes first. Raises LoweringError listing every refusal."""
         refused: list[str] = []
 
         def rewrite(g: gs.Graph, namer: Namer) -> int:
@@ -76,15 +81,14 @@ class LowerRecurrent(Pass):
                     refused.append(f"{node.op} '{node.name or node.outputs[0].name}': {e}")
             return n
 
-        out, count = rewrite_with_gs(graph, rewrite)
+        count = rewrite_graphs(ir, rewrite)
         if refused:
             hint = f"; {LENGTH_HINT}" if any("sequence length" in r for r in refused) else ""
             raise LoweringError(
-                f"{graph.source or 'model'}: lower-recurrent cannot unroll {len(refused)} node(s): "
+                f"{ir.source or 'model'}: lower-recurrent cannot unroll {len(refused)} node(s): "
                 + "; ".join(refused) + hint
             )
         self.note("rewritten", count)
-        return out
 
 
 def _length_unknown(x: gs.Tensor, axis: int) -> str:
@@ -166,7 +170,7 @@ def _unroll(g: gs.Graph, node: gs.Node, namer: Namer, max_steps: int) -> None:
 
     prefix = node.name or node.outputs[0].name
     b = Builder(g, namer, prefix, dtype)
-    outs = detach(node, g)
+    outs = remove_node(node, g)
     outs += [gs.Variable.empty()] * (3 - len(outs))
     H = hidden
 

@@ -198,3 +198,43 @@ def test_loop_lowers_through_tvm_and_verifies(tmp_path):
     np.savez(tmp_path / "x.npz", **feeds)
     res = graphopt.lower(src, "cpu", tmp_path / "art", verify=True, data=graphopt.DataSource(tmp_path / "x.npz"))
     assert res.verification.ok
+
+
+def test_unrolled_bodies_keep_reading_outer_values_as_the_same_tensors():
+    """An If in a Loop body reads x2, computed in the main graph: the If's copies must read that very tensor.
+
+    gs's Graph.copy turns an outer value missing from its tensor map into a
+    detached tensor of the same name; the ONNX export still resolves it, but
+    graphopt.ir's liveness, outer reads and toposort work by identity, so a
+    later step on the same IR (here eliminate-dead) would drop x2's producer.
+    """
+    from graphopt.ir import IR, live_nodes
+    from graphopt.passes.eliminate_dead import eliminate_dead
+
+    then = helper.make_graph([helper.make_node("Add", ["acc_in", "x2"], ["r1"])], "then", [], [vi("r1", [2, 3])])
+    els = helper.make_graph([helper.make_node("Sub", ["acc_in", "x2"], ["r2"])], "else", [], [vi("r2", [2, 3])])
+    body = helper.make_graph(
+        [helper.make_node("Equal", ["i", "zero"], ["is0"]),
+         helper.make_node("If", ["is0"], ["acc_out"], then_branch=then, else_branch=els),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("acc_in", [2, 3])],
+        [vi("cond_out", [], TensorProto.BOOL), vi("acc_out", [2, 3])],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    m = model([helper.make_node("Mul", ["x", "x"], ["x2"], name="square"),
+               helper.make_node("Loop", ["M", "", "acc0"], ["acc"], name="loop_0", body=body)],
+              [vi("x", [2, 3]), vi("acc0", [2, 3])], [vi("acc", [2, 3])],
+              [numpy_helper.from_array(np.array(3, np.int64), "M")])
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32),
+             "acc0": rng.standard_normal((2, 3)).astype(np.float32)}
+
+    ir = IR(Graph(m).infer_shapes())
+    UnrollLoops().rewrite(ir, PassContext())
+    square = [n for n in ir.g.nodes if n.name == "square"]
+    assert len(square) == 1 and id(square[0]) in live_nodes(ir.g)
+    eliminate_dead(ir.g)
+    out = ir.to_graph()
+    out.check()
+    assert "Mul" in {n.op_type for n in out.graph.node}
+    want, got = ort_run(m, feeds), ort_run(out.model, feeds)
+    np.testing.assert_allclose(got["acc"], want["acc"], atol=1e-6)

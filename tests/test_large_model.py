@@ -172,3 +172,118 @@ def test_large_model_artifact_does_not_depend_on_where_the_model_lives(tmp_path,
         arts.append(graphopt.lower(Graph.load(path), "cpu", tmp_path / f"art-{len(arts)}").artifact)
     for f in ("main.so", "manifest.json", "model.onnx", "weights.bin"):
         assert (arts[0] / f).read_bytes() == (arts[1] / f).read_bytes(), f
+
+
+def _write_lazy_lstm(folder: Path, in_branch: bool = False) -> Path:
+    """y = LSTM(x; W, R lazy), t = x @ Transpose(P lazy), z = x @ Q (lazy), weights in model.onnx.data.
+
+    P feeds only a Transpose (cleanup folds it, so must read it); Q only a
+    MatMul (no pass reads it, so it must stay on disk). With ``in_branch`` the
+    LSTM sits in the then-branch of an If on input ``c`` (else: y = h), so W
+    and R are read only inside a subgraph.
+    """
+    rng = np.random.default_rng(3)
+    T, B, I, H = 4, 2, 32, 32
+    arr = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = [onnx.numpy_helper.from_array(a, n) for n, a in
+             (("W", arr(2, 4 * H, I)), ("R", arr(2, 4 * H, H)), ("B", arr(2, 8 * H)), ("P", arr(2 * I, I)),
+              ("Q", arr(I, I)))]
+    lstm = helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "y" if not in_branch else "y_then"], name="lstm",
+                            hidden_size=H, direction="bidirectional")
+    inputs = [vi("x", [T, B, I])]
+    if in_branch:
+        then_g = helper.make_graph([lstm], "then", [], [vi("y_then", [2, B, H])])
+        else_g = helper.make_graph([helper.make_node("Identity", ["h"], ["y_else"])], "else", [],
+                                   [vi("y_else", [2, B, H])])
+        lstm = helper.make_node("If", ["c"], ["y"], name="if", then_branch=then_g, else_branch=else_g)
+        inputs += [vi("c", [], onnx.TensorProto.BOOL), vi("h", [2, B, H])]
+    nodes = [lstm,
+             helper.make_node("Transpose", ["P"], ["Pt"], name="tr", perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Pt"], ["t"], name="mm_p"),
+             helper.make_node("MatMul", ["x", "Q"], ["z"], name="mm_q")]
+    model = make_model(nodes, inputs, [vi("y", [2, B, H]), vi("t", [T, B, 2 * I]), vi("z", [T, B, I])], inits)
+    path = folder / "model.onnx"
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+              size_threshold=1024)
+    return path
+
+
+def _same_as_onnxruntime(path: Path, out: Graph, feed: dict) -> None:
+    """``out`` computes what ONNX Runtime computes on the model at ``path`` (weights read inline by onnx)."""
+    from graphopt.reference import run_reference
+
+    want = run_reference(Graph(onnx.load(path)), [feed])[0]
+    got = run_reference(out, [feed])[0]
+    for w, o in zip(want, got):
+        np.testing.assert_allclose(o, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_branch", [False, True])
+def test_lower_recurrent_reads_lazy_weights_from_disk_and_leaves_the_others_lazy(tmp_path, lazy_thresholds,
+                                                                                 in_branch):
+    """W and R (read in the main graph or only inside an If branch) read as memory maps; Q stays on disk."""
+    path = _write_lazy_lstm(tmp_path, in_branch)
+    g = Graph.load(path)
+    assert sorted(t.name for t in g.graph.initializer if is_lazy(t)) == ["P", "Q", "R", "W"]
+    before = g.to_bytes()
+    res = graphopt.optimize(g, "lower-recurrent")  # also checked against ONNX Runtime on random inputs
+    assert g.to_bytes() == before  # the input Graph is not modified
+    out = res.graph
+    assert res.records[0].details["rewritten"] == 1
+    inits = {t.name: t for t in out.graph.initializer}
+    assert "W" not in inits and "R" not in inits  # only their per-direction, transposed pieces are left
+    for name in ("P", "Q"):  # untouched: the same EXTERNAL proto, still on disk
+        assert is_lazy(inits[name]) and inits[name].SerializeToString() == g.initializers()[name].SerializeToString()
+    rng = np.random.default_rng(4)
+    feed = {"x": rng.standard_normal((4, 2, 32)).astype(np.float32)}
+    if in_branch:
+        feed |= {"c": np.array(True), "h": rng.standard_normal((2, 2, 32)).astype(np.float32)}
+    _same_as_onnxruntime(path, out, feed)
+
+
+def test_cleanup_folds_through_a_lazy_weight_and_leaves_the_others_lazy(tmp_path, lazy_thresholds):
+    """fold-constants reads P (lazy) through a memory map to fold Transpose(P); Q, untouched, stays on disk."""
+    path = _write_lazy_lstm(tmp_path)
+    g = Graph.load(path)
+    res = graphopt.optimize(g, "cleanup")
+    out = res.graph
+    assert res.records[0].details["fold-constants.folded_nodes"] == 1
+    assert "Transpose" not in {n.op_type for n in out.graph.node}
+    inits = {t.name: t for t in out.graph.initializer}
+    assert "P" not in inits
+    for name in ("W", "R", "Q"):
+        assert is_lazy(inits[name]) and inits[name].SerializeToString() == g.initializers()[name].SerializeToString()
+    _same_as_onnxruntime(path, out, {"x": np.random.default_rng(5).standard_normal((4, 2, 32)).astype(np.float32)})
+
+
+def test_fold_constants_proves_shapes_on_a_model_with_lazy_weights(tmp_path, lazy_thresholds):
+    """Shape(r) folds once two ONNX Runtime runs confirm r's inferred shape; the runs feed the lazy weight."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Shape", ["r"], ["s"]), helper.make_node("Reshape", ["r", "s"], ["y"])]
+    path = tmp_path / "model.onnx"
+    onnx.save(make_model(nodes, [vi("x", ["n", 64])], [vi("y", ["n", 64])], [w]), path, save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)
+    g = Graph.load(path).with_input_shapes({"x": [2, 64]})
+    assert is_lazy(g.initializers()["w"])
+    res = graphopt.optimize(g, "fold-constants")
+    assert res.records[0].details["folded_nodes"] == 1, res.records[0].details
+    assert "Shape" not in {n.op_type for n in res.graph.graph.node}
+    assert is_lazy({t.name: t for t in res.graph.graph.initializer}["w"])
+
+
+def test_generated_integer_inputs_follow_a_comparison_with_a_lazy_constant(tmp_path, lazy_thresholds):
+    """integer_domains reads the lazy table ids are compared with (it raised onnx's ValidationError)."""
+    from graphopt.data import integer_domains
+
+    table = onnx.numpy_helper.from_array(np.arange(7, 2055, 2, dtype=np.int64), "table")  # 8 KiB: lazy
+    nodes = [helper.make_node("Unsqueeze", ["ids", "ax"], ["ids2"]),
+             helper.make_node("Equal", ["ids2", "table"], ["hit"]),
+             helper.make_node("Cast", ["hit"], ["y"], to=onnx.TensorProto.FLOAT)]
+    model = make_model(nodes, [vi("ids", [4], onnx.TensorProto.INT64)], [vi("y", [4, 1024])],
+                       [table, onnx.numpy_helper.from_array(np.array([1], np.int64), "ax")])
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    g = Graph.load(path)
+    assert is_lazy(g.initializers()["table"])
+    assert integer_domains(g)["ids"].choices == tuple(range(7, 2055, 2))

@@ -1,12 +1,12 @@
-"""Shared machinery of the rewriting passes that work on onnx-graphsurgeon graphs.
+"""Emitting new nodes into onnx-graphsurgeon graphs, for the passes that unroll (lower-recurrent, unroll-loops).
 
-:func:`rewrite_with_gs` imports a model into onnx-graphsurgeon, hands every
-graph (the main graph, then each ``If``/``Loop``/``Scan`` body, innermost
-first) to a rewrite function, and exports the result keeping the model's
-ir_version, opset imports, functions and metadata. :class:`Builder` emits new
+:func:`rewrite_graphs` hands every graph of an :class:`~graphopt.ir.IR` (each
+``If``/``Loop``/``Scan`` body before the graph holding it) to a rewrite
+function with one :class:`Namer` for the model. :class:`Builder` emits new
 nodes into one ``gs.Graph`` in the forms the model's opset expects (Split,
 Clip, Unsqueeze changed from attributes to inputs over the opsets) with
-deterministic, collision-free names.
+deterministic, collision-free names. Import, export, toposort and the walk
+over nested graphs are :mod:`graphopt.ir`'s.
 """
 
 from __future__ import annotations
@@ -17,125 +17,41 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import Graph
-
-from ._walk import subgraphs
-
-
-def has_ops(graph: onnx.GraphProto, ops: set[str]) -> bool:
-    """Whether any node of the standard domain in ``graph`` or its subgraphs has an op in ``ops``."""
-    for node in graph.node:
-        if node.op_type in ops and node.domain in ("", "ai.onnx"):
-            return True
-        if any(has_ops(sg, ops) for sg in subgraphs(node)):
-            return True
-    return False
+from graphopt.ir import IR, all_graphs, array, proto_subgraphs, toposort
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:
     """Every value and node name used anywhere in ``graph`` (subgraphs included)."""
-    names = {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
-    names |= {t.name for t in graph.initializer}
-    for node in graph.node:
-        names.add(node.name)
-        names.update(node.input)
-        names.update(node.output)
-        for sg in subgraphs(node):
-            names |= all_names(sg)
+    names: set[str] = set()
+    for g in [graph, *proto_subgraphs(graph)]:
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        names.update(t.name for t in g.initializer)
+        for node in g.node:
+            names.add(node.name)
+            names.update(node.input)
+            names.update(node.output)
     return names
 
 
-def graphs_innermost_first(graph: gs.Graph) -> list[gs.Graph]:
-    """``graph`` and every subgraph below it, children before their parents."""
-    out: list[gs.Graph] = []
-    for node in graph.nodes:
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                out.extend(graphs_innermost_first(attr))
-    out.append(graph)
-    return out
-
-
-def _names_read(graph: gs.Graph) -> set[str]:
-    """Names of every value read by the nodes of ``graph`` and its subgraphs."""
-    out: set[str] = set()
-    for node in graph.nodes:
-        out.update(t.name for t in node.inputs if t.name)
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                out |= _names_read(attr)
-    return out
-
-
-def toposort(graph: gs.Graph) -> None:
-    """Sort ``graph.nodes`` so producers come first (reads inside subgraphs count), keeping the order otherwise.
-
-    Iterative Kahn's algorithm, linear in the graph: onnx-graphsurgeon's own
-    toposort recurses once per node of a chain and overflows on unrolled graphs.
-    """
-    import heapq
-
-    nodes = list(graph.nodes)
-    producer = {t.name: i for i, n in enumerate(nodes) for t in n.outputs if t.name}
-    users: list[list[int]] = [[] for _ in nodes]
-    pending = [0] * len(nodes)
-    for i, node in enumerate(nodes):
-        reads = {t.name for t in node.inputs if t.name}
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                reads |= _names_read(attr)
-        deps = {producer[r] for r in reads if r in producer and producer[r] != i}
-        pending[i] = len(deps)
-        for d in deps:
-            users[d].append(i)
-    ready = [i for i, n in enumerate(pending) if n == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for u in users[i]:
-            pending[u] -= 1
-            if pending[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):  # a cycle: leave the order alone, the checker will name it
-        return
-    graph.nodes = order
-
-
-def rewrite_with_gs(graph: Graph, rewrite: Callable[[gs.Graph, "Namer"], int]) -> tuple[Graph, int]:
-    """Apply ``rewrite`` to every graph of the model (innermost first); returns (new Graph, count).
+def rewrite_graphs(ir: IR, rewrite: Callable[[gs.Graph, "Namer"], int]) -> int:
+    """Apply ``rewrite`` to every graph of ``ir`` (innermost first); returns how many nodes it replaced.
 
     ``rewrite(g, namer)`` edits ``g`` in place and returns how many nodes it
-    replaced. When nothing was replaced the input Graph is returned as is.
+    replaced. Fresh names avoid every name of the model ``ir`` was imported
+    from; the namer's opset is that model's default-domain opset. Every
+    rewritten subgraph is sorted; the main graph is left for
+    :class:`~graphopt.ir.GraphSurgeonPass` ``run`` to sort, once.
     """
-    model = graph.model
-    g = gs.import_onnx(model)
-    namer = Namer(all_names(model.graph), graph.opset)
+    opset = next((int(o.version) for o in ir.like.opset_import if o.domain in ("", "ai.onnx")), 0)
+    namer = Namer(all_names(ir.like.graph), opset)
     count = 0
-    for sub in graphs_innermost_first(g):
+    for sub in all_graphs(ir.g, innermost_first=True):
         n = rewrite(sub, namer)
-        if n:
+        if n and sub is not ir.g:
             # New nodes were appended; sort now, since an enclosing rewrite may copy this body in order.
             toposort(sub)
         count += n
-    if not count:
-        return graph, 0
-    out = gs.export_onnx(g, do_type_check=False)
-    # Model-level fields (ir_version, opset imports, functions, metadata...) are the input's, not the
-    # exporter's rebuild; copied field by field so the input's graph and weights are not copied in vain.
-    new = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if field.is_repeated:
-            getattr(new, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(new, field.name).CopyFrom(value)
-        else:
-            setattr(new, field.name, value)
-    new.graph.CopyFrom(out.graph)
-    return Graph(new, graph.source), count
+    return count
 
 
 class Namer:
@@ -261,30 +177,41 @@ def bind_output(b: Builder, result: gs.Tensor, orig: gs.Tensor) -> None:
     b.nodes.append(node)
 
 
-def detach(node: gs.Node, graph: gs.Graph) -> list[gs.Tensor]:
+def remove_node(node: gs.Node, graph: gs.Graph) -> list[gs.Tensor]:
     """Remove ``node`` from ``graph``; returns its former outputs (now without a producer)."""
     outs = list(node.outputs)
     node.inputs.clear()
     node.outputs.clear()
-    graph.nodes.remove(node)
+    # By identity: gs's Node.__eq__ compares names, attributes and tensors, and another node may match.
+    graph.nodes = [n for n in graph.nodes if n is not node]
     return outs
 
 
-def const_value(t) -> np.ndarray | None:
-    """The value of a tensor that is an initializer or a Constant node's output, else None."""
+def _constant_of(t) -> gs.Constant | None:
+    """The constant behind a tensor that is an initializer or a Constant node's ``value`` output, else None."""
     if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
+        return t
     if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        attrs = t.inputs[0].attrs
-        if "value" in attrs and isinstance(attrs["value"], gs.Constant):
-            return np.asarray(attrs["value"].values)
+        value = t.inputs[0].attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return value
     return None
+
+
+def const_value(t) -> np.ndarray | None:
+    """The value of a tensor that is an initializer or a Constant node's output, else None.
+
+    Read through :func:`graphopt.ir.array`: not cached on the tensor (export
+    keeps the weight's proto) and a lazy weight reads as a read-only memory map.
+    """
+    c = _constant_of(t)
+    return None if c is None else array(c)
 
 
 def static_dim(t, axis: int) -> int | None:
     """Dim ``axis`` of a tensor when it is a known positive int (constants included), else None."""
-    v = const_value(t)
-    shape = v.shape if v is not None else t.shape
+    c = _constant_of(t)
+    shape = c.shape if c is not None else t.shape
     if shape is None or axis >= len(shape):
         return None
     d = shape[axis]
