@@ -211,3 +211,25 @@ def test_pass_context_generates_seeded_data(mlp_onnx):
     a = PassContext().data.samples(g)
     b = PassContext().data.samples(g)
     np.testing.assert_array_equal(a[0]["x"], b[0]["x"])
+
+
+def test_wrong_artifact_from_an_unchecked_lying_pass_is_caught_by_verify(tmp_path, mlp_onnx, monkeypatch, capsys):
+    """Pass checks off, a 'lossless' pass perturbs a weight: the artifact is genuinely wrong, and
+    `lower --verify` (artifact vs ONNX Runtime on the *input* model) catches it: exit 1, no artifact."""
+    from graphopt import cli, plugins
+
+    reg = _registry_with(_BreaksOutputs)
+    with pytest.raises(VerificationError, match="lowered artifact does not match ONNX Runtime") as e:
+        graphopt.lower(mlp_onnx, "cpu", tmp_path / "api", pipeline="liar", registry=reg,
+                       verify=True, verify_passes=False)
+    assert e.value.exit_code == 1 and not (tmp_path / "api").exists()
+    # The same through the command line, with the pass provided by a registered plugin.
+    monkeypatch.setattr(plugins, "_REGISTRY", reg)
+    monkeypatch.setattr(plugins, "get_registry", lambda *a, **k: reg)
+    monkeypatch.setattr(cli, "get_registry", lambda *a, **k: reg, raising=False)
+    code = cli.main(["lower", str(mlp_onnx), "-o", str(tmp_path / "cli"), "--passes", "liar",
+                     "--no-verify-passes", "--verify", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "does not match ONNX Runtime" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cli").exists()
