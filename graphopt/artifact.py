@@ -57,7 +57,7 @@ def write_graph_and_weights(graph: Graph, params: Sequence[str], out_dir: Path) 
     with its weights inline, so models over 2 GiB are written the same way.
     Returns the weight index for the manifest: name, dtype, shape, offset, nbytes.
     """
-    from .graph import iter_chunks, skeleton
+    from .graph import skeleton, write_aligned
 
     model, _ = skeleton(graph.model, how="external", min_bytes=1 << 62)  # a copy of the skeleton only
     del model.graph.initializer[:]
@@ -77,23 +77,12 @@ def write_graph_and_weights(graph: Graph, params: Sequence[str], out_dir: Path) 
     with open(out_dir / WEIGHTS_FILE, "wb") as f:
         for name in params:
             t = kept[name]
-            pad = (-offset) % _ALIGN
-            f.write(b"\0" * pad)
-            offset += pad
-            n = 0
-            for chunk in iter_chunks(t):
-                f.write(chunk)
-                n += len(chunk)
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-            index.append({"name": name, "dtype": dtype.name, "shape": [int(d) for d in t.dims], "offset": offset,
-                          "nbytes": n})
             # The ONNX initializer points at the same bytes instead of a second copy.
-            stub = model.graph.initializer[where[name]]
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(n))):
-                e = stub.external_data.add()
-                e.key, e.value = k, v
-            offset += n
+            start, n = write_aligned(f, offset, t, WEIGHTS_FILE, model.graph.initializer[where[name]], _ALIGN)
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            index.append({"name": name, "dtype": dtype.name, "shape": [int(d) for d in t.dims], "offset": start,
+                          "nbytes": n})
+            offset = start + n
     (out_dir / GRAPH_FILE).write_bytes(model.SerializeToString(deterministic=True))
     return index
 

@@ -97,6 +97,29 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
         raise ModelError(f"initializer '{t.name}': cannot map its data in {info['location']}: {e}") from e
 
 
+
+def write_aligned(f, offset: int, t: onnx.TensorProto, location: str, stub: onnx.TensorProto,
+                  align: int = 64) -> tuple[int, int]:
+    """Stream ``t``'s bytes into ``f`` (now at ``offset``) from the next ``align``-byte boundary.
+
+    ``stub`` becomes an external-data reference to them in ``location``.
+    Returns (where the bytes start, how many), so the caller's next offset is
+    their sum. Shared by :meth:`Graph.save` and the artifact's ``weights.bin``.
+    """
+    pad = (-offset) % align
+    f.write(b"\0" * pad)
+    start, n = offset + pad, 0
+    for chunk in iter_chunks(t):
+        f.write(chunk)
+        n += len(chunk)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    del stub.external_data[:]
+    for k, v in (("location", location), ("offset", str(start)), ("length", str(n))):
+        e = stub.external_data.add()
+        e.key, e.value = k, v
+    return start, n
+
+
 def iter_chunks(t: onnx.TensorProto, chunk: int = 64 << 20) -> Iterator[bytes]:
     """The raw little-endian bytes of ``t`` in chunks of at most ``chunk`` bytes, without holding them all.
 
@@ -460,19 +483,8 @@ class Graph:
             offset = 0
             with open(tmp, "wb") as f:
                 for i, orig in stubbed:
-                    stub = model.graph.initializer[i]
-                    pad = (-offset) % 64
-                    f.write(b"\0" * pad)
-                    offset += pad
-                    n = 0
-                    for chunk in iter_chunks(orig):
-                        f.write(chunk)
-                        n += len(chunk)
-                    del stub.external_data[:]
-                    for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(n))):
-                        e = stub.external_data.add()
-                        e.key, e.value = k, v
-                    offset += n
+                    start, n = write_aligned(f, offset, orig, data_path.name, model.graph.initializer[i])
+                    offset = start + n
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, data_path)
