@@ -459,7 +459,7 @@ def generate_inputs(graph: Graph, *, seed: int = 0, count: int = 1, dim_value: i
             elif dt.kind == "b":
                 feed[s.name] = rng.integers(0, 2, size=shape).astype(bool)
             else:
-                raise DataError(f"input '{s.name}' has dtype {s.dtype}, which graphopt cannot generate; pass --inputs")
+                raise DataError(f"input '{s.name}' has dtype {s.dtype}, which graphopt cannot generate; give real inputs (a .npz file or in-memory feeds)")
         feeds.append(feed)
     return feeds
 

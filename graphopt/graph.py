@@ -630,10 +630,10 @@ class Graph:
         kept = []
         for name, value in values.items():
             if name not in specs:
-                raise OptionError(f"--input-value: the model has no input '{name}' (inputs: {valid})")
+                raise OptionError(f"input value for '{name}': the model has no input '{name}' (inputs: {valid})")
             spec = specs[name]
             if spec.dtype == "unknown":
-                raise OptionError(f"--input-value {name}: the input has no tensor dtype to convert the value to")
+                raise OptionError(f"input value for '{name}': the input has no tensor dtype to convert the value to")
             dtype = np.dtype(spec.dtype)
             try:
                 raw = np.asarray(value)
@@ -647,13 +647,13 @@ class Graph:
                     raise ValueError(f"{name} is a bool input, got {value!r}")
                 arr = raw.astype(dtype)
             except (TypeError, ValueError) as e:
-                raise OptionError(f"--input-value {name}: {e}") from None
+                raise OptionError(f"input value for '{name}': {e}") from None
             if spec.is_static and int(np.prod(spec.shape, dtype=np.int64)) == arr.size:
                 arr = arr.reshape(spec.shape)
             elif arr.ndim != len(spec.shape) or any(
                     isinstance(d, int) and d != n for d, n in zip(spec.shape, arr.shape)):
                 raise OptionError(
-                    f"--input-value {name}: the input has shape {list(spec.shape)}, got {arr.size} value(s) "
+                    f"input value for '{name}': the input has shape {list(spec.shape)}, got {arr.size} value(s) "
                     f"of shape {list(arr.shape)}")
             g.graph.initializer.append(numpy_helper.from_array(arr, name))
             kept.append(name)
