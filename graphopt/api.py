@@ -64,7 +64,8 @@ def _as_pipeline(pipeline: Pipeline | str | os.PathLike | None, default: str, re
     if pipeline is None:
         return Pipeline.parse(default, registry)
     text = str(pipeline)
-    if text.endswith(".toml"):
+    # A Path is always a pipeline file; a string is pipeline text unless it names a .toml file.
+    if (isinstance(pipeline, os.PathLike) and not isinstance(pipeline, str)) or text.endswith(".toml"):
         return Pipeline.from_toml(text, registry)
     return Pipeline.parse(text, registry)
 
@@ -124,13 +125,17 @@ def optimize(
     """
     registry = registry or get_registry()
     data = data or DataSource()
-    check_outputs([("output", output), ("report", report)], model_inputs(model, data, pipeline))
+    # A large model is saved with its weights in '<output>.data' beside it: that file is an output too.
+    side = Path(str(output) + ".data") if output else None
+    check_outputs([("output", output), ("output's weights", side), ("report", report)],
+                  model_inputs(model, data, pipeline))
     with Reporting(report, command="optimize", model=_source_name(model), output=_opt_str(output)) as rep:
         pipe = _as_pipeline(pipeline, "cleanup", registry)
         rep.update(pipeline=str(pipe))
         dumps = dump_paths(pipe, dump_after, dump_dir)
         if dumps:
-            check_outputs([("output", output), ("report", report), *(("dump", d) for d in dumps)],
+            check_outputs([("output", output), ("output's weights", side), ("report", report),
+                           *(("dump", d) for d in dumps)],
                           model_inputs(model, data, pipeline))
             check_dumps(dumps)
         graph = _as_graph(model).with_input_shapes(input_shapes or {}).with_input_values(input_values or {})

@@ -158,7 +158,8 @@ def _data(args, attr="data"):
 
 
 def _pipeline(args):
-    return args.pipeline if args.pipeline else args.passes
+    # --pipeline always names a file, whatever its suffix; --passes is always text.
+    return Path(args.pipeline) if args.pipeline else args.passes
 
 
 def _kv(items, flag):

@@ -80,7 +80,7 @@ def model_inputs(model, data=None, pipeline=None) -> list[tuple[str, Path]]:
 
     ``model`` may be a path or a :class:`~graphopt.graph.Graph` (its ``source``
     counts when it is a file); ``data`` a path or a DataSource; ``pipeline`` a
-    path to a ``.toml`` file or anything else (ignored).
+    pipeline file (a ``Path``, or a string ending in ``.toml``) or anything else (ignored).
     """
     out: list[tuple[str, Path]] = []
     src = getattr(model, "source", model)
@@ -89,7 +89,8 @@ def model_inputs(model, data=None, pipeline=None) -> list[tuple[str, Path]]:
     dpath = getattr(data, "path", data) if data is not None else None
     if isinstance(dpath, (str, os.PathLike)):
         out.append(("data", Path(dpath)))
-    if isinstance(pipeline, (str, os.PathLike)) and str(pipeline).endswith(".toml"):
+    if (isinstance(pipeline, os.PathLike) and not isinstance(pipeline, str)) or \
+            (isinstance(pipeline, str) and pipeline.endswith(".toml")):
         out.append(("pipeline file", Path(pipeline)))
     return out
 

@@ -299,3 +299,30 @@ def test_output_failing_after_the_report_rewrites_the_report_as_failed(tmp_path)
     assert sorted(x.name for x in out.iterdir()) == ["r.json"]
     doc = json.loads((out / "r.json").read_text())
     assert doc["ok"] is False and doc["error"]["kind"] == "OutputError" and str(out / "o.onnx") in doc["error"]["message"]
+
+
+def test_output_whose_weights_file_would_overwrite_an_input_is_refused(tmp_path):
+    """A large model is saved as 'out.onnx' + 'out.onnx.data': the second file must not be an input either."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from graphopt.cli import main
+
+    w = np.arange(16, dtype=np.float32)
+    t = numpy_helper.from_array(w, "w")
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", "out.onnx.data"), ("offset", "0"), ("length", str(w.nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [16])], [t])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    (tmp_path / "out.onnx.data").write_bytes(w.tobytes())
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    before = (tmp_path / "out.onnx.data").read_bytes()
+    assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "-q"]) == 2
+    assert (tmp_path / "out.onnx.data").read_bytes() == before and not (tmp_path / "out.onnx").exists()

@@ -64,3 +64,19 @@ def test_toml_pipeline(tmp_path):
         graphopt.Pipeline.from_toml(f)
     with pytest.raises(OptionError, match="not found"):
         graphopt.Pipeline.from_toml(tmp_path / "missing.toml")
+
+
+def test_pipeline_file_need_not_end_in_toml(tmp_path, mlp_onnx, capsys):
+    """--pipeline always names a file: 'p.txt' holding TOML is read as TOML, not parsed as pipeline text."""
+    from .conftest import run_cli
+
+    p = tmp_path / "p.txt"
+    p.write_text('passes = ["eliminate-dead"]\n')
+    assert run_cli("optimize", mlp_onnx, "-o", tmp_path / "o.onnx", "--pipeline", p, "--json") == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["pipeline"] == "eliminate-dead"
+    assert run_cli("optimize", mlp_onnx, "-o", tmp_path / "o2.onnx", "--pipeline", tmp_path / "missing") == 2
+    assert "pipeline file not found" in capsys.readouterr().err
+    # ... and, being an input, it may not be an output
+    assert run_cli("optimize", mlp_onnx, "-o", p, "--pipeline", p) == 2
