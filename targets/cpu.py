@@ -19,7 +19,7 @@ from graphopt.graph import Graph
 from graphopt.options import Option
 from graphopt.target import LowerContext, Target
 
-from .relax_import import build_pipeline, import_graph, raise_if_unsupported, select_params
+from .relax_import import build_pipeline, import_graph, output_specs, raise_if_unsupported, select_params
 
 PORTABLE_CPU = {"x86_64": "x86-64-v2", "aarch64": "generic"}
 
@@ -125,6 +125,7 @@ class CpuTarget(Target):
             except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise LoweringError(f"{graph.source or 'model'}: TVM failed to compile for {mcpu}: {msg}") from e
+        outputs = output_specs(mod, graph)  # what the program returns, not what the model declared
         return {
             "target": {
                 "name": self.name,
@@ -135,6 +136,7 @@ class CpuTarget(Target):
                 "machine": platform.machine(),
             },
             "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu"}],
+            **({"outputs": outputs} if outputs else {}),
         }
 
     @classmethod

@@ -303,3 +303,31 @@ def build_pipeline():
 
     return tvm.transform.Sequential([relax.get_pipeline("default"), canonicalize_shape_funcs()],
                                     name="graphopt.build_pipeline")
+
+
+def output_specs(mod, graph: Graph) -> list[dict] | None:
+    """The graph outputs' specs as the imported program really returns them (``main``'s return type).
+
+    Exporters declare wrong output shapes (ddddocr declares ``[1, seqlen]`` for a
+    ``[T, 1, 8210]`` result), and passes keep what was declared; the Relax
+    importer computes each output's shape from the ops. Fixed dims become ints,
+    symbolic ones their variable's name, unknown ones ``"?"``. Returns None when
+    the return type does not line up with the graph's outputs (then the
+    declared specs stand).
+    """
+    from tvm import tirx
+
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    declared = graph.outputs
+    if len(fields) != len(declared):
+        return None
+    out = []
+    for spec, ty in zip(declared, fields):
+        shape = getattr(ty, "shape", None)
+        values = getattr(shape, "values", None)
+        if values is None:
+            return None
+        dims = [int(v) if isinstance(v, tirx.IntImm) else (v.name if isinstance(v, tirx.Var) else "?") for v in values]
+        out.append({"name": spec.name, "dtype": spec.dtype, "shape": dims})
+    return out

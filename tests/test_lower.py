@@ -146,3 +146,12 @@ def test_manifest_cannot_point_outside_the_artifact(tmp_path, mlp_onnx):
     mpath.write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="not a plain name"):
         graphopt.load(tmp_path / "m")
+
+
+def test_manifest_outputs_are_what_the_program_returns_not_what_the_model_declares(tmp_path):
+    """Exporters declare wrong output shapes (ddddocr: [1, seqlen] for [T, 1, 8210]): the manifest tells the truth."""
+    nodes = [helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0, 2], name="t")]
+    m = make_model(nodes, [vi("x", [2, 3, 4])], [vi("y", [1, "seqlen"])])
+    res = graphopt.lower(graphopt.Graph(m), "cpu", tmp_path / "m", verify=True)
+    assert res.manifest["outputs"] == [{"name": "y", "dtype": "float32", "shape": [3, 2, 4]}]
+    assert graphopt.load(tmp_path / "m").outputs[0].shape == (3, 2, 4)
