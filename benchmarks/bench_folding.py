@@ -156,21 +156,10 @@ def corpus(models: list[str]) -> list[dict]:
 
 HOSTILE = textwrap.dedent("""
     import json, resource, sys
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from graphopt.testing import hostile_constant_model
     sys.path.insert(0, sys.argv[2])
     from bench_folding import ENGINES, count_nodes
-    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"],
-                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
-             helper.make_node("Slice", ["big", "starts", "ends"], ["small"]),
-             helper.make_node("Add", ["x", "small"], ["y"])]
-    inits = [numpy_helper.from_array(np.array([1 << 28], np.int64), "shape"),
-             numpy_helper.from_array(np.array([0], np.int64), "starts"),
-             numpy_helper.from_array(np.array([4], np.int64), "ends")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    m = hostile_constant_model(1 << 28)
     import onnxruntime, onnxscript.optimizer, graphopt.plugins  # imported before the baseline
     graphopt.plugins.get_registry()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -263,3 +263,24 @@ def torch_models():
                     mod.weight.uniform_(0.5, 1.5)
                     mod.bias.uniform_(-0.2, 0.2)
     return models
+
+
+def hostile_constant_model(elements: int = 1 << 28, value: float = 0.0):
+    """A model of a few hundred bytes that asks for ``elements`` float32s: ``ConstantOfShape`` sliced to 4
+    values and added to the input ``x`` [4]. The memory-cap tests and benchmarks feed it to folding
+    engines, shape inference and the reference runtime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], name="big",
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [value])),
+             helper.make_node("Slice", ["big", "starts", "ends"], ["small"], name="slice"),
+             helper.make_node("Add", ["x", "small"], ["y"], name="add")]
+    inits = [numpy_helper.from_array(np.array([elements], np.int64), "shape"),
+             numpy_helper.from_array(np.array([0], np.int64), "starts"),
+             numpy_helper.from_array(np.array([4], np.int64), "ends")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m

@@ -18,6 +18,20 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("GRAPHOPT_MODEL_CACHE", REPO / ".cache" / "models"))
 
 
+def ops(g) -> list[str]:
+    """Op types of a Graph's main graph, in order."""
+    return [n.op_type for n in g.graph.node]
+
+
+def ort_run(g, feed):
+    """Outputs of ONNX Runtime (quiet) on a Graph."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(g.to_bytes(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
 def make_model(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="graphopt-tests")

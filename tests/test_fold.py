@@ -9,24 +9,14 @@ import textwrap
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 import graphopt
 from graphopt.errors import OptionError
 
-from .conftest import MODEL_CACHE, init, make_model, run_cli, vi
-
-
-def ops(g: graphopt.Graph) -> list[str]:
-    return [n.op_type for n in g.graph.node]
-
-
-def run(g: graphopt.Graph, feed):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(g.to_bytes(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+from .conftest import MODEL_CACHE, init, make_model, ops, run_cli, vi
+from .conftest import ort_run as run
 
 
 def all_ops(gp: onnx.GraphProto) -> list[str]:
@@ -86,22 +76,11 @@ def test_pads_from_shape_arithmetic_fold_once_dims_are_fixed():
 # ------------------------------------------------------------ intermediate caps
 HOSTILE = textwrap.dedent("""
     import resource, sys, json
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
     import graphopt
+    from graphopt.testing import hostile_constant_model
     from graphopt.passbase import PassContext
     # 1 GiB of float32 zeros from a few bytes; only 4 of them are kept.
-    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"],
-                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
-             helper.make_node("Slice", ["big", "starts", "ends"], ["small"]),
-             helper.make_node("Add", ["x", "small"], ["y"])]
-    inits = [numpy_helper.from_array(np.array([1 << 28], np.int64), "shape"),
-             numpy_helper.from_array(np.array([0], np.int64), "starts"),
-             numpy_helper.from_array(np.array([4], np.int64), "ends")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    m = hostile_constant_model(1 << 28)
     # The pass alone: the manager's statistics are measured elsewhere.
     p = graphopt.plugins.get_registry().get_pass(sys.argv[1])()
     import onnxruntime  # loaded before the baseline, like a pass that evaluates nodes

@@ -10,22 +10,12 @@ import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
 
 import graphopt
 
-from .conftest import init, make_model, vi
-
-
-def ops(g: graphopt.Graph) -> list[str]:
-    return [n.op_type for n in g.graph.node]
-
-
-def run(g: graphopt.Graph, feed):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(g.to_bytes(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+from .conftest import init, make_model, ops, vi
+from .conftest import ort_run as run
 
 
 def if_model(outer_only_in_branch: bool = True):

@@ -13,9 +13,11 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
-from .conftest import init, make_model, vi
+from graphopt.testing import hostile_constant_model
+
+from .conftest import make_model, vi
 
 #: Address space the child may use: python + torch-free graphopt + onnxruntime + tvm fit well inside.
 LIMIT = 3 << 30
@@ -23,17 +25,8 @@ LIMIT = 3 << 30
 
 def _hostile(tmp_path):
     """218 bytes: ConstantOfShape([2^30]) floats (4 GiB), sliced to 4 values and added to the input."""
-    nodes = [
-        helper.make_node("ConstantOfShape", ["shape"], ["big"], name="big",
-                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
-        helper.make_node("Slice", ["big", "st", "en"], ["small"], name="slice"),
-        helper.make_node("Add", ["x", "small"], ["y"], name="add"),
-    ]
-    m = make_model(nodes, [vi("x", [4])], [vi("y", [4])],
-                   [init("shape", np.array([1 << 30], np.int64)), init("st", np.array([0], np.int64)),
-                    init("en", np.array([4], np.int64))])
     p = tmp_path / "hostile.onnx"
-    onnx.save(m, p)
+    onnx.save(hostile_constant_model(1 << 30, value=1.0), p)
     return p
 
 

@@ -5,25 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 import graphopt
 from graphopt.errors import VerificationError
 from graphopt.passbase import PassContext
 from graphopt.plugins import Registry
 
-from .conftest import init, make_model, vi
-
-
-def ops(g: graphopt.Graph) -> list[str]:
-    return [n.op_type for n in g.graph.node]
-
-
-def ort_run(g: graphopt.Graph, feed):
-    s = ort.InferenceSession(g.to_bytes(), providers=["CPUExecutionProvider"])
-    return s.run(None, feed)
+from .conftest import init, make_model, ops, ort_run, vi
 
 
 def shape_chain_model():
