@@ -30,11 +30,12 @@ class Cleanup(GraphSurgeonPass):
 
     def rewrite(self, ir, ctx) -> None:
         stats = FoldStats()
+        folding = FoldConstants().opts  # fold-constants' defaults, not a second copy of them
         ident = dead = merged = saved = 0
         before = constant_names(ir.g)
         for _ in range(self.opts.max_rounds):
             folded_before = stats.folded + stats.inlined_ifs
-            fold(ir, ctx, cap_bytes=16 * (1 << 20), rounds=8, stats=stats)
+            fold(ir, ctx, cap_bytes=folding.max_mb * (1 << 20), rounds=folding.max_rounds, stats=stats)
             i = eliminate_identity(ir.g)
             d = eliminate_dead(ir.g)
             m, b = dedup_initializers(ir.g, {v.name for v in ir.init_inputs})
