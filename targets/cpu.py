@@ -120,7 +120,7 @@ class CpuTarget(Target):
         with step(ctx.progress, f"compile for {mcpu} (llvm)"):
             try:
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
-                    ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline())
+                    ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
                 ex.export_library(str(out_dir / "main.so"))
             except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -168,6 +168,20 @@ class CpuTarget(Target):
 
             programs[prog["name"]] = run
         return programs
+
+
+def cpu_pipeline(target):
+    """The Relax pipeline the CPU target compiles with: TVM's CPU pipeline plus graphopt's default schedules.
+
+    Every fused TIR function is offered to :func:`graphopt.targets.schedules.default_rules`
+    (first rule that claims it schedules it); a function no rule claims is
+    compiled as TVM legalized it.
+    """
+    from tvm.s_tir import dlight
+
+    from .schedules import default_rules
+
+    return build_pipeline(target, after_fusion=[dlight.ApplyDefaultSchedule(*default_rules())])
 
 
 def _device_params(artifact, dev) -> list:

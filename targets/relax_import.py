@@ -291,18 +291,44 @@ def canonicalize_shape_funcs():
     return _pass
 
 
-def build_pipeline():
-    """TVM's default Relax build pipeline, then :func:`canonicalize_shape_funcs`, for ``tvm.compile``.
+def build_pipeline(target=None, *, before_legalize=(), after_fusion=()):
+    """The Relax build pipeline for ``tvm.compile``, then :func:`canonicalize_shape_funcs`.
 
-    ``VMShapeLower`` runs near the end of the default pipeline (only
-    ``AttachGlobalSymbol`` follows it), so canonicalizing after the whole
-    pipeline sees its output unchanged.
+    Without arguments it is TVM's default pipeline. With a ``target`` it is
+    TVM's generic CPU pipeline (library dispatch, legalize, fold, fuse,
+    dataflow lowering, memory planning, VM lowering) with two hooks a target
+    fills in: ``before_legalize`` (Relax passes on high-level ops, e.g.
+    layout conversion) and ``after_fusion`` (passes on the fused TIR
+    functions, e.g. applying schedules). The passes run under ``target``, so
+    rules that read it (vector width, cores) see the one being built for.
+
+    ``VMShapeLower`` runs near the end (only ``AttachGlobalSymbol`` follows
+    it), so canonicalizing after the whole pipeline sees its output unchanged.
     """
     import tvm
     from tvm import relax
 
-    return tvm.transform.Sequential([relax.get_pipeline("default"), canonicalize_shape_funcs()],
-                                    name="graphopt.build_pipeline")
+    if target is None:
+        return tvm.transform.Sequential([relax.get_pipeline("default"), canonicalize_shape_funcs()],
+                                        name="graphopt.build_pipeline")
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    passes = [
+        *cpu.library_dispatch_passes(target),
+        *before_legalize,
+        *cpu.legalize_passes(target),
+        *after_fusion,
+        *cpu.dataflow_lower_passes(target),
+        *cpu.finalize_passes(target),
+        canonicalize_shape_funcs(),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.build_pipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
 
 
 def output_specs(mod, graph: Graph) -> list[dict] | None:
