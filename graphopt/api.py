@@ -30,7 +30,7 @@ from .pipeline import Pipeline
 from .plugins import Registry, get_registry
 from .reference import check_value_sizes, Comparison, compare_outputs
 from .stats import graph_stats
-from .target import LowerContext, Target
+from .target import LowerContext, Target, resolve_threads
 
 #: What `graphopt lower` runs when no pipeline is given: every lossless clean-up, plus the rewrites of
 #: Loop/Scan and LSTM/GRU/RNN into ops TVM imports (no-ops on graphs without them).
@@ -174,8 +174,17 @@ def lower(
     registry: Registry | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    threads: int | None = None,
+    tune: int = 0,
+    tuning_db: str | os.PathLike | None = None,
 ) -> RunResult:
     """Optimize then lower a model to an artifact directory at ``output``.
+
+    ``threads`` caps the threads the artifact runs with (default
+    ``$GRAPHOPT_THREADS``, else every core; recorded in the manifest).
+    ``tune`` spends that many tuning trials (0: default schedules only),
+    recording results in the tuning database ``tuning_db`` (default: under the
+    user's cache folder); targets that cannot tune ignore both.
 
     ``output`` defaults to ``build/<model stem>-<target>`` (see
     :func:`~graphopt.outputs.default_artifact_path`); it, ``report`` and the
@@ -211,7 +220,8 @@ def lower(
         graph, records = PassManager(pipe, ctx, registry).run(original)
         tgt.check(graph)
         check_value_sizes(graph)  # the importer evaluates constant subgraphs: no unbounded values
-        lctx = LowerContext(progress=progress)
+        lctx = LowerContext(progress=progress, threads=resolve_threads(threads), tune_trials=tune,
+                            tuning_db=Path(tuning_db) if tuning_db is not None else None)
         comparison = None
         native = ""
         with atomic_directory(output, replace_if=is_artifact) as tmp:

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="target option, e.g. mcpu=portable (repeatable)")
     p.add_argument("--verify", action="store_true", help="run the artifact and compare with ONNX Runtime")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads the artifact runs with (default: $GRAPHOPT_THREADS, else every core)")
+    p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="tune kernels with this many trials (default 0: default schedules, no tuning)")
+    p.add_argument("--tuning-db", metavar="DIR", help="tuning database folder (default: under the user's cache folder)")
     _pipeline_args(p, "default: the lossless clean-ups")
     _common(p)
 
@@ -224,6 +229,7 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
         input_values=input_values,
         data=data, verify=args.verify, verify_passes=not args.no_verify_passes,
         dump_after=args.dump_after, report=args.report, progress=_progress(args), atol=args.atol, rtol=args.rtol,
+        threads=args.threads, tune=args.tune, tuning_db=args.tuning_db,
     )
     debug_log.append(res.native_log)
     out.say(f"lowered {args.model} → {res.artifact} (target {args.target}, {res.manifest['target'].get('mcpu', '')})")

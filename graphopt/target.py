@@ -36,6 +36,52 @@ class LowerContext:
     params: list[str] = field(default_factory=list)
     progress: Any = None
     native_log: list[str] = field(default_factory=list)
+    #: Threads the compiled code may use (>= 1): ``threads=`` / ``--threads``, else the
+    #: ``GRAPHOPT_THREADS`` environment variable, else every core this process may run on.
+    threads: int = 1
+    #: Tuning trials to spend (0: no tuning, default schedules only) and the tuning database folder.
+    tune_trials: int = 0
+    tuning_db: Path | None = None
+
+
+THREADS_ENV = "GRAPHOPT_THREADS"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one, else the CPU count)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """The thread count to build and run with: ``threads``, else ``$GRAPHOPT_THREADS``, else every core.
+
+    Raises :class:`~graphopt.errors.OptionError` for a count below 1 or an
+    environment value that is not an integer. A count above the available
+    cores is kept (the user asked for it) — callers may warn.
+    """
+    import os
+
+    from .errors import OptionError
+
+    if threads is None:
+        env = os.environ.get(THREADS_ENV, "").strip()
+        if not env:
+            return available_cores()
+        try:
+            threads = int(env)
+        except ValueError:
+            raise OptionError(f"environment variable {THREADS_ENV}={env!r} is not an integer; set it to a thread count such as 2") from None
+        if threads < 1:
+            raise OptionError(f"environment variable {THREADS_ENV}={threads} must be at least 1")
+        return threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise OptionError(f"threads = {threads!r} must be an integer of at least 1")
+    return threads
 
 
 class Target:

@@ -44,10 +44,11 @@ def host_cpu() -> str:
     return codegen.llvm_get_system_cpu()
 
 
-def llvm_target(mcpu: str):
+def llvm_target(mcpu: str, cores: int | None = None):
+    """The LLVM target for ``mcpu``; ``num-cores`` (what schedules parallelize for) defaults to every core."""
     import tvm
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": cores or os.cpu_count() or 1})
 
 
 def isa_features(mcpu: str) -> list[str]:
@@ -114,7 +115,7 @@ class CpuTarget(Target):
         if missing:
             # Compiling works, but nothing built here could run or be verified here.
             ctx.native_log.append(f"note: building for {mcpu}, which uses {missing} that this CPU lacks")
-        target = llvm_target(mcpu)
+        target = llvm_target(mcpu, ctx.threads)
         with step(ctx.progress, "import into TVM Relax"):
             mod = import_graph(graph, ctx.params)
         with step(ctx.progress, f"compile for {mcpu} (llvm)"):
@@ -130,7 +131,8 @@ class CpuTarget(Target):
             "target": {
                 "name": self.name,
                 "options": dict(sorted(vars(self.opts).items())),
-                "tvm_target": {"kind": "llvm", "mcpu": mcpu, "triple": _triple()},
+                "tvm_target": {"kind": "llvm", "mcpu": mcpu, "triple": _triple(), "num-cores": ctx.threads},
+                "threads": ctx.threads,
                 "mcpu": mcpu,
                 "isa_features": features,
                 "machine": platform.machine(),
