@@ -228,6 +228,7 @@ def lower(
             with private_tempdir(tmp / SCRATCH_DIR):
                 lctx.params = tgt.select_params(graph)
                 weights = write_graph_and_weights(graph, lctx.params, tmp)
+                lctx.weights = weights
                 with capture_native_output() as nlog:
                     lowered = tgt.lower(graph, tmp, lctx)
                 native = nlog.text + "".join(s + "\n" for s in lctx.native_log)
@@ -238,7 +239,7 @@ def lower(
                 "pipeline": str(pipe),
                 "inputs": [s.to_json() for s in graph.inputs],
                 "outputs": [s.to_json() for s in graph.outputs],
-                "weights": weights,
+                "weights": weights,  # a target that packs weights returns a longer list
                 "versions": versions(),
                 **lowered,
             }

@@ -6,7 +6,10 @@ Layout (paths relative to the artifact directory)::
                     programs, versions, SHA-256 of every file
     model.onnx      the lowered Graph; its large initializers live in weights.bin
     weights.bin     the weights, 64-byte aligned, shared by model.onnx (ONNX external
-                    data, for the reference runtime) and the compiled programs
+                    data, for the reference runtime) and the compiled programs,
+                    followed by any weights a target prepacked at lower time
+                    (only programs read those; each program's ``params`` lists
+                    the weights it takes, by index)
     <program>.so    compiled code from the target
 
 The same Graph and options give byte-identical ``manifest.json``,
@@ -85,6 +88,43 @@ def write_graph_and_weights(graph: Graph, params: Sequence[str], out_dir: Path) 
             offset = start + n
     (out_dir / GRAPH_FILE).write_bytes(model.SerializeToString(deterministic=True))
     return index
+
+
+def append_weights(out_dir: Path, index: Sequence[Mapping], arrays: Sequence[np.ndarray],
+                   names: Sequence[str]) -> list[dict]:
+    """Append ``arrays`` to ``weights.bin`` (64-byte aligned, after the entries of ``index``); their index entries.
+
+    For weights only the compiled code reads, such as prepacked layouts:
+    ``model.onnx`` references the entries already there, and bytes after them
+    do not change what it reads.
+    """
+    path = out_dir / WEIGHTS_FILE
+    offset = max((int(e["offset"]) + int(e["nbytes"]) for e in index), default=0)
+    entries = []
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        f.truncate(offset)
+        for name, a in zip(names, arrays):
+            a = np.ascontiguousarray(a)
+            start = -(-offset // _ALIGN) * _ALIGN
+            f.seek(offset)
+            f.write(b"\0" * (start - offset))
+            f.write(a.tobytes())
+            entries.append({"name": name, "dtype": a.dtype.name, "shape": [int(d) for d in a.shape],
+                            "offset": start, "nbytes": int(a.nbytes)})
+            offset = start + a.nbytes
+    return entries
+
+
+def program_weights(manifest: Mapping, prog: Mapping, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The weights ``prog`` takes after its inputs: its ``params`` (indices into the manifest's weights), else all.
+
+    Artifacts written before prepacking have no ``params``: their programs take
+    every weight, in order.
+    """
+    refs = prog.get("params")
+    if refs is None:
+        return list(weights)
+    return [weights[i] for i in refs]
 
 
 def read_weights(art_dir: Path, index: Sequence[Mapping]) -> list[np.ndarray]:
@@ -216,6 +256,14 @@ def check_manifest(doc, mpath: Path) -> dict:
         if lib not in files:
             raise ArtifactError(f"{mpath}: program library '{lib}' is not among the hashed files; refusing to load "
                                 "code the manifest does not vouch for (damaged or unsafe artifact)")
+        refs = prog.get("params")
+        if refs is not None:
+            n_weights = len(doc.get("weights", [])) if isinstance(doc.get("weights", []), list) else 0
+            _expect(refs, list, w, f"programs[{i}].params")
+            for r in refs:
+                if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < n_weights:
+                    raise ArtifactError(f"{mpath}: programs[{i}].params holds {r!r}, not the index of a weight "
+                                        "(damaged manifest)")
     for key in ("inputs", "outputs"):
         for i, spec in enumerate(_expect(doc.get(key), list, w, f"'{key}'")):
             _expect(spec, dict, w, f"{key}[{i}]")

@@ -34,6 +34,9 @@ class LowerContext:
     """What lowering gets besides the Graph: weights already laid out, progress, log."""
 
     params: list[str] = field(default_factory=list)
+    #: The manifest's weight index of ``params`` as written to ``weights.bin`` (name, dtype, shape, offset, nbytes).
+    #: A target may return a longer ``"weights"`` list (see :func:`graphopt.artifact.append_weights`).
+    weights: list[dict] = field(default_factory=list)
     progress: Any = None
     native_log: list[str] = field(default_factory=list)
     #: Threads the compiled code may use (>= 1): ``threads=`` / ``--threads``, else the

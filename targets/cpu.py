@@ -14,11 +14,13 @@ import platform
 from pathlib import Path
 
 from graphopt.console import step
+from graphopt.artifact import program_weights
 from graphopt.errors import ArtifactError, LoweringError, OptionError
 from graphopt.graph import Graph
 from graphopt.options import Option
 from graphopt.target import LowerContext, Target
 
+from .prepack import lift_weight_transforms, run_weight_transforms
 from .relax_import import build_pipeline, import_graph, output_specs, raise_if_unsupported, select_params
 
 PORTABLE_CPU = {"x86_64": "x86-64-v2", "aarch64": "generic"}
@@ -118,15 +120,21 @@ class CpuTarget(Target):
         target = llvm_target(mcpu, ctx.threads)
         with step(ctx.progress, "import into TVM Relax"):
             mod = import_graph(graph, ctx.params)
-        with step(ctx.progress, f"compile for {mcpu} (llvm)"):
-            try:
+        outputs = output_specs(mod, graph)  # what the program returns, not what the model declared
+        try:
+            with step(ctx.progress, "prepack weights"):
+                with tvm.transform.PassContext(opt_level=self.opts.opt_level):
+                    mod, plan = lift_weight_transforms(mod, target, relax_passes(target), n_weights=len(ctx.params))
+                    weights, params = self._pack(plan, out_dir, ctx, target)
+                if plan.note:
+                    ctx.native_log.append(f"note: {plan.note}")
+            with step(ctx.progress, f"compile for {mcpu} (llvm)"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
                     ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
                 ex.export_library(str(out_dir / "main.so"))
-            except Exception as e:
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise LoweringError(f"{graph.source or 'model'}: TVM failed to compile for {mcpu}: {msg}") from e
-        outputs = output_specs(mod, graph)  # what the program returns, not what the model declared
+        except Exception as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise LoweringError(f"{graph.source or 'model'}: TVM failed to compile for {mcpu}: {msg}") from e
         return {
             "target": {
                 "name": self.name,
@@ -137,9 +145,32 @@ class CpuTarget(Target):
                 "isa_features": features,
                 "machine": platform.machine(),
             },
-            "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu"}],
+            "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu", "params": params}],
+            "weights": weights,
             **({"outputs": outputs} if outputs else {}),
         }
+
+    @staticmethod
+    def _pack(plan, out_dir: Path, ctx: LowerContext, target) -> tuple[list[dict], list[int]]:
+        """Run the plan's weight transforms; ``(manifest weight index, indices of main's weights)``."""
+        from graphopt.artifact import append_weights, read_weights
+
+        index = list(ctx.weights)
+        if not plan.any_packed:
+            return index, list(range(len(index)))
+        # Large weights go in as copy-on-write maps of weights.bin, not copies (a model may be several GiB).
+        originals = [_weight_view(out_dir, e, w) for e, w in zip(index, read_weights(out_dir, index))]
+        packed = run_weight_transforms(plan, originals, target)
+        names = [f"main.packed.{j}" for j in range(len(packed))]
+        index += append_weights(out_dir, index, packed, names)
+        refs, j = [], len(ctx.weights)
+        for src in plan.sources:
+            if src is None:
+                refs.append(j)
+                j += 1
+            else:
+                refs.append(src)
+        return index, refs
 
     @classmethod
     def load_programs(cls, artifact) -> dict:
@@ -157,8 +188,10 @@ class CpuTarget(Target):
             )
         programs = {}
         dev = tvm.cpu()
-        params = _device_params(artifact, dev)
+        loaded: dict[int, object] = {}
         for prog in artifact.manifest["programs"]:
+            wanted = program_weights(artifact.manifest, prog, list(range(len(artifact.weights))))
+            params = _device_params(artifact, dev, wanted, loaded)
             lib = tvm.runtime.load_module(str(artifact.path / prog["library"]))
             vm = relax.VirtualMachine(lib, dev)
             fn = vm[prog.get("entry", "main")]
@@ -170,6 +203,15 @@ class CpuTarget(Target):
 
             programs[prog["name"]] = run
         return programs
+
+
+def relax_passes(target) -> list:
+    """Relax passes on high-level ops before legalization (layout choices the schedules rely on).
+
+    They run before weight transforms are lifted, so any layout change they
+    make to a weight is done once at lower time (see :mod:`.prepack`).
+    """
+    return []
 
 
 def cpu_pipeline(target):
@@ -186,8 +228,30 @@ def cpu_pipeline(target):
     return build_pipeline(target, after_fusion=[dlight.ApplyDefaultSchedule(*default_rules())])
 
 
-def _device_params(artifact, dev) -> list:
-    """The weights as TVM tensors; large ones share the pages of weights.bin instead of being copied.
+def _device_params(artifact, dev, wanted, loaded: dict) -> list:
+    """The weights numbered ``wanted`` as TVM tensors, each made once (``loaded`` caches them across programs)."""
+    index = artifact.manifest.get("weights", [])
+    out = []
+    for i in wanted:
+        if i not in loaded:
+            loaded[i] = _device_param(artifact, dev, artifact.weights[i], index[i])
+        out.append(loaded[i])
+    return out
+
+
+def _weight_view(art_dir: Path, entry: dict, w):
+    """``w`` (a weight of ``weights.bin``), as a writable copy-on-write map when large, else as is."""
+    import numpy as np
+
+    from graphopt.artifact import WEIGHTS_FILE
+
+    if w.nbytes < 1 << 20:
+        return w
+    return np.memmap(art_dir / WEIGHTS_FILE, dtype=w.dtype, mode="c", offset=int(entry["offset"]), shape=w.shape)
+
+
+def _device_param(artifact, dev, w, entry):
+    """One weight as a TVM tensor; a large one shares the pages of weights.bin instead of being copied.
 
     A copy-on-write map (``mode="c"``) is writable, which DLPack export needs, yet
     shares the file's pages until written; the compiled program never writes
@@ -198,19 +262,14 @@ def _device_params(artifact, dev) -> list:
 
     from graphopt.artifact import WEIGHTS_FILE
 
-    index = artifact.manifest.get("weights", [])
-    out = []
-    for w, entry in zip(artifact.weights, index):
-        if w.nbytes >= 1 << 20:
-            try:
-                shared = np.memmap(artifact.path / WEIGHTS_FILE, dtype=w.dtype, mode="c",
-                                   offset=int(entry["offset"]), shape=w.shape)
-                out.append(tvm.runtime.from_dlpack(shared))
-                continue
-            except (BufferError, OSError, ValueError, TypeError, RuntimeError):
-                pass
-        out.append(tvm.runtime.tensor(w, dev))
-    return out
+    if w.nbytes >= 1 << 20:
+        try:
+            shared = np.memmap(artifact.path / WEIGHTS_FILE, dtype=w.dtype, mode="c",
+                               offset=int(entry["offset"]), shape=w.shape)
+            return tvm.runtime.from_dlpack(shared)
+        except (BufferError, OSError, ValueError, TypeError, RuntimeError):
+            pass
+    return tvm.runtime.tensor(w, dev)
 
 
 def _triple() -> str:
