@@ -1,0 +1,75 @@
+"""CPU schedule rule for row reductions with their prologues/epilogues: softmax, layer/RMS norm, mean.
+
+A variant of TVM's ``dlight.cpu.Reduction`` (same strategy: every block moved
+under the shared leading spatial loop, which is ``parallel``; injective blocks
+vectorized; the reduction's inner loop split and unrolled) with three changes:
+tiny functions stay on one thread, vectors never need a tail predicate (a
+predicated vector loop is scalarized by TVM), and a function the strategy does
+not fit (``compute_at`` refuses it) is declined instead of failing the build.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir.dlight.base import ScheduleRule
+
+from .common import normalized_blocks, static_extent, vector_lanes, vectorize_inner, work_size, worth_parallel, write_dtype_bits
+
+
+def _leading_s(dom_kind: str) -> int:
+    return len(dom_kind) - len(dom_kind.lstrip("S"))
+
+
+class RowReduction(ScheduleRule):
+    """Functions of >= 2 blocks, at least one a reduction, the last one injective, all starting with spatial axes.
+
+    Example: softmax = max (SR) -> exp (SS) -> sum (SR) -> divide (SS); layer
+    norm = mean/variance (SR) -> normalize (SS). The leading spatial axes
+    (batch, rows; symbolic ones included) are fused and run in parallel, each
+    row's blocks computed together while the row is in cache.
+    """
+
+    def apply(self, func, target, _tunable):
+        if "llvm" != target.kind.name:
+            return None
+        got = normalized_blocks(func)
+        if got is None:
+            return None
+        sch, infos = got
+        if len(infos) < 2 or all(i.is_injective() for i in infos) or not infos[-1].is_injective():
+            return None
+        kinds = [i.dom_kind() for i in infos]
+        if any(not k or k[0] != "S" for k in kinds):
+            return None
+        n_lead = min(_leading_s(k) for k in kinds)
+        if not n_lead:
+            return None
+        try:
+            self._schedule(sch, infos, n_lead, target)
+        except Exception:  # noqa: BLE001 - a primitive refused (e.g. compute_at): not a function for this rule
+            return None
+        return sch
+
+    @staticmethod
+    def _schedule(sch, infos, n_lead, target):
+        last = infos[-1].block_rv
+        lanes = vector_lanes(target, write_dtype_bits(sch, last))
+        loops = sch.get_loops(last)
+        spatial = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
+        if worth_parallel(target, work_size(sch, sch.get_loops(last))):
+            sch.parallel(spatial)
+        for info in reversed(infos[:-1]):
+            sch.compute_at(info.block_rv, spatial, preserve_unit_loops=True)
+        for info in infos:
+            inner = sch.get_loops(info.block_rv)
+            if len(inner) <= 1:
+                continue
+            if info.is_injective():
+                vectorize_inner(sch, inner[-1], lanes)
+            else:
+                ext = static_extent(sch, inner[-1])
+                if ext is not None and ext > lanes and ext % lanes == 0:
+                    # Unroll by a vector's worth: LLVM interleaves the independent
+                    # loads; a full unroll of a long row would bloat the code.
+                    _, r_in = sch.split(inner[-1], factors=[None, lanes])
+                    sch.annotate(r_in, ann_key="pragma_auto_unroll_max_step", ann_val=lanes)
+                    sch.annotate(r_in, ann_key="pragma_unroll_explicit", ann_val=1)
