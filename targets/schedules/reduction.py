@@ -19,6 +19,42 @@ def _leading_s(dom_kind: str) -> int:
     return len(dom_kind) - len(dom_kind.lstrip("S"))
 
 
+def _same_extents(a, b) -> bool:
+    """Whether two lists of loop extents (ints, or symbolic expressions) are the same."""
+    import tvm_ffi
+
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, int) or isinstance(y, int):
+            if not (isinstance(x, int) and isinstance(y, int) and x == y):
+                return False
+        elif not tvm_ffi.structural_equal(x, y):
+            return False
+    return True
+
+
+def _row_contiguous(sch, info) -> bool:
+    """Whether every input the reduction block reads along its innermost reduction axis has that axis last.
+
+    True for softmax / norms / mean over the last axis (each row is read
+    contiguously); False for a matrix-vector product reading ``W[k, n]`` along
+    ``k``, whose rows this strategy would walk with a stride.
+    """
+    from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+
+    r_vars = [it.var for it in info.iters if it.kind == "R"]
+    if not r_vars:
+        return True
+    r = r_vars[-1]
+    block = sch.get(info.block_rv)
+    for read in block.reads:
+        used = [collect_vars_used_in_prim_expr(rg.min) for rg in read.region]
+        if any(r in u for u in used) and (not used or r not in used[-1]):
+            return False
+    return True
+
+
 class RowReduction(ScheduleRule):
     """Functions of >= 2 blocks, at least one a reduction, the last one injective, all starting with spatial axes.
 
@@ -43,6 +79,13 @@ class RowReduction(ScheduleRule):
         n_lead = min(_leading_s(k) for k in kinds)
         if not n_lead:
             return None
+        lead_dom = infos[-1].dom()[:n_lead]
+        if any(not _same_extents(i.dom()[:n_lead], lead_dom) for i in infos):
+            # E.g. a convolution's padding block ([C, W+2]) before the conv ([K, W, C, R]):
+            # computing it under the output's loop would redo it for every output row.
+            return None
+        if any(not i.is_injective() and not _row_contiguous(sch, i) for i in infos):
+            return None  # e.g. a matrix-vector product: the reduction walks a column (GEMM / fallback)
         try:
             self._schedule(sch, infos, n_lead, target)
         except Exception:  # noqa: BLE001 - a primitive refused (e.g. compute_at): not a function for this rule
@@ -55,7 +98,9 @@ class RowReduction(ScheduleRule):
         lanes = vector_lanes(target, write_dtype_bits(sch, last))
         loops = sch.get_loops(last)
         spatial = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
-        if worth_parallel(target, work_size(sch, sch.get_loops(last))):
+        sizes = [work_size(sch, sch.get_loops(i.block_rv)) for i in infos]
+        work = None if any(w is None for w in sizes) else max(sizes)  # the reduction reads the most
+        if worth_parallel(target, work):
             sch.parallel(spatial)
         for info in reversed(infos[:-1]):
             sch.compute_at(info.block_rv, spatial, preserve_unit_loops=True)
