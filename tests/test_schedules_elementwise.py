@@ -105,14 +105,15 @@ def _chain_model(shape):
     )
 
 
-def test_elementwise_chain_is_one_parallel_vectorized_function(tmp_path):
+def test_elementwise_chain_is_one_parallel_function(tmp_path):
     shape = [4, 64, 256]
     res = _lower_and_check(tmp_path, _chain_model(shape), {"x": _f32(*shape)})
     target = _target()
     mod = _fused(res, target)
     rule, func = _scheduled(mod, "sigmoid", target)
     assert rule == "Injective"
-    assert {"parallel", "vectorized"} <= _loop_kinds(func)
+    # Parallel; the inner loop is left to LLVM (a TIR vector of exp calls is scalarized).
+    assert "parallel" in _loop_kinds(func) and "vectorized" not in _loop_kinds(func)
 
 
 @pytest.mark.parametrize("shape", [[1], [3], [17], [1, 3, 17], [5, 1, 33]])
@@ -187,7 +188,7 @@ def test_softmax(tmp_path, axis):
     rule, func = _scheduled(_fused(res, target), "softmax", target)
     if axis == -1:
         assert rule == "RowReduction"  # rows contiguous: all four blocks per row, in parallel
-        assert {"parallel", "vectorized"} <= _loop_kinds(func)
+        assert "parallel" in _loop_kinds(func)
     else:
         assert rule == "Fallback"  # a column softmax: each block parallel on its own
         assert "parallel" in _loop_kinds(func)
@@ -211,7 +212,7 @@ def test_layernorm_and_reductions(tmp_path):
     target = _target()
     mod = _fused(res, target)
     rule, func = _scheduled(mod, "layer_norm", target)
-    assert rule == "RowReduction" and {"parallel", "vectorized"} <= _loop_kinds(func)
+    assert rule == "RowReduction" and "parallel" in _loop_kinds(func)
     rule, func = _scheduled(mod, "argmax", target)
     assert rule == "RowReduction" and "parallel" in _loop_kinds(func)
     from graphopt.targets.schedules.elementwise import elementwise_rules
@@ -271,8 +272,11 @@ def test_avx2_and_portable_builds(tmp_path, mcpu):
     from graphopt.targets.schedules.common import vector_bits
 
     assert vector_bits(target) == (256 if mcpu == "x86-64-v3" else 128)
-    rule, func = _scheduled(_fused(res, target), "layer_norm", target)
-    assert rule == "RowReduction" and "vectorized" in _loop_kinds(func)
+    mod = _fused(res, target)
+    rule, func = _scheduled(mod, "layer_norm", target)
+    assert rule == "RowReduction"
+    rule, func = _scheduled(mod, "concat", target)
+    assert rule == "Injective" and "vectorized" in _loop_kinds(func)
 
 
 # ---------------------------------------------------------------- report

@@ -138,6 +138,32 @@ def vectorize_inner(sch, loop, lanes: int):
     return None
 
 
+# Calls that lower to one vector instruction (or a select); any other call in a
+# block (exp, tanh, erf, log, pow, sigmoid...) becomes a scalar libm call per
+# lane when the loop is vectorized in TIR, which is slower than leaving the
+# loop to LLVM (that only adds the lane extracts and inserts around the calls).
+VECTOR_FRIENDLY_CALLS = frozenset({
+    "if_then_else", "likely", "fabs", "floor", "ceil", "trunc", "round", "nearbyint", "sqrt", "fma",
+    "copysign", "reinterpret",
+})
+
+
+def has_scalar_calls(sch, block) -> bool:
+    """Whether the block computes something with a call that has no vector form (exp, tanh, erf, ...)."""
+    import tvm_ffi
+    from tvm import ir
+
+    found = []
+
+    def visit(call):
+        op = str(getattr(call.op, "name", ""))
+        if op.rsplit(".", 1)[-1] not in VECTOR_FRIENDLY_CALLS:  # "tirx.exp", "prim.if_then_else", ...
+            found.append(op)
+
+    tvm_ffi.structural_walk(sch.get(block).body, (ir.Call, visit), order="post")
+    return bool(found)
+
+
 def normalized_blocks(func):
     """``(schedule, block infos)`` of ``func`` in dlight's normal form, or None when it has none."""
     from tvm import s_tir, tirx

@@ -14,6 +14,7 @@ from __future__ import annotations
 from tvm.s_tir.dlight.base import ScheduleRule
 
 from .common import (
+    has_scalar_calls,
     normalized_blocks,
     num_cores,
     parallel_prefix,
@@ -133,7 +134,7 @@ def _schedule_spatial_nest(sch, info, target) -> None:
         loops = loops[:-2] + [fused]
     inner = loops[-1]
     outer = loops[:-1]
-    if not outer and par_ok and static_extent(sch, inner) is not None:
+    if not outer and par_ok and static_extent(sch, inner) is not None and not has_scalar_calls(sch, block):
         # A single loop: give it an outer part to share between the cores.
         ext = static_extent(sch, inner)
         if ext % lanes == 0 and ext // lanes >= num_cores(target):
@@ -143,7 +144,8 @@ def _schedule_spatial_nest(sch, info, target) -> None:
             return
     if par_ok and outer:
         parallel_prefix(sch, outer, target)
-    vectorize_inner(sch, inner, lanes)
+    if not has_scalar_calls(sch, block):
+        vectorize_inner(sch, inner, lanes)
 
 
 def _tile_transpose(sch, loops, t_axis: int, lanes: int, target, par_ok: bool) -> bool:

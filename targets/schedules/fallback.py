@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .common import normalized_blocks, parallel_prefix, vector_lanes, vectorize_inner, work_size, worth_parallel, write_dtype_bits
+from .common import has_scalar_calls, normalized_blocks, parallel_prefix, vector_lanes, vectorize_inner, work_size, worth_parallel, write_dtype_bits
 
 
 class Fallback(ScheduleRule):
@@ -50,7 +50,7 @@ class Fallback(ScheduleRule):
                 continue
             if lead == len(kind) and lead:
                 lanes = vector_lanes(target, write_dtype_bits(sch, info.block_rv))
-                if vectorize_inner(sch, loops[-1], lanes) is not None:
+                if not has_scalar_calls(sch, info.block_rv) and vectorize_inner(sch, loops[-1], lanes) is not None:
                     changed = True
                     loops = list(sch.get_loops(info.block_rv))[: lead - 1] if lead > 1 else []
                     lead = len(loops)
