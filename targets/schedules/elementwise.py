@@ -27,6 +27,12 @@ from .common import (
 )
 
 
+# Transposed slices (the two swapped axes) smaller than this are not tiled:
+# measured 0.9x for an [8,128,64] batch of 128x64 slices, 1.6-1.9x for
+# 256x256 and 512x512 slices (one core, minimum of interleaved rounds).
+TILE_MIN_ELEMENTS = 1 << 14
+
+
 def elementwise_rules() -> list:
     """The rules of this family, most specific first."""
     from .fallback import Fallback
@@ -161,6 +167,8 @@ def _tile_transpose(sch, loops, t_axis: int, lanes: int, target, par_ok: bool) -
     tile = lanes
     if ea is None or ez is None or ea % tile or ez % tile or ea < 2 * tile or ez < tile:
         return False
+    if ea * ez < TILE_MIN_ELEMENTS:
+        return False  # the whole slice sits in L1/L2: tiling only adds loop overhead
     a_o, a_i = sch.split(a, factors=[None, tile])
     z_o, z_i = sch.split(z, factors=[None, tile])
     sch.reorder(a_o, z_o, a_i, z_i)
