@@ -41,8 +41,11 @@ def vector_bits(target) -> int:
 
 
 def vector_lanes(target, dtype_bits: int) -> int:
-    """Elements of ``dtype_bits`` per SIMD register on ``target`` (at least 1)."""
-    return max(vector_bits(target) // max(int(dtype_bits), 1), 1)
+    """Elements of ``dtype_bits`` per SIMD register on ``target`` (at least 1).
+
+    Booleans (1 bit) count as bytes, as they are stored.
+    """
+    return max(vector_bits(target) // max(int(dtype_bits), 8), 1)
 
 
 def num_cores(target) -> int:

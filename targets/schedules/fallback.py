@@ -43,6 +43,8 @@ class Fallback(ScheduleRule):
             kind = info.dom_kind()
             if len(loops) != len(kind):
                 continue  # the nest changed shape while inlining: leave it as it is
+            if "O" in kind:
+                continue  # an opaque iterator (a scan, an in-place update): order matters, keep it serial
             lead = len(kind) - len(kind.lstrip("S"))
             if 0 < lead < len(kind) and kind[lead:] == "R" * (len(kind) - lead) and _column_reduction(sch, info):
                 _schedule_column_reduction(sch, info, loops, lead, target)
