@@ -1,11 +1,13 @@
 """CPU schedule rule for row reductions with their prologues/epilogues: softmax, layer/RMS norm, mean.
 
-A variant of TVM's ``dlight.cpu.Reduction`` (same strategy: every block moved
-under the shared leading spatial loop, which is ``parallel``; injective blocks
-vectorized; the reduction's inner loop split and unrolled) with three changes:
-tiny functions stay on one thread, vectors never need a tail predicate (a
-predicated vector loop is scalarized by TVM), and a function the strategy does
-not fit (``compute_at`` refuses it) is declined instead of failing the build.
+Strategy of TVM's ``dlight.cpu.Reduction``: every block moved under the
+shared leading spatial loop, which is ``parallel`` (when the work is large
+enough), so each row is reduced and normalized while it is in cache; the zero
+init of each reduction is hoisted out of its loop. Unlike dlight, the row loops
+are not vectorized or unrolled in TIR: LLVM's own vectorization of them
+measured 1.2-1.5x faster (fast softmax, layer norm, one core). A function the
+strategy does not fit (column reductions, blocks whose leading axes differ, a
+``compute_at`` that is refused) is declined instead of failing the build.
 """
 
 from __future__ import annotations
