@@ -224,8 +224,9 @@ def cpu_pipeline(target):
     from tvm.s_tir import dlight
 
     from .schedules import default_rules
+    from .schedules.report import report_pass
 
-    return build_pipeline(target, after_fusion=[dlight.ApplyDefaultSchedule(*default_rules())])
+    return build_pipeline(target, after_fusion=[report_pass(), dlight.ApplyDefaultSchedule(*default_rules())])
 
 
 def _device_params(artifact, dev, wanted, loaded: dict) -> list:
