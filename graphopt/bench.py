@@ -151,7 +151,7 @@ def bench(
     (``atol`` + ``rtol``·max|reference|), :class:`GraphoptError` subclasses for
     a bad artifact, feed or option. See the module doc for what is measured.
     """
-    from .artifact import GRAPH_FILE, MANIFEST, check_manifest, thread_cap
+    from .artifact import GRAPH_FILE, MANIFEST, _regular_file, check_manifest, sha256_file, thread_cap
     from .data import DataSource, check_feed
     from .graph import Graph, TensorSpec
     from .reference import compare_outputs
@@ -169,6 +169,10 @@ def bench(
         manifest = check_manifest(json.loads(mpath.read_text(encoding="utf-8")), mpath)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{mpath}: unreadable manifest: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for name, digest in manifest["files"].items():  # here too, so a damaged artifact fails before any worker starts
+        _regular_file(path / name, path)
+        if sha256_file(path / name) != digest:
+            raise ArtifactError(f"{path}: file '{name}' does not match its hash in the manifest (modified or damaged)")
     specs = [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in manifest["inputs"]]
     if feed is not None:
         feed = check_feed(feed, specs, "feed")
