@@ -52,12 +52,11 @@ MAX_CHUNK = 1000
 #: Seconds a worker may take to start and load its model before it is given up on.
 START_TIMEOUT = 600.0
 
-_WORKERS = {"graphopt": "graphopt", "ort": "onnxruntime"}
 
 
 @dataclass
 class _Worker:
-    kind: str
+    label: str
     proc: subprocess.Popen
     stderr_path: Path
 
@@ -71,7 +70,7 @@ class _Worker:
             line = ""
         if not line:
             self.proc.wait(timeout=30)
-            raise GraphoptError(f"the {_WORKERS[self.kind]} worker process died "
+            raise GraphoptError(f"the {self.label} worker process died "
                                 f"(exit {self.proc.returncode}): {self._last_words()}")
         reply = json.loads(line)
         if "error" in reply:
@@ -99,14 +98,14 @@ class _Worker:
                 self.proc.wait()
 
 
-def _start(kind: str, artifact: Path, feed_path: Path, threads: int | None, tmp: Path) -> _Worker:
-    err = tmp / f"{kind}.stderr"
-    cmd = [sys.executable, "-m", "graphopt.bench", "--worker", kind, str(artifact), str(feed_path),
-           str(threads or 0)]
-    env = dict(os.environ)
+def _start(label: str, spec: tuple, feed_path: Path, threads: int | None, tmp: Path) -> _Worker:
+    kind, where, *arg = spec
+    err = tmp / f"worker{len(list(tmp.glob('*.stderr')))}.stderr"
+    cmd = [sys.executable, "-m", "graphopt.bench", "--worker", kind, str(where), str(feed_path),
+           str(threads or 0), *(str(a) for a in arg)]
     with open(err, "wb") as ef:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=ef, text=True, env=env)
-    return _Worker(kind, proc, err)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=ef, text=True)
+    return _Worker(label, proc, err)
 
 
 def _stats(times: list[float], batch: int) -> dict:
@@ -129,8 +128,104 @@ def batch_of(feed: Mapping[str, np.ndarray], order) -> int:
     return int(first.shape[0]) if first is not None and first.ndim >= 1 else 1
 
 
-def bench(
-    artifact: str | os.PathLike,
+def measure(
+    runners: Mapping[str, tuple],
+    feed: Mapping[str, np.ndarray],
+    output_names,
+    *,
+    threads: int | None = None,
+    seconds: float = 3.0,
+    warmup: int = 5,
+    reference: str | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    profile: str | None = None,
+) -> dict:
+    """Time several runtimes on one feed, each in its own worker process, interleaved; the core of :func:`bench`.
+
+    ``runners`` maps a label to a spec, started and timed in this order:
+    ``("graphopt", artifact_dir)``, ``("ort", model.onnx)``, or
+    ``("python", "file.py:function", arg)`` where ``function(arg, feed, threads)``
+    returns ``(call, info)`` (``call()`` runs the model and returns its outputs
+    in ``output_names`` order). The first runner gets ``threads`` as a cap; when
+    it reports the count it runs with (a graphopt artifact does), every other
+    runner gets that count, else ``threads``.
+
+    Outputs are compared with ``reference``'s (``atol`` + ``rtol``·max|ref|); a
+    runner that disagrees is not timed and appears in ``"disagree"`` with the
+    reason. Returns ``{"runtimes": {label: stats}, "agreement": {label: ...},
+    "disagree": {label: summary}, "threads", "batch", "rounds", "seconds"}``;
+    stats hold median/p10/p90/mean/min ms, runs, throughput and the worker's
+    base and peak RSS (and ``profile`` for the runner named by ``profile``, a
+    graphopt one).
+    """
+    from .reference import compare_outputs
+
+    batch = batch_of(feed, list(feed))
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:  # mode 0700: only this user
+        tmp = Path(tmp)
+        feed_path = tmp / "feed.npz"
+        np.savez(feed_path, **{k: np.ascontiguousarray(v) for k, v in feed.items()})
+        workers: dict[str, _Worker] = {}
+        info: dict[str, dict] = {}
+        try:
+            n = threads
+            for i, (label, spec) in enumerate(runners.items()):
+                workers[label] = w = _start(label, spec, feed_path, n, tmp)
+                info[label] = w.ask(op="load")
+                if i == 0 and info[label].get("threads"):
+                    n = info[label]["threads"]
+            outs = {}
+            for label, w in workers.items():
+                out_path = tmp / f"out{len(outs)}.npz"
+                w.ask(op="check", path=str(out_path))
+                with np.load(out_path) as z:
+                    outs[label] = [z[f"o{i}"] for i in range(len(z.files))]
+            agreement, disagree = {}, {}
+            if reference is not None:
+                for label in workers:
+                    if label == reference:
+                        continue
+                    cmp = compare_outputs([outs[reference]], [outs[label]], list(output_names), atol=atol, rtol=rtol)
+                    agreement[label] = cmp.to_json()
+                    if not cmp.ok:
+                        disagree[label] = cmp.summary()
+            timed = [label for label in workers if label not in disagree]
+            per_call = {}
+            for label in timed:
+                per_call[label] = float(np.median(workers[label].ask(op="run", n=max(warmup, 1))["times"]))
+            chunk = {k: int(min(MAX_CHUNK, max(1, round(CHUNK_SECONDS / max(v, 1e-9))))) for k, v in per_call.items()}
+            times: dict[str, list[float]] = {k: [] for k in timed}
+            rounds = 0
+            start = time.perf_counter()
+            while timed and (rounds < MIN_ROUNDS or time.perf_counter() - start < seconds):
+                for label in timed:
+                    times[label] += workers[label].ask(op="run", n=chunk[label])["times"]
+                rounds += 1
+            measured = time.perf_counter() - start
+            prof = None
+            if profile in timed:
+                prof = workers[profile].ask(op="profile", n=max(3, min(50, chunk[profile] * 3)))["profile"]
+            mem = {label: w.ask(op="quit") for label, w in workers.items()}
+        finally:
+            for w in workers.values():
+                w.close()
+    runtimes = {}
+    for label in workers:
+        s = _stats(times[label], batch) if label in times else {}
+        s["peak_rss_bytes"] = mem[label]["peak_rss_bytes"]
+        s["base_rss_bytes"] = info[label]["base_rss_bytes"]
+        s["notes"] = info[label].get("notes", [])
+        if label in chunk:
+            s["chunk"] = chunk[label]
+        if label == profile and prof is not None:
+            s["profile"] = prof
+        runtimes[label] = s
+    return {"runtimes": runtimes, "agreement": agreement, "disagree": disagree, "threads": n, "batch": batch,
+            "rounds": rounds, "seconds": measured}
+
+
+def bench(    artifact: str | os.PathLike,
     feed: Mapping[str, np.ndarray] | None = None,
     *,
     inputs: str | os.PathLike | None = None,
@@ -179,69 +274,29 @@ def bench(
     else:
         source = DataSource(inputs, seed=seed, option="--inputs")
         feed = source.samples(Graph.load(path / GRAPH_FILE), limit=1)[0]
-    order = [s.name for s in specs]
-    batch = batch_of(feed, order)
+    batch = batch_of(feed, [s.name for s in specs])
 
-    with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:  # mode 0700: only this user
-        tmp = Path(tmp)
-        feed_path = tmp / "feed.npz"
-        np.savez(feed_path, **{k: np.ascontiguousarray(v) for k, v in feed.items()})
-        workers: dict[str, _Worker] = {}
-        try:
-            workers["graphopt"] = w = _start("graphopt", path, feed_path, threads, tmp)
-            info = {"graphopt": w.ask(op="load")}
-            n = info["graphopt"]["threads"]
-            workers["ort"] = w = _start("ort", path, feed_path, n, tmp)
-            info["ort"] = w.ask(op="load")
-            outs = {}
-            for kind, w in workers.items():
-                out_path = tmp / f"{kind}-out.npz"
-                w.ask(op="check", path=str(out_path))
-                with np.load(out_path) as z:
-                    outs[kind] = [z[f"o{i}"] for i in range(len(z.files))]
-            names = [o["name"] for o in manifest["outputs"]]
-            cmp = compare_outputs([outs["ort"]], [outs["graphopt"]], names, atol=atol, rtol=rtol)
-            if not cmp.ok:
-                raise VerificationError(f"{path}: outputs differ from ONNX Runtime: {cmp.summary()}; not timed")
-            per_call = {}
-            for kind, w in workers.items():
-                t = w.ask(op="run", n=max(warmup, 1))["times"]
-                per_call[kind] = float(np.median(t))
-            chunk = {k: int(min(MAX_CHUNK, max(1, round(CHUNK_SECONDS / max(v, 1e-9))))) for k, v in per_call.items()}
-            times: dict[str, list[float]] = {k: [] for k in workers}
-            rounds = 0
-            start = time.perf_counter()
-            while rounds < MIN_ROUNDS or time.perf_counter() - start < seconds:
-                for kind in ("ort", "graphopt"):
-                    times[kind] += workers[kind].ask(op="run", n=chunk[kind])["times"]
-                rounds += 1
-            measured = time.perf_counter() - start
-            prof = workers["graphopt"].ask(op="profile", n=max(3, min(50, chunk["graphopt"] * 3)))["profile"] \
-                if profile else None
-            mem = {kind: w.ask(op="quit") for kind, w in workers.items()}
-        finally:
-            for w in workers.values():
-                w.close()
-
-    result = {}
-    for kind, label in (("graphopt", "graphopt"), ("ort", "onnxruntime")):
-        s = _stats(times[kind], batch)
-        s["peak_rss_bytes"] = mem[kind]["peak_rss_bytes"]
-        s["base_rss_bytes"] = info[kind]["base_rss_bytes"]
-        s["chunk"] = chunk[kind]
-        result[label] = s
+    names = [o["name"] for o in manifest["outputs"]]
+    runners = {"graphopt": ("graphopt", path), "onnxruntime": ("ort", path / GRAPH_FILE)}
+    m = measure(runners, feed, names, threads=threads, seconds=seconds, warmup=warmup, reference="onnxruntime",
+                atol=atol, rtol=rtol, profile="graphopt" if profile else None)
+    if "graphopt" in m["disagree"]:
+        raise VerificationError(f"{path}: outputs differ from ONNX Runtime: {m['disagree']['graphopt']}; not timed")
+    result = m["runtimes"]
+    n = m["threads"]
+    prof = result["graphopt"].pop("profile", None)
     doc = {
         "ok": True,
         "artifact": str(path),
         "inputs": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in feed.items()},
-        "batch": batch,
+        "batch": m["batch"],
         "threads": n,
-        "notes": info["graphopt"].get("notes", []),
-        "agreement": cmp.to_json(),
+        "notes": result["graphopt"].pop("notes", []),
+        "agreement": m["agreement"]["graphopt"],
         **result,
         "ratio": result["graphopt"]["median_ms"] / result["onnxruntime"]["median_ms"],
-        "rounds": rounds,
-        "seconds": measured,
+        "rounds": m["rounds"],
+        "seconds": m["seconds"],
         "memory": "peak_rss_bytes: the worker process's peak resident set (getrusage ru_maxrss); base_rss_bytes: "
                   "its resident set before loading the model (Python, numpy, the runtime library)",
     }
@@ -327,8 +382,7 @@ def _graphopt_runner(artifact: str, feed: dict, threads: int):
     return call, {"threads": art.threads, "notes": art.notes, "base_rss_bytes": base}, profile
 
 
-def _ort_runner(artifact: str, feed: dict, threads: int):
-    from .artifact import GRAPH_FILE
+def _ort_runner(model: str, feed: dict, threads: int):
     from .reference import _ort_severity, onnxruntime
 
     ort = onnxruntime()
@@ -337,7 +391,7 @@ def _ort_runner(artifact: str, feed: dict, threads: int):
     so.log_severity_level = _ort_severity()
     if threads:
         so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(Path(artifact) / GRAPH_FILE), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
     run_feed = {k: np.ascontiguousarray(v) for k, v in feed.items() if k in wanted}
@@ -346,6 +400,22 @@ def _ort_runner(artifact: str, feed: dict, threads: int):
         return sess.run(names, run_feed)
 
     return call, {"threads": threads, "base_rss_bytes": base}, None
+
+
+def _python_runner(where: str, feed: dict, threads: int, arg: str = ""):
+    """``file.py:function``: ``function(arg, feed, threads)`` returns ``(call, info)``; ``call()`` returns the outputs."""
+    import importlib.util
+
+    file, _, func = where.rpartition(":")
+    spec = importlib.util.spec_from_file_location(f"_graphopt_bench_{Path(file).stem}", file)
+    if spec is None or not func:
+        raise OptionError(f"{where}: expected FILE.py:FUNCTION")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    base = _rss_bytes()  # after the module's imports (e.g. torch), before the model is built
+    call, info = getattr(module, func)(arg, feed, threads)
+    return call, {"threads": threads, **info, "base_rss_bytes": base}, None
 
 
 def _profile(art, args, n: int) -> list[dict]:
@@ -392,7 +462,7 @@ def _profile(art, args, n: int) -> list[dict]:
 
 def worker_main(argv: list[str]) -> int:
     """The child process: ``--worker KIND ARTIFACT FEED THREADS``; JSON requests on stdin, replies on stdout."""
-    kind, artifact, feed_path, threads = argv[0], argv[1], argv[2], int(argv[3])
+    kind, where, feed_path, threads, extra = argv[0], argv[1], argv[2], int(argv[3]), argv[4:]
     reply_stream = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a library prints to stdout goes to stderr, never into the replies
 
@@ -407,11 +477,13 @@ def worker_main(argv: list[str]) -> int:
             if op == "load":
                 with np.load(feed_path) as z:
                     feed = {k: z[k] for k in z.files}
-                runner = _graphopt_runner if kind == "graphopt" else _ort_runner
-                call, info, profile = runner(artifact, feed, threads)
+                runner = {"graphopt": _graphopt_runner, "ort": _ort_runner, "python": _python_runner}[kind]
+                call, info, profile = runner(where, feed, threads, *extra)
                 reply(info)
             elif op == "check":
                 outs = call()
+                outs = [outs] if isinstance(outs, np.ndarray) or hasattr(outs, "numpy") else list(outs)
+                outs = [o.numpy() if hasattr(o, "numpy") and not isinstance(o, np.ndarray) else o for o in outs]
                 np.savez(req["path"], **{f"o{i}": np.asarray(o) for i, o in enumerate(outs)})
                 reply({})
             elif op == "run":
@@ -431,7 +503,7 @@ def worker_main(argv: list[str]) -> int:
             reply({"error": str(e), "kind": type(e).__name__})
         except Exception as e:  # noqa: BLE001 - the runtime failed: one line back to the parent
             text = str(e).strip()
-            reply({"error": f"{_WORKERS[kind]} failed: {type(e).__name__}: {text.splitlines()[-1] if text else ''}",
+            reply({"error": f"{kind} worker: {type(e).__name__}: {text.splitlines()[-1] if text else ''}",
                    "kind": "GraphoptError"})
     return 0
 
