@@ -16,7 +16,7 @@ Runtime on the artifact's ``model.onnx`` in the other. The parent
    never inside a timed call;
 4. reports per runtime median/p10/p90 latency, throughput (batch / median, batch
    = leading dim of the first input), and memory: the worker's peak resident set
-   (``getrusage(RUSAGE_SELF).ru_maxrss``, native allocations included) and its
+   (Linux ``VmHWM``, native allocations included; see :func:`_peak_rss_bytes`) and its
    resident set just before the model was loaded (interpreter, numpy and the
    runtime library), so ``peak - base`` is what the model itself cost.
 
@@ -249,8 +249,6 @@ def bench(    artifact: str | os.PathLike,
     from .artifact import GRAPH_FILE, MANIFEST, _regular_file, check_manifest, sha256_file, thread_cap
     from .data import DataSource, check_feed
     from .graph import Graph, TensorSpec
-    from .reference import compare_outputs
-
     if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
         raise OptionError(f"seconds = {seconds!r} must be a positive number")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -274,7 +272,6 @@ def bench(    artifact: str | os.PathLike,
     else:
         source = DataSource(inputs, seed=seed, option="--inputs")
         feed = source.samples(Graph.load(path / GRAPH_FILE), limit=1)[0]
-    batch = batch_of(feed, [s.name for s in specs])
 
     names = [o["name"] for o in manifest["outputs"]]
     runners = {"graphopt": ("graphopt", path), "onnxruntime": ("ort", path / GRAPH_FILE)}
@@ -297,7 +294,7 @@ def bench(    artifact: str | os.PathLike,
         "ratio": result["graphopt"]["median_ms"] / result["onnxruntime"]["median_ms"],
         "rounds": m["rounds"],
         "seconds": m["seconds"],
-        "memory": "peak_rss_bytes: the worker process's peak resident set (getrusage ru_maxrss); base_rss_bytes: "
+        "memory": "peak_rss_bytes: the worker process's peak resident set (Linux VmHWM); base_rss_bytes: "
                   "its resident set before loading the model (Python, numpy, the runtime library)",
     }
     if prof is not None:
@@ -321,7 +318,7 @@ def format_report(doc: dict) -> list[str]:
                      f"{(f'{tp:.1f}' if tp is not None else '-'):>11} {human_bytes(s['peak_rss_bytes']):>10} "
                      f"{human_bytes(max(0, s['peak_rss_bytes'] - s['base_rss_bytes'])):>10} {s['runs']:>7}")
     lines.append(f"  graphopt / onnxruntime: {doc['ratio']:.2f}x latency (median / median; below 1 = faster)")
-    lines.append("  peak RSS: each runtime's own process, getrusage maxrss; (model) = peak minus the process "
+    lines.append("  peak RSS: each runtime's own process (VmHWM); (model) = peak minus the process "
                  "before loading")
     if doc.get("profile"):
         lines.append("  graphopt kernels (TVM VM instrument, separate runs; share of the time inside calls):")
@@ -353,6 +350,19 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak resident set: Linux ``VmHWM`` (this program image's own high-water mark).
+
+    Not ``getrusage().ru_maxrss`` on Linux: the kernel carries that over from
+    the forking parent across ``exec``, so a worker would report the parent's
+    size. Elsewhere ``ru_maxrss`` is the best there is.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -363,7 +373,6 @@ def _graphopt_runner(artifact: str, feed: dict, threads: int):
     from .artifact import Artifact
 
     try:  # the CPU target's runtime library, loaded before the base RSS is read
-        import tvm  # noqa: F401
         import tvm.relax  # noqa: F401
     except ImportError:
         pass
