@@ -174,7 +174,7 @@ def lower_model(model, graph, shapes, values, out_dir: Path, args, tune: int = 0
 
 def bench_model(model, args, workdir: Path) -> list[dict]:
     """Rows (one per batch) for one model; raises on a failure to build or lower it."""
-    from graphopt.bench import measure
+    from graphopt.bench import _ms, measure
 
     t0 = time.perf_counter()
     graph, shapes, values = bench_models.build(model, args.cache)
@@ -208,7 +208,7 @@ def bench_model(model, args, workdir: Path) -> list[dict]:
                "ratio_vs_ort": {k: v["median_ms"] / base for k, v in rt.items() if "median_ms" in v and base}}
         rows.append(row)
         print(f"[{model.name} b{batch}] " + ", ".join(
-            f"{k} {fmt_ms(v['median_ms'])} ms ({row['ratio_vs_ort'][k]:.2f}x)" for k, v in rt.items()
+            f"{k} {_ms(v['median_ms'])} ({row['ratio_vs_ort'][k]:.2f}x)" for k, v in rt.items()
             if "median_ms" in v) + "".join(f"; {k} WRONG: {v}" for k, v in m["disagree"].items()), flush=True)
     return rows
 

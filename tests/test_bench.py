@@ -107,3 +107,22 @@ def test_bad_artifact_or_arguments_exit_2_with_one_line(digits, tmp_path, capsys
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert json.loads(captured.out)["ok"] is False
+
+
+@pytest.mark.slow  # ~12 s on a quiet 2-core machine, much more on a busy one (three processes start)
+def test_benchmark_script_smoke(tmp_path):
+    """benchmarks/bench_cpu.py on the tiny digits model: a table row with both runtimes and the ratio."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, str(script), "--models", "digits", "--seconds", "0.1", "--warmup", "1",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| digits | 1 |" in proc.stdout and "not run" in proc.stdout and "geometric mean" in proc.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["threads"] == 1 and set(row["runtimes"]) == {"graphopt", "ort"}
+    assert row["ratio_vs_ort"]["graphopt"] == pytest.approx(
+        row["runtimes"]["graphopt"]["median_ms"] / row["runtimes"]["ort"]["median_ms"])
+    assert row["lower"]["artifact_bytes"] > 0 and row["agreement"]["graphopt"]["ok"]
