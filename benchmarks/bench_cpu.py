@@ -13,8 +13,8 @@ For each model (builders in ``benchmarks/models.py``) this script
    (graphopt default, graphopt tuned, ONNX Runtime on the default artifact's ``model.onnx`` with its
    default graph optimizations, torch eager under ``inference_mode`` for torch models), all on the
    same inputs and ``--threads`` threads; outputs are checked against ONNX Runtime first (a runtime
-   that disagrees is reported, never timed); then warm-up and interleaved rounds (ORT, graphopt,
-   tuned, torch, ORT, ...) for ``--seconds``;
+   that disagrees is reported, never timed); then warm-up and interleaved rounds (graphopt, tuned,
+   ORT, torch, graphopt, ...) for ``--seconds``;
 4. prints one markdown table: median latency, ratio to ONNX Runtime's median in the same run,
    lowering and tuning time, each runtime process's peak RSS, artifact size; and the geometric mean
    of the graphopt/ORT ratios.
@@ -51,10 +51,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import models as bench_models  # noqa: E402  (benchmarks/models.py, beside this script)
-
-COLUMNS = ("graphopt", "tuned", "ort", "torch")  # interleaving order is ort first, see RUN_ORDER
-RUN_ORDER = ("ort", "graphopt", "tuned", "torch")
-
 
 class StepTimes:
     """A stand-in for graphopt.console.Progress that records how long each named step took."""

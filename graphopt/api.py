@@ -281,3 +281,18 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
     is the count in effect and ``Artifact.notes`` say why it differs from either.
     """
     return Artifact(path, threads=threads)
+
+
+def bench(artifact: str | os.PathLike, feed: Mapping[str, Any] | None = None, **options) -> dict:
+    """Time an artifact next to ONNX Runtime on the same inputs and threads (what ``graphopt bench`` prints).
+
+    ``feed`` is ``{input name: array}`` (default: the first sample of
+    ``inputs=``, else generated from ``seed=``); ``options`` are those of
+    :func:`graphopt.bench.bench` (``threads``, ``seconds``, ``warmup``,
+    ``profile``, ``atol``, ``rtol``). Each runtime runs in a process of its
+    own; outputs that disagree raise :class:`VerificationError` before any
+    timing. Returns the measurement as a dict (see :func:`graphopt.bench.bench`).
+    """
+    from .bench import bench as run_bench
+
+    return run_bench(artifact, feed, **options)

@@ -9,8 +9,8 @@ Runtime on the artifact's ``model.onnx`` in the other. The parent
    then the ONNX Runtime worker with the same ``intra_op_num_threads``;
 2. has both compute the outputs once and checks they agree (a mismatch is a
    :class:`~graphopt.errors.VerificationError`, never timed);
-3. warms each up, then times them in interleaved rounds (ONNX Runtime, graphopt,
-   ONNX Runtime, ...) until ``seconds`` are spent (at least ``MIN_ROUNDS``
+3. warms each up, then times them in interleaved rounds (graphopt, ONNX Runtime,
+   graphopt, ...) until ``seconds`` are spent (at least ``MIN_ROUNDS``
    rounds); a round runs a chunk of calls per runtime (about 5 ms worth), each
    call timed on its own inside its worker, so the pipe between processes is
    never inside a timed call;
@@ -225,7 +225,8 @@ def measure(
             "rounds": rounds, "seconds": measured}
 
 
-def bench(    artifact: str | os.PathLike,
+def bench(
+    artifact: str | os.PathLike,
     feed: Mapping[str, np.ndarray] | None = None,
     *,
     inputs: str | os.PathLike | None = None,
@@ -249,6 +250,7 @@ def bench(    artifact: str | os.PathLike,
     from .artifact import GRAPH_FILE, MANIFEST, _regular_file, check_manifest, sha256_file, thread_cap
     from .data import DataSource, check_feed
     from .graph import Graph, TensorSpec
+
     if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
         raise OptionError(f"seconds = {seconds!r} must be a positive number")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -388,7 +390,8 @@ def _graphopt_runner(artifact: str, feed: dict, threads: int):
     def profile(n: int) -> list[dict]:
         return _profile(art, args, n)
 
-    return call, {"threads": art.threads, "notes": art.notes, "base_rss_bytes": base}, profile
+    cpu = art.manifest["target"]["name"] == "cpu"  # the profiler reads the CPU target's VM library
+    return call, {"threads": art.threads, "notes": art.notes, "base_rss_bytes": base}, profile if cpu else None
 
 
 def _ort_runner(model: str, feed: dict, threads: int):
