@@ -145,3 +145,20 @@ def test_cap_of_one_really_runs_on_one_thread(digits, tmp_path):
     if 2 in res:
         assert res[2]["threads"] == 2 and res[2]["num_threads"] == 2
         assert res[2]["busy_others"] >= 1
+
+
+def test_verify_gives_onnx_runtime_the_artifacts_thread_count(digits, monkeypatch):
+    import graphopt.api as api
+
+    seen = []
+    real = api.reference_session
+
+    def spy(graph, threads=0):
+        seen.append(threads)
+        return real(graph, threads)
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setattr(api, "reference_session", spy)
+    art = graphopt.load(digits, threads=1)
+    assert api.verify_artifact(art).ok
+    assert seen == [1]
