@@ -437,8 +437,10 @@ def _profile(art, args, n: int) -> list[dict]:
     """Per-kernel time of the artifact's ``main`` over ``n`` runs, from TVM's VM instrument hook.
 
     Each packed call (fused kernel or VM builtin) is timed with perf_counter
-    before and after it, so the figures include a few µs of hook overhead per
-    call: shares, not absolute kernel times. CPU target only.
+    before and after it; a kernel's time per run is the median of its calls
+    times its calls per run, so a call that the OS preempted (a busy machine)
+    does not dominate. The figures include the hook's own overhead (a few µs
+    per call): shares, not absolute kernel times. CPU target only.
     """
     import tvm
     from tvm import relax
@@ -448,8 +450,7 @@ def _profile(art, args, n: int) -> list[dict]:
     prog = art.manifest["programs"][0]
     dev = tvm.cpu()
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(art.path / prog["library"])), dev)
-    total: dict[str, float] = {}
-    calls: dict[str, int] = {}
+    durations: dict[str, list[float]] = {}
     started: dict[str, list[float]] = {}
     perf = time.perf_counter
 
@@ -458,8 +459,7 @@ def _profile(art, args, n: int) -> list[dict]:
         if before:
             started.setdefault(name, []).append(t)
         else:
-            total[name] = total.get(name, 0.0) + t - started[name].pop()
-            calls[name] = calls.get(name, 0) + 1
+            durations.setdefault(name, []).append(t - started[name].pop())
         return 0  # VMInstrumentReturnKind.NO_OP
 
     fn = vm[prog.get("entry", "main")]
@@ -467,11 +467,14 @@ def _profile(art, args, n: int) -> list[dict]:
     tensors = [tvm.runtime.tensor(a, dev) for a in args]
     fn(*tensors, *params)  # warm (allocations happen on the first call)
     vm.set_instrument(instrument)
+    fn(*tensors, *params)  # and once with the hook (its own first-call costs)
+    durations.clear()
     for _ in range(n):
         fn(*tensors, *params)
-    whole = sum(total.values()) or 1.0
-    rows = [{"name": k, "ms_per_run": v / n * 1e3, "share": v / whole, "calls_per_run": calls[k] / n}
-            for k, v in total.items()]
+    per_run = {k: float(np.median(d)) * len(d) / n for k, d in durations.items()}
+    whole = sum(per_run.values()) or 1.0
+    rows = [{"name": k, "ms_per_run": v * 1e3, "share": v / whole, "calls_per_run": len(durations[k]) / n}
+            for k, v in per_run.items()]
     return sorted(rows, key=lambda r: -r["ms_per_run"])
 
 
