@@ -478,9 +478,23 @@ def _profile(art, args, n: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_run"])
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel send this worker SIGTERM when its parent dies (a killed benchmark leaves no
+    worker computing on); elsewhere the worker ends at its next request, when stdin is closed."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def worker_main(argv: list[str]) -> int:
     """The child process: ``--worker KIND ARTIFACT FEED THREADS``; JSON requests on stdin, replies on stdout."""
     kind, where, feed_path, threads, extra = argv[0], argv[1], argv[2], int(argv[3]), argv[4:]
+    _die_with_parent()
     reply_stream = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a library prints to stdout goes to stderr, never into the replies
 
