@@ -213,8 +213,7 @@ def bench_model(model, args, workdir: Path) -> list[dict]:
 
 
 def fmt_ms(ms: float) -> str:
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
+    """Milliseconds with 3 significant digits (the table's columns are all in ms)."""
     if ms >= 100:
         return f"{ms:.0f}"
     if ms >= 10:
