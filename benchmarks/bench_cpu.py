@@ -1,31 +1,30 @@
 #!/usr/bin/env python
-"""CPU benchmark: graphopt's lowered TVM artifact vs ONNX Runtime (and torch eager), measured in one run.
+"""CPU benchmark: ONE table, model × batch × {graphopt default, graphopt tuned, ONNX Runtime fp32, torch eager}.
 
-For each model this script
+For each model (builders in ``benchmarks/models.py``) this script
 
-1. builds the ONNX graph (torch test models: ``graphopt.capture`` at their example
-   batch size, static shapes; real models: the pre-trained .onnx from
-   ``graphopt.testing.fetch_real_model`` with its symbolic dims fixed);
-2. times ``graphopt.lower(graph, "cpu", ...)`` end to end (passes + TVM import +
-   TVM compile + writing the artifact), and separately the TVM compile step;
-3. runs the artifact (``art.programs["main"](arrays)``, no Python-side checks),
-   ONNX Runtime on the same ONNX model (default session options,
-   CPUExecutionProvider) and, for torch models, torch eager under
-   ``torch.inference_mode``, all on the same inputs and with ``--threads``
-   threads (default ``os.cpu_count()``), and checks the outputs agree (a
-   mismatching TVM result is reported, never timed);
-4. times them interleaved (ORT, TVM, torch, ORT, TVM, torch, ...) after a warm-up,
-   with a repeat count chosen per runtime so each measurement takes about
-   ``--target-seconds`` (at least ``--min-runs`` runs, at most ``--max-seconds``);
-5. prints median / p10 / p90 latency and each runtime's median as a ratio of ONNX
-   Runtime's median in the same run (ORT = 1.00x).
+1. builds the ONNX graph (torch models captured with ``graphopt.capture``; ``resnet18`` and
+   ``encoder`` with a dynamic batch, so ONE artifact serves batch 1 and 8; real models from the
+   corpus with their shapes and fixed values);
+2. lowers it with ``graphopt.lower`` (default schedules), timing the whole call; with ``--tune
+   TRIALS`` lowers it a second time with ``tune=TRIALS, tuning_db=--tuning-db`` (otherwise the
+   tuned column says "not run");
+3. per batch, runs ``graphopt.bench.measure``: every runtime in a worker process of its own
+   (graphopt default, graphopt tuned, ONNX Runtime on the default artifact's ``model.onnx`` with its
+   default graph optimizations, torch eager under ``inference_mode`` for torch models), all on the
+   same inputs and ``--threads`` threads; outputs are checked against ONNX Runtime first (a runtime
+   that disagrees is reported, never timed); then warm-up and interleaved rounds (graphopt, tuned,
+   ORT, torch, graphopt, ...) for ``--seconds``;
+4. prints one markdown table: median latency, ratio to ONNX Runtime's median in the same run,
+   lowering and tuning time, each runtime process's peak RSS, artifact size; and the geometric mean
+   of the graphopt/ORT ratios.
 
 Usage::
 
-    python benchmarks/bench_cpu.py                         # all six models
-    python benchmarks/bench_cpu.py --models mlp,cnn --repeat 50 --json out.json
-    python benchmarks/bench_cpu.py --cache ~/.cache/graphopt/models
-    python benchmarks/bench_cpu.py --threads 1                # single-thread comparison
+    python benchmarks/bench_cpu.py                          # every model, default settings
+    python benchmarks/bench_cpu.py --models mlp,resnet18 --json out.json
+    python benchmarks/bench_cpu.py --tune 2000 --tuning-db ~/.cache/graphopt/tuning
+    python benchmarks/bench_cpu.py --threads 1              # single-thread comparison
 
 Absolute times depend on the machine and its load; compare ratios from one run.
 """
@@ -48,14 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-TORCH_MODELS = ("mlp", "cnn", "transformer")
-REAL_MODEL_NAMES = ("magika", "ppocr-cls", "ppocrv4-det")
-ALL_MODELS = TORCH_MODELS + REAL_MODEL_NAMES
-RUNTIMES = ("ort", "tvm", "torch")  # order within one round
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-# --------------------------------------------------------------------------- helpers
-
+import models as bench_models  # noqa: E402  (benchmarks/models.py, beside this script)
 
 class StepTimes:
     """A stand-in for graphopt.console.Progress that records how long each named step took."""
@@ -129,232 +124,96 @@ def environment() -> dict:
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "machine": platform.machine(),
         "platform": platform.platform(),
-        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
+        "tvm_num_threads_env": os.environ.get("TVM_NUM_THREADS"),
         "loadavg_start": loadavg(),
         "git": git_commit(),
         "versions": vers,
     }
 
 
-def stats(times: list[float]) -> dict:
-    a = np.asarray(times, dtype=np.float64)
-    return {
-        "runs": int(a.size),
-        "median_ms": float(np.median(a) * 1e3),
-        "p10_ms": float(np.percentile(a, 10) * 1e3),
-        "p90_ms": float(np.percentile(a, 90) * 1e3),
-        "min_ms": float(a.min() * 1e3),
-        "mean_ms": float(a.mean() * 1e3),
-    }
+def isa_summary() -> str:
+    from graphopt.targets.cpu import host_isa_features
+
+    f = host_isa_features()
+    if "avx512f" in f:
+        isa = "AVX-512" + ("+VNNI" if "avx512vnni" in f else "") + ("+AMX" if "amx-tile" in f else "")
+    elif "avx2" in f and "fma" in f:
+        isa = "AVX2+FMA"
+    elif "sse4.2" in f:
+        isa = "SSE4.2"
+    else:
+        isa = platform.machine()
+    return isa
 
 
-def max_abs_diff(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
-    """Worst |got - ref| over all outputs (inf on a shape mismatch or a NaN/inf disagreement)."""
-    if len(ref) != len(got):
-        return float("inf")
-    worst = 0.0
-    for r, g in zip(ref, got):
-        r = np.asarray(r, dtype=np.float64)
-        g = np.asarray(g, dtype=np.float64)
-        if r.shape != g.shape:
-            return float("inf")
-        fr, fg = np.isfinite(r), np.isfinite(g)
-        if not np.array_equal(fr, fg) or not np.array_equal(r[~fr], g[~fg]):
-            return float("inf")
-        if r.size:
-            worst = max(worst, float(np.abs(r[fr] - g[fg]).max(initial=0.0)))
-    return worst
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
 
 
-def agree(ref: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> bool:
-    from graphopt.reference import compare_outputs
-
-    names = [f"out{i}" for i in range(len(ref))]
-    return len(ref) == len(got) and compare_outputs([ref], [got], names, atol=atol, rtol=rtol).ok
-
-
-# --------------------------------------------------------------------------- models
+def tuning_seconds(steps: dict) -> float | None:
+    """Seconds in lowering steps whose label names tuning (what the tuner reports as its own step)."""
+    tuned = [v for k, v in steps.items() if "tun" in k.lower()]
+    return sum(tuned) if tuned else None
 
 
-class Skip(Exception):
-    """The model cannot be benchmarked here (e.g. its download failed); the message says why."""
-
-
-_TORCH_MODELS = None
-
-
-def load_model(name: str, cache_dir):
-    """``(graph, input_shapes, feed, torch_module, torch_inputs, info)`` for one model, or raise :class:`Skip`."""
-    global _TORCH_MODELS
-    import graphopt
-    from graphopt.data import generate_inputs
-    from graphopt.graph import Graph
-    from graphopt.testing import REAL_MODELS, fetch_real_model
-
-    if name in TORCH_MODELS:
-        if _TORCH_MODELS is None:
-            from graphopt.testing import torch_models
-
-            _TORCH_MODELS = torch_models()
-        module, example = _TORCH_MODELS[name]
-        t0 = time.perf_counter()
-        graph = graphopt.capture(module, example)
-        info = {"capture_s": time.perf_counter() - t0}
-        feed = {s.name: t.detach().cpu().numpy() for s, t in zip(graph.inputs, example)}
-        return graph, None, feed, module, tuple(example), info
-    try:
-        path = fetch_real_model(name, cache_dir)
-    except Exception as e:  # noqa: BLE001 - ModelUnavailable or any other fetch problem: a skip, not a crash
-        raise Skip(f"model not available: {type(e).__name__}: {e}") from e
-    spec = REAL_MODELS[name]
-    graph = Graph.load(path)
-    feed = generate_inputs(graph.with_input_shapes(spec.input_shapes), seed=0)[0]
-    return graph, dict(spec.input_shapes), feed, None, None, {"path": str(path)}
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def warmup(fn, min_calls: int, min_seconds: float, max_seconds: float) -> list[float]:
-    """Call ``fn`` at least ``min_calls`` times and for ``min_seconds``, stopping after ``max_seconds``."""
-    times = []
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        spent = time.perf_counter() - start
-        if (len(times) >= min_calls and spent >= min_seconds) or spent >= max_seconds:
-            return times
-
-
-def plan_runs(per_call: float, args) -> int:
-    if args.repeat:
-        return args.repeat
-    n = max(args.min_runs, math.ceil(args.target_seconds / max(per_call, 1e-7)))
-    n = min(n, args.max_runs)
-    if n * per_call > args.max_seconds:  # a slow runtime: stay inside the per-measurement cap
-        n = max(args.floor_runs, int(args.max_seconds / per_call))
-    return n
-
-
-def measure(fns: dict, counts: dict, budget_s: float, floor_runs: int) -> dict[str, list[float]]:
-    """Time each ``fns[r]`` ``counts[r]`` times, interleaved round by round and spread evenly.
-
-    Runtime r runs in round i when floor((i+1)*n_r/R) > floor(i*n_r/R), R = max n_r,
-    so a runtime with fewer runs still has them spread across the whole measurement.
-    A runtime stops early once its timed runs add up to ``budget_s`` (and it has
-    ``floor_runs``), so a runtime that turns slow mid-way cannot stall the benchmark.
-    """
-    rounds = max(counts.values())
-    times = {r: [] for r in fns}
-    spent = dict.fromkeys(fns, 0.0)
-    perf = time.perf_counter
-    for i in range(rounds):
-        for r, fn in fns.items():
-            n = counts[r]
-            if (i + 1) * n // rounds > i * n // rounds and (spent[r] < budget_s or len(times[r]) < floor_runs):
-                t0 = perf()
-                fn()
-                dt = perf() - t0
-                times[r].append(dt)
-                spent[r] += dt
-    return times
-
-
-# --------------------------------------------------------------------------- one model
-
-
-def bench_model(name, graph, input_shapes, feed, module, example, info, args, workdir) -> dict:
-    import onnxruntime as ort
-
+def lower_model(model, graph, shapes, values, out_dir: Path, args, tune: int = 0) -> dict:
     import graphopt
 
-    rec: dict = {"model": name, **info}
-    ref_graph = graph.with_input_shapes(input_shapes or {})
-    rec["inputs"] = {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in feed.items()}
-
-    # --- compile
-    out_dir = Path(workdir) / name
     steps = StepTimes()
     t0 = time.perf_counter()
-    graphopt.lower(graph, "cpu", out_dir, input_shapes=input_shapes, progress=steps)
-    rec["compile_s"] = time.perf_counter() - t0
-    rec["compile_steps_s"] = steps.times
-    rec["tvm_compile_s"] = next((v for k, v in steps.times.items() if k.startswith("compile for")), None)
-    art = graphopt.load(out_dir)
-    prog = art.programs["main"]
-    tvm_args = [np.ascontiguousarray(feed[s.name]) for s in art.inputs]
+    graphopt.lower(graph, "cpu", out_dir, input_shapes=shapes or None, input_values=values or None,
+                   progress=steps, threads=args.threads, tune=tune,
+                   tuning_db=args.tuning_db if tune else None)
+    return {"lower_s": time.perf_counter() - t0, "steps_s": steps.times, "tune_s": tuning_seconds(steps.times),
+            "artifact_bytes": dir_bytes(out_dir), "path": str(out_dir)}
 
-    # --- runtimes
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    sess = ort.InferenceSession(ref_graph.to_bytes(), so, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
-    fns = {
-        "ort": lambda: sess.run(out_names, feed),
-        "tvm": lambda: prog(tvm_args),
-    }
-    if module is not None:
-        import torch
 
-        torch.set_num_threads(args.threads)
-        tin = tuple(example)
-
-        def run_torch():
-            with torch.inference_mode():
-                return module(*tin)
-
-        fns["torch"] = run_torch
-
-    # --- correctness (also the first warm-up call of each runtime)
-    ref = [np.asarray(x) for x in sess.run(out_names, feed)]
-    got = prog(tvm_args)
-    rec["tvm_max_abs_diff"] = max_abs_diff(ref, got)
-    rec["tvm_ok"] = agree(ref, got, args.atol, args.rtol)
-    if "torch" in fns:
-        import torch
-
-        tout = fns["torch"]()
-        touts = [tout] if isinstance(tout, torch.Tensor) else list(tout)
-        touts = [t.detach().cpu().numpy() for t in touts]
-        rec["torch_max_abs_diff"] = max_abs_diff(ref, touts)
-        rec["torch_ok"] = agree(ref, touts, args.atol, args.rtol)
-    if not rec["tvm_ok"]:
-        rec["tvm_skipped"] = (f"TVM output differs from ONNX Runtime (max abs diff {rec['tvm_max_abs_diff']:.3g}, "
-                              f"tolerance {args.atol:g} + {args.rtol:g}*max|ref|): not timed")
-        del fns["tvm"]
-    if "torch" in fns and not rec["torch_ok"]:
-        rec["torch_skipped"] = "torch output differs from ONNX Runtime: not timed"
-        del fns["torch"]
-
-    # --- warm-up, then plan a repeat count per runtime from the warm-up's median call time
-    counts = {}
-    rec["warmup_ms"] = {}
-    for r, fn in fns.items():
-        w = warmup(fn, args.warmup, args.warmup_seconds, args.max_seconds / 2)
-        rec["warmup_ms"][r] = [t * 1e3 for t in w]
-        per_call = float(np.median(w[1:] if len(w) > 1 else w))
-        counts[r] = plan_runs(per_call, args)
-    rec["planned_runs"] = counts
+def bench_model(model, args, workdir: Path) -> list[dict]:
+    """Rows (one per batch) for one model; raises on a failure to build or lower it."""
+    from graphopt.bench import _ms, measure
 
     t0 = time.perf_counter()
-    times = measure(fns, counts, max(args.max_seconds, args.target_seconds), args.floor_runs)
-    rec["measure_s"] = time.perf_counter() - t0
-    rec["loadavg"] = loadavg()
-    rec["times_ms"] = {r: [t * 1e3 for t in ts] for r, ts in times.items()}
-    rec["stats"] = {r: stats(ts) for r, ts in times.items()}
-    base = rec["stats"]["ort"]["median_ms"]
-    rec["ratio_vs_ort"] = {r: s["median_ms"] / base for r, s in rec["stats"].items()}
-    return rec
+    graph, shapes, values = bench_models.build(model, args.cache)
+    build_s = time.perf_counter() - t0
+    default = lower_model(model, graph, shapes, values, workdir / model.name, args)
+    tuned = None
+    if args.tune:
+        tuned = lower_model(model, graph, shapes, values, workdir / f"{model.name}-tuned", args, tune=args.tune)
+    import graphopt
+
+    art = graphopt.load(default["path"], threads=args.threads)  # reads the manifest: input/output names
+    names = [o.name for o in art.outputs]
+    rows = []
+    for batch in model.batches:
+        feed = bench_models.feed(model, batch)
+        runners = {"graphopt": ("graphopt", default["path"])}
+        if tuned:
+            runners["tuned"] = ("graphopt", tuned["path"])
+        runners["ort"] = ("ort", str(Path(default["path"]) / "model.onnx"))
+        if model.kind == "torch":
+            runners["torch"] = ("python", f"{HERE / 'models.py'}:torch_runner", model.name)
+        # graphopt first: it fixes the thread count every other runtime gets.
+        m = measure(runners, feed, names, threads=args.threads, seconds=args.seconds, warmup=args.warmup,
+                    reference="ort", atol=args.atol, rtol=args.rtol)
+        rt = m["runtimes"]
+        base = rt["ort"].get("median_ms")
+        row = {"model": model.name, "about": model.about, "batch": batch, "threads": m["threads"],
+               "build_s": build_s, "lower": default, "tuned_lower": tuned, "runtimes": rt,
+               "agreement": m["agreement"], "disagree": m["disagree"], "rounds": m["rounds"],
+               "measure_s": m["seconds"], "loadavg": loadavg(),
+               "ratio_vs_ort": {k: v["median_ms"] / base for k, v in rt.items() if "median_ms" in v and base}}
+        rows.append(row)
+        print(f"[{model.name} b{batch}] " + ", ".join(
+            f"{k} {_ms(v['median_ms'])} ({row['ratio_vs_ort'][k]:.2f}x)" for k, v in rt.items()
+            if "median_ms" in v) + "".join(f"; {k} WRONG: {v}" for k, v in m["disagree"].items()), flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------- output
 
 
 def fmt_ms(ms: float) -> str:
-    if ms >= 1000:
-        return f"{ms / 1000:.2f}s"
+    """Milliseconds with 3 significant digits (the table's columns are all in ms)."""
     if ms >= 100:
         return f"{ms:.0f}"
     if ms >= 10:
@@ -364,123 +223,122 @@ def fmt_ms(ms: float) -> str:
     return f"{ms:.3f}"
 
 
-def fmt_lat(rec: dict, r: str) -> tuple[str, str, str]:
-    s = rec.get("stats", {}).get(r)
-    if s is None:
-        why = rec.get(f"{r}_skipped")
-        return ("wrong" if why else "-", "", "")
-    return (fmt_ms(s["median_ms"]), f"{fmt_ms(s['p10_ms'])}-{fmt_ms(s['p90_ms'])}",
-            f"{rec['ratio_vs_ort'][r]:.2f}x")
+def fmt_mib(n) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.0f}"
 
 
-def fmt_diff(d) -> str:
-    if d is None:
-        return "-"
-    return "0" if d == 0 else f"{d:.1e}"
+def _cell(row, r: str) -> tuple[str, str]:
+    if r in row.get("disagree", {}):
+        return "wrong", ""
+    s = row["runtimes"].get(r)
+    if s is None or "median_ms" not in s:
+        return "-", ""
+    return fmt_ms(s["median_ms"]), f"{row['ratio_vs_ort'][r]:.2f}×"
 
 
-def render_table(results: list[dict]) -> str:
-    head = ["model", "compile s", "(tvm s)", "ORT ms", "p10-p90", "TVM ms", "p10-p90", "TVM/ORT",
-            "torch ms", "p10-p90", "torch/ORT", "|TVM-ORT|", "|torch-ORT|", "runs o/t/p"]
-    rows = []
+def render_table(rows: list[dict], args) -> str:
+    head = ["model", "batch", "graphopt ms", "×ORT", "tuned ms", "×ORT", "ORT ms", "torch ms", "×ORT",
+            "lower s", "tune s", "RSS MiB g/t/o/p", "artifact MiB"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     notes = []
-    for rec in results:
-        if "error" in rec or "skipped" in rec:
-            rows.append([rec["model"], "skipped" if "skipped" in rec else "error"] + [""] * (len(head) - 2))
-            notes.append(f"{rec['model']}: {rec.get('skipped') or rec.get('error')}")
+    for row in rows:
+        if "error" in row or "skipped" in row:
+            why = row.get("skipped") or row.get("error")
+            out.append(f"| {row['model']} | - | " + " | ".join(["-"] * (len(head) - 2)) + " |")
+            notes.append(f"{row['model']}: {why}")
             continue
-        o = fmt_lat(rec, "ort")
-        t = fmt_lat(rec, "tvm")
-        p = fmt_lat(rec, "torch")
-        runs = "/".join(str(rec["stats"][r]["runs"]) if r in rec["stats"] else "-" for r in RUNTIMES)
-        tvm_c = rec.get("tvm_compile_s")
-        rows.append([
-            rec["model"], f"{rec['compile_s']:.1f}", f"{tvm_c:.1f}" if tvm_c is not None else "-",
-            o[0], o[1], t[0], t[1], t[2], p[0], p[1], p[2],
-            fmt_diff(rec.get("tvm_max_abs_diff")), fmt_diff(rec.get("torch_max_abs_diff")), runs,
-        ])
-        for r in ("tvm", "torch"):
-            if rec.get(f"{r}_skipped"):
-                notes.append(f"{rec['model']}: {rec[f'{r}_skipped']}")
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-
-    def line(cells):  # first column left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out = [line(head), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
-    if notes:
+        g, t, o, p = (_cell(row, r) for r in ("graphopt", "tuned", "ort", "torch"))
+        if row.get("tuned_lower") is None:
+            t = ("not run", "")
+        tl = row.get("tuned_lower") or {}
+        tune_s = tl.get("tune_s")
+        rss = "/".join(fmt_mib(row["runtimes"][r]["peak_rss_bytes"]) if r in row["runtimes"] else "-"
+                       for r in ("graphopt", "tuned", "ort", "torch"))
+        out.append("| " + " | ".join([
+            row["model"], str(row["batch"]), g[0], g[1], t[0], t[1], o[0], p[0], p[1],
+            f"{row['lower']['lower_s']:.1f}",
+            "not run" if not tl else (f"{tune_s:.0f}" if tune_s is not None else f"({tl['lower_s']:.0f})"),
+            rss, f"{row['lower']['artifact_bytes'] / (1 << 20):.1f}",
+        ]) + " |")
+        for r, why in row.get("disagree", {}).items():
+            notes.append(f"{row['model']} batch {row['batch']}: {r} output differs from ONNX Runtime ({why}); not timed")
+    ratios = [row["ratio_vs_ort"]["graphopt"] for row in rows if "graphopt" in row.get("ratio_vs_ort", {})]
+    if ratios:
+        gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         out.append("")
-        out += [f"note: {n}" for n in notes]
+        out.append(f"graphopt default / ONNX Runtime: geometric mean {gm:.2f}× over {len(ratios)} rows, "
+                   f"worst {max(ratios):.2f}×")
+        tr = [row["ratio_vs_ort"]["tuned"] for row in rows if "tuned" in row.get("ratio_vs_ort", {})]
+        if tr:
+            out.append(f"graphopt tuned / ONNX Runtime: geometric mean "
+                       f"{math.exp(sum(math.log(r) for r in tr) / len(tr)):.2f}× over {len(tr)} rows")
+    out.append("")
+    out.append("ms: median latency of one call (numpy in, numpy out); ×ORT: that median / ONNX Runtime's median in the "
+               "same interleaved run; lower s: wall time of graphopt.lower (passes, TVM import and compile, writing); "
+               "tune s: the tuning steps of the tuned lowering (in parentheses: the whole tuned lowering, when the tuner "
+               "reports no step of its own); RSS: peak resident set of each runtime's own process (g: graphopt, "
+               "t: tuned, o: ONNX Runtime, p: torch), runtime library included; artifact: bytes on disk.")
+    out += [f"note: {n}" for n in notes]
     return "\n".join(out)
 
 
 def render_header(env: dict, args) -> str:
     v = env["versions"]
-    lines = [
-        f"host: {env['cpu_model']} (LLVM cpu '{env['host_cpu']}'), {env['cpu_count']} cores"
+    return "\n".join([
+        f"machine: {env['cpu_model']} (LLVM cpu '{env['host_cpu']}', {env['isa']}), {env['cpu_count']} cores"
         + (f" ({env['affinity']} usable)" if env.get("affinity") not in (None, env["cpu_count"]) else "")
         + f", {env['platform']}"
         + (f"; load average {env['loadavg_start'][0]:.2f}" if env.get("loadavg_start") else ""),
         "versions: " + ", ".join(f"{k} {v[k]}" for k in
                                  ("graphopt", "apache-tvm", "onnxruntime", "torch", "onnx", "numpy", "python")
                                  if v.get(k)) + (f", git {env['git']}" if env.get("git") else ""),
-        f"threads: ORT intra_op={args.threads}, torch={args.threads}, TVM_NUM_THREADS={args.threads}; "
-        + (f"fixed {args.repeat} runs per runtime" if args.repeat else
-           f"~{args.target_seconds:g}s per measurement, >= {args.min_runs} runs, cap {args.max_seconds:g}s"),
-    ]
-    return "\n".join(lines)
+        f"threads: {args.threads} for every runtime (graphopt: lowered and run with it; ORT intra_op_num_threads; "
+        f"torch set_num_threads); {args.seconds:g} s of interleaved rounds per row after {args.warmup} warm-up calls"
+        + (f"; tuning: {args.tune} trials, database {args.tuning_db}" if args.tune else "; tuning: not run"),
+    ])
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
+    names = list(bench_models.catalog())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(ALL_MODELS),
-                   help=f"comma-separated subset of {','.join(ALL_MODELS)} (default: all)")
-    p.add_argument("--repeat", type=int, default=0,
-                   help="fixed number of timed runs per runtime (default: adaptive, see --target-seconds)")
-    p.add_argument("--target-seconds", type=float, default=1.5,
-                   help="adaptive repeat: aim for this much time per runtime measurement (default 1.5)")
-    p.add_argument("--min-runs", type=int, default=5, help="adaptive repeat: at least this many runs (default 5)")
-    p.add_argument("--max-runs", type=int, default=5000, help="adaptive repeat: at most this many runs (default 5000)")
-    p.add_argument("--max-seconds", type=float, default=8.0,
-                   help="cap per runtime measurement for slow runtimes; fewer than --min-runs (but at least "
-                        "--floor-runs) are taken when one call is this slow (default 8)")
-    p.add_argument("--floor-runs", type=int, default=3, help="fewest timed runs under --max-seconds (default 3)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up calls per runtime before timing (default 3)")
-    p.add_argument("--warmup-seconds", type=float, default=0.2,
-                   help="keep warming up for at least this long (default 0.2)")
-    p.add_argument("--atol", type=float, default=1e-3, help="TVM/torch vs ORT check: absolute tolerance")
-    p.add_argument("--rtol", type=float, default=1e-3, help="TVM/torch vs ORT check: tolerance relative to max|ref|")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads for every runtime: ORT intra_op_num_threads, torch.set_num_threads and "
-                        "TVM_NUM_THREADS (default: all cores, os.cpu_count())")
-    p.add_argument("--json", metavar="PATH", help="write the raw numbers (every timed run) here")
-    p.add_argument("--cache", metavar="DIR", help="cache folder for the downloaded real models "
-                   "(default: $GRAPHOPT_MODEL_CACHE or ~/.cache/graphopt/models)")
-    p.add_argument("--keep", metavar="DIR", help="write the lowered artifacts under DIR instead of a temp folder")
+    p.add_argument("--models", default=",".join(names), help=f"comma-separated subset of {','.join(names)} (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every runtime (default: every core this process may use)")
+    p.add_argument("--seconds", type=float, default=2.0, help="interleaved timing per row, all runtimes (default 2)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up calls per runtime (default 3)")
+    p.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="also lower with this many tuning trials")
+    p.add_argument("--tuning-db", metavar="DIR", help="tuning database folder for --tune (default: graphopt's)")
+    p.add_argument("--atol", type=float, default=1e-3, help="agreement with ORT: absolute tolerance (default 1e-3)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="agreement with ORT: relative to max|ref| (default 1e-3)")
+    p.add_argument("--json", metavar="PATH", help="write every number here")
+    p.add_argument("--cache", metavar="DIR", help="cache folder of the real models (default: graphopt's)")
+    p.add_argument("--keep", metavar="DIR", help="write the artifacts under DIR instead of a temporary folder")
     args = p.parse_args(argv)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in names if m not in ALL_MODELS]
+    args.model_names = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.model_names if m not in names]
     if bad:
-        p.error(f"unknown model(s) {', '.join(bad)}; choose from {', '.join(ALL_MODELS)}")
-    if args.repeat < 0 or args.min_runs < 1 or args.floor_runs < 1 or args.threads < 1:
-        p.error("--repeat, --min-runs, --floor-runs and --threads must be positive")
-    args.model_names = names
+        p.error(f"unknown model(s) {', '.join(bad)}; choose from {', '.join(names)}")
+    if args.threads is None:
+        from graphopt.target import available_cores
+
+        args.threads = available_cores()
+    if args.threads < 1 or args.seconds <= 0 or args.warmup < 0 or args.tune < 0:
+        p.error("--threads must be >= 1, --seconds > 0, --warmup and --tune >= 0")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    # TVM's runtime thread pool reads this once, when first used; set it before anything runs.
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
     env = environment()
+    env["isa"] = isa_summary()
     print(render_header(env, args), flush=True)
-    results = []
+    catalog = bench_models.catalog()
+    rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         if args.keep:
             workdir = Path(args.keep)
@@ -488,45 +346,40 @@ def main(argv=None) -> int:
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-bench-")))
         for name in args.model_names:
+            model = catalog[name]
             t0 = time.perf_counter()
-            try:
-                graph, shapes, feed, module, example, info = load_model(name, args.cache)
-            except Skip as e:
-                results.append({"model": name, "skipped": str(e)})
-                print(f"[{name}] skipped: {e}", flush=True)
+            if model.refused:
+                rows.append({"model": name, "skipped": f"not lowered: the CPU target refuses {', '.join(model.refused)} "
+                                                      "(expected; see MODELS.md)"})
+                print(f"[{name}] skipped: {rows[-1]['skipped']}", flush=True)
                 continue
-            except Exception as e:  # noqa: BLE001 - e.g. a capture failure: report it, go on
-                results.append({"model": name, "error": f"could not build the model: {_one_line(e)}",
-                                "traceback": traceback.format_exc()})
-                print(f"[{name}] error: {results[-1]['error']}", flush=True)
-                continue
-            print(f"[{name}] lowering and timing ...", flush=True)
+            print(f"[{name}] building, lowering and timing ...", flush=True)
             try:
-                rec = bench_model(name, graph, shapes, feed, module, example, info, args, workdir)
-            except Exception as e:  # noqa: BLE001
-                rec = {"model": name, "error": _one_line(e), "traceback": traceback.format_exc()}
-                print(f"[{name}] error: {rec['error']}", flush=True)
+                rows += bench_model(model, args, workdir)
+            except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' rows
+                from graphopt.testing import ModelUnavailable
+
+                key = "skipped" if isinstance(e, ModelUnavailable) else "error"
+                rows.append({"model": name, key: _one_line(e), "traceback": traceback.format_exc()})
+                print(f"[{name}] {key}: {rows[-1][key]}", flush=True)
             else:
-                s = rec["stats"]
-                print(f"[{name}] compile {rec['compile_s']:.1f}s; " + ", ".join(
-                    f"{r} {fmt_ms(s[r]['median_ms'])} ms ({rec['ratio_vs_ort'][r]:.2f}x)" for r in s)
-                    + f"; {time.perf_counter() - t0:.0f}s total", flush=True)
-            results.append(rec)
+                print(f"[{name}] {time.perf_counter() - t0:.0f}s", flush=True)
     total = time.perf_counter() - t_start
     print()
-    print(render_table(results))
-    busy = max((r["loadavg"][0] for r in results if r.get("loadavg")), default=0.0)
+    print(render_header(env, args))
+    print()
+    print(render_table(rows, args))
+    busy = max((r["loadavg"][0] for r in rows if r.get("loadavg")), default=0.0)
     if busy > 0.25 * (os.cpu_count() or 1):
-        print(f"\nnote: the machine was busy while measuring (1-min load average up to {busy:.2f} on "
-              f"{os.cpu_count()} cores): absolute times are noisy, thread-pool runtimes (torch/OpenMP) most of all")
-    print(f"\nlatency: median over timed runs, ms; ratio = median / ORT median in this run (ORT = 1.00x); "
-          f"total {total:.0f}s")
+        print(f"note: the machine was busy while measuring (1-min load average up to {busy:.2f} on "
+              f"{os.cpu_count()} cores): absolute times are noisy; ratios come from interleaved runs")
+    print(f"total {total:.0f}s")
     if args.json:
         env["loadavg_end"] = loadavg()
-        doc = {"environment": env, "settings": vars(args), "total_s": total, "results": results}
+        doc = {"environment": env, "settings": vars(args), "total_s": total, "rows": rows}
         Path(args.json).write_text(json.dumps(_finite(doc), indent=2, default=str) + "\n", encoding="utf-8")
         print(f"raw numbers: {args.json}")
-    return 1 if any("error" in r for r in results) else 0
+    return 1 if any("error" in r or r.get("disagree") for r in rows) else 0
 
 
 def _one_line(e: BaseException) -> str:

@@ -28,7 +28,7 @@ from .outputs import Reporting, check_dumps, check_outputs, default_artifact_pat
 from .passbase import PassContext, PassRecord
 from .pipeline import Pipeline
 from .plugins import Registry, get_registry
-from .reference import check_value_sizes, Comparison, compare_outputs
+from .reference import check_value_sizes, Comparison, compare_outputs, reference_session
 from .stats import graph_stats
 from .target import LowerContext, Target, resolve_threads
 
@@ -267,11 +267,33 @@ def verify_artifact(
     reference = reference or artifact.reference_graph()
     data = data or DataSource()
     feeds = data.samples(reference, limit=None if not data.generated else 2)
-    ref = data.reference_outputs(reference, feeds)  # fails as the inputs' fault, not the artifact's
+    # ONNX Runtime on as many threads as the artifact (the same machine share on both sides).
+    session = reference_session(reference, threads=artifact.threads or 0)
+    ref = data.reference_outputs(reference, feeds, session)  # fails as the inputs' fault, not the artifact's
     got = artifact.run_many(feeds)
     return compare_outputs(ref, got, [o.name for o in artifact.outputs], atol=atol, rtol=rtol)
 
 
-def load(path: str | os.PathLike) -> Artifact:
-    """Load an artifact directory written by :func:`lower` (or ``graphopt lower``)."""
-    return Artifact(path)
+def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
+    """Load an artifact directory written by :func:`lower` (or ``graphopt lower``).
+
+    The compiled code runs with the threads recorded in the manifest, capped by
+    ``threads`` (default ``$GRAPHOPT_THREADS``, else no cap); ``Artifact.threads``
+    is the count in effect and ``Artifact.notes`` say why it differs from either.
+    """
+    return Artifact(path, threads=threads)
+
+
+def bench(artifact: str | os.PathLike, feed: Mapping[str, Any] | None = None, **options) -> dict:
+    """Time an artifact next to ONNX Runtime on the same inputs and threads (what ``graphopt bench`` prints).
+
+    ``feed`` is ``{input name: array}`` (default: the first sample of
+    ``inputs=``, else generated from ``seed=``); ``options`` are those of
+    :func:`graphopt.bench.bench` (``threads``, ``seconds``, ``warmup``,
+    ``profile``, ``atol``, ``rtol``). Each runtime runs in a process of its
+    own; outputs that disagree raise :class:`VerificationError` before any
+    timing. Returns the measurement as a dict (see :func:`graphopt.bench.bench`).
+    """
+    from .bench import bench as run_bench
+
+    return run_bench(artifact, feed, **options)

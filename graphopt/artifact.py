@@ -298,10 +298,17 @@ class Artifact:
     :class:`~graphopt.errors.ArtifactError` that says what to do.
     """
 
-    def __init__(self, path: str | os.PathLike, *, check_hashes: bool = True):
+    def __init__(self, path: str | os.PathLike, *, check_hashes: bool = True, threads: int | None = None):
         from .plugins import get_registry
 
         self.path = Path(path)
+        #: The thread cap asked for (``threads=``, else ``$GRAPHOPT_THREADS``, else None: no cap);
+        #: an OptionError for a bad value, before anything is read.
+        self.thread_cap = thread_cap(threads)
+        #: Threads the compiled code runs with, set by the target when it loads the programs
+        #: (see :func:`run_threads`); ``notes`` say why it differs from what was asked, if it does.
+        self.threads: int | None = None
+        self.notes: list[str] = []
         mpath = self.path / MANIFEST
         try:
             mst = os.lstat(mpath)
@@ -357,8 +364,50 @@ class Artifact:
         return [[r[s.name] for s in self.outputs] for r in (self.run(f) for f in feeds)]
 
 
-def load(path: str | os.PathLike) -> Artifact:
-    """Load an artifact directory written by ``graphopt lower``."""
-    return Artifact(path)
+def load(path: str | os.PathLike, threads: int | None = None) -> Artifact:
+    """Load an artifact directory written by ``graphopt lower`` (``threads`` caps its threads)."""
+    return Artifact(path, threads=threads)
+
+
+def thread_cap(threads: int | None = None) -> int | None:
+    """The run-time thread cap: ``threads``, else ``$GRAPHOPT_THREADS``, else None (no cap).
+
+    Raises :class:`~graphopt.errors.OptionError` for a count below 1 or an
+    environment value that is not an integer (the same rules as lowering).
+    """
+    from .target import THREADS_ENV, resolve_threads
+
+    if threads is None and not os.environ.get(THREADS_ENV, "").strip():
+        return None
+    return resolve_threads(threads)
+
+
+def run_threads(built: int | None, cap: int | None) -> tuple[int, list[str]]:
+    """How many threads an artifact lowered for ``built`` threads runs with here, and notes on why.
+
+    The manifest's count (what the schedules were made for; an artifact from
+    before it was recorded: every core) capped by ``cap``. Without a cap the
+    count never exceeds the cores this process may use: an artifact built on
+    a larger machine runs on every core here, with a note. A cap above the
+    cores is honoured (the user asked) but noted, since a spinning thread
+    pool with more threads than cores is slow.
+    """
+    from .target import available_cores
+
+    cores = available_cores()
+    n = built if isinstance(built, int) and not isinstance(built, bool) and built >= 1 else cores
+    notes = []
+    if cap is None:
+        if n > cores:
+            notes.append(f"the artifact was lowered for {n} threads; this machine has {cores} cores: running on {cores}")
+            n = cores
+        return n, notes
+    if cap > n:
+        notes.append(f"a cap of {cap} threads does not raise the {n} threads the artifact was lowered for "
+                     f"(lower it again with {cap} threads to use more)")
+    n = min(n, cap)
+    if n > cores:
+        notes.append(f"running on {n} threads, more than the {cores} cores this process may use (slower, not faster)")
+    return n, notes
 
 

@@ -33,6 +33,7 @@ examples:
   graphopt lower model.onnx --target cpu -o build/model --verify
   graphopt lower det.onnx -o build/det --input-shape x:1,3,320,320
   graphopt run build/model --inputs x.npz --verify
+  graphopt bench build/model --inputs x.npz --threads 2
   graphopt optimize model.onnx --passes 'cleanup,fold-batchnorm' -o small.onnx --report report.json
   graphopt inspect model.onnx --json
   graphopt passes
@@ -119,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the outputs of the first input here (same outputs, same bytes)")
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="cap the threads (default: $GRAPHOPT_THREADS, else the artifact's own count)")
+    _common(p)
+
+    p = sub.add_parser("bench", help="time an artifact next to ONNX Runtime on the same inputs and threads",
+                       epilog="example: graphopt bench build/model --inputs x.npz --seconds 5 --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", help="artifact directory from `graphopt lower`")
+    p.add_argument("-i", "--inputs", metavar="PATH", help=".npz (one array per input) / .npy / folder (first "
+                   "sample used); default: generated")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated inputs")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="cap the threads of both runtimes (default: $GRAPHOPT_THREADS, else the artifact's count)")
+    p.add_argument("--seconds", type=float, default=3.0, metavar="S",
+                   help="time spent in timed runs, both runtimes together (default 3)")
+    p.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed runs of each runtime first (default 5)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the artifact's per-kernel time shares (TVM's VM profiler, separate runs)")
+    p.add_argument("--atol", type=float, default=1e-4, help="output agreement check: absolute tolerance")
+    p.add_argument("--rtol", type=float, default=1e-3, help="output agreement check: relative to max|reference|")
     _common(p)
 
     p = sub.add_parser("inspect", help="ops, parameters, bytes, FLOPs, inputs and outputs of a model",
@@ -275,13 +296,16 @@ def cmd_run(args, out: _Out, debug_log: list) -> int:
 
     check_outputs([("output", args.output)], [("artifact", args.artifact), ("inputs", args.inputs)])
     with capture_native_output() as nlog:
-        art = Artifact(args.artifact)
+        art = Artifact(args.artifact, threads=args.threads)
     debug_log.append(nlog.text)
+    for note in art.notes:
+        if not out.quiet:
+            print(f"graphopt: note: {note}", file=sys.stderr)
     ref_graph = art.reference_graph()
     data = DataSource(args.inputs or None, seed=args.seed, option="--inputs")
     feeds = data.samples(ref_graph, limit=None if args.inputs else 1)
     results = [art.run(f) for f in feeds]
-    doc = {"artifact": str(art.path), "inputs": data.describe(), "outputs": [
+    doc = {"artifact": str(art.path), "inputs": data.describe(), "threads": art.threads, "outputs": [
         {"name": k, "shape": list(v.shape), "dtype": v.dtype.name,
          "min": float(np.min(v)) if v.size else None, "max": float(np.max(v)) if v.size else None}
         for k, v in results[0].items()
@@ -307,6 +331,20 @@ def cmd_run(args, out: _Out, debug_log: list) -> int:
     doc["ok"] = code == EXIT_OK
     out.emit(doc)
     return code
+
+
+def cmd_bench(args, out: _Out, debug_log: list) -> int:
+    from .bench import bench, format_report
+
+    doc = bench(args.artifact, inputs=args.inputs, seed=args.seed, threads=args.threads, seconds=args.seconds,
+                warmup=args.warmup, profile=args.profile, atol=args.atol, rtol=args.rtol)
+    if not out.quiet:
+        for note in doc["notes"]:
+            print(f"graphopt: note: {note}", file=sys.stderr)
+    for line in format_report(doc):
+        out.say(line)
+    out.emit(doc)
+    return EXIT_OK
 
 
 def cmd_inspect(args, out: _Out, debug_log: list) -> int:
@@ -364,7 +402,7 @@ def cmd_plugins(args, out: _Out, debug_log: list) -> int:
 
 
 COMMANDS = {
-    "lower": cmd_lower, "optimize": cmd_optimize, "run": cmd_run, "inspect": cmd_inspect,
+    "lower": cmd_lower, "optimize": cmd_optimize, "run": cmd_run, "bench": cmd_bench, "inspect": cmd_inspect,
     "passes": lambda a, o, d: _listing("passes", a, o), "targets": lambda a, o, d: _listing("targets", a, o),
     "plugins": cmd_plugins,
 }

@@ -186,6 +186,11 @@ class CpuTarget(Target):
                 f"{artifact.path}: built for CPU '{t['mcpu']}' using {', '.join(missing)}, which this CPU "
                 f"({host_cpu()}) lacks; lower the model again on this machine, or with --target-opt mcpu=portable"
             )
+        from graphopt.artifact import run_threads
+
+        want, artifact.notes = run_threads(t.get("threads"), artifact.thread_cap)
+        artifact.threads, note = configure_thread_pool(want)
+        artifact.notes += [note] if note else []
         programs = {}
         dev = tvm.cpu()
         loaded: dict[int, object] = {}
@@ -271,6 +276,34 @@ def _device_param(artifact, dev, w, entry):
         except (BufferError, OSError, ValueError, TypeError, RuntimeError):
             pass
     return tvm.runtime.tensor(w, dev)
+
+
+def configure_thread_pool(threads: int) -> tuple[int, str | None]:
+    """Set TVM's runtime thread pool (of the calling thread) to ``threads``; returns the count it took and a note.
+
+    TVM 0.27 creates a thread's pool on first use with ``$TVM_NUM_THREADS``
+    workers, else half the logical CPUs on x86 (so one thread on a 2-core
+    machine), and ``runtime.config_threadpool`` can later lower the count but
+    never raise it above that size. So before the pool exists graphopt sets
+    ``TVM_NUM_THREADS`` (unless the user did) to at least every core, which
+    lets later loads in this process use any count up to that; the count
+    actually in effect is read back (``runtime.NumThreads``), and a shortfall
+    is returned as a note.
+    """
+    import tvm
+
+    from graphopt.target import available_cores
+
+    if not os.environ.get("TVM_NUM_THREADS", "").strip():
+        # Read by TVM only when the pool is created; harmless once it exists.
+        os.environ["TVM_NUM_THREADS"] = str(max(threads, available_cores()))
+    # Mode 1 ("big cores"), as TVM configures its pool itself; 0 would mean "TVM's default count".
+    tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+    got = int(tvm.runtime.num_threads())
+    if got != threads:
+        return got, (f"TVM's thread pool in this process has {got} threads, not {threads} "
+                     "(it was created earlier with fewer: set TVM_NUM_THREADS before the first run)")
+    return got, None
 
 
 def _triple() -> str:
