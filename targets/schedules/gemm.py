@@ -141,11 +141,18 @@ def _match(block) -> _Gemm | None:
             return None
         kinds.append(kind)
         ext.setdefault(kind, []).append(iv.dom.extent)
-    if kinds.count(_J) != 1 or _K not in kinds:
+    if _J not in kinds or _K not in kinds or not c_ax or c_ax[-1] is None:
         return None
-    j_var = block.iter_vars[kinds.index(_J)].var
-    if not c_ax or c_ax[-1] is None or not c_ax[-1].same_as(j_var):
+    j_pos = [n for n, iv in enumerate(block.iter_vars) if iv.var.same_as(c_ax[-1])]
+    if not j_pos or kinds[j_pos[0]] != _J:
         return None  # the vectorized axis must be the output's contiguous one
+    # Other B-and-C-only iterators (a batch dim of B that A broadcasts over) become
+    # outer batch loops: fusing them into J would put a div/mod in the vector index.
+    for n, kind in enumerate(kinds):
+        if kind == _J and n != j_pos[0]:
+            kinds[n] = _S
+            ext[_S] = [*ext.get(_S, []), block.iter_vars[n].dom.extent]
+    ext[_J] = [block.iter_vars[j_pos[0]].dom.extent]
     b_last = b_ax[-1] if b_ax else None
     b_k_contig = b_last is not None and kinds[[iv.var for iv in block.iter_vars].index(b_last)] == _K
 
