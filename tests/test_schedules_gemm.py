@@ -214,3 +214,32 @@ def test_rule_declines_what_is_not_a_gemm():
     for f in (int_mm, conv1d, row_sum):
         assert Matmul().apply(f, target, False) is None
     assert Matmul().apply(int_mm, tvm.target.Target("c"), False) is None
+
+
+@pytest.mark.parametrize("m", [95, "sym"])
+def test_k_contiguous_b_is_packed(m):
+    """C[i, j] = sum_k A[i, k] * B[j, k] in one function (B transposed inside it): packed, claimed, right."""
+    import tvm
+    from tvm import te, topi
+
+    from graphopt.targets.cpu import host_cpu, llvm_target
+    from graphopt.targets.schedules.gemm import Matmul
+
+    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731 - Relax legalizes with int64 shapes
+    rows = te.var("m", "int64") if m == "sym" else i64(m)
+    a = te.placeholder((rows, i64(40)), name="a")
+    b = te.placeholder((i64(72), i64(40)), name="b")
+    c = topi.nn.relu(topi.nn.dense(a, b))
+    func = te.create_prim_func([a, b, c])
+    target = llvm_target(host_cpu(), 2)
+    sch = Matmul().apply(func, target, False)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert "T.parallel" in text and "T.vectorized" in text and 'scope="local"' in text
+    with target:
+        lib = tvm.compile(sch.mod, target=target)
+    for n in ([95] if m != "sym" else [3, 95]):
+        x, w = _rand(n, 40), _rand(72, 40)
+        out = tvm.runtime.tensor(np.zeros((n, 72), np.float32))
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        np.testing.assert_allclose(out.numpy(), np.maximum(x @ w.T, 0), rtol=1e-4, atol=1e-4)

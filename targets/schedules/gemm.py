@@ -219,6 +219,22 @@ def _tile_sizes(g: _Gemm, vec: int, vector_bits: int) -> tuple[int, int]:
 
 
 
+def _inline_producers_except(sch, block, keep) -> None:
+    """Inline every producer of ``block`` (transitively) except the one writing buffer ``keep``."""
+    while True:
+        inlined = 0
+        for p in sch.get_producers(block):
+            if sch.get(p).writes[0].source.same_as(keep):
+                continue
+            try:
+                sch.compute_inline(p)
+                inlined += 1
+            except Exception:  # noqa: BLE001 - not inlinable (e.g. a reduction): it stays a separate nest
+                continue
+        if not inlined:
+            return
+
+
 class Matmul:
     """Register-blocked, vectorized, parallel schedule for matmul-like fused functions (see module doc).
 
@@ -283,11 +299,19 @@ class Matmul:
 
         # 2. Operands: A (and B unless it is K-contiguous) are read in place; prologues inlined.
         sch.compute_inline(ra)
+        macs = None if None in (g.m_static, g.n_static, g.k_static, g.s_static) else (
+            g.m_static * g.n_static * g.k_static * g.s_static)
         if g.b_k_contiguous:
             auto_inline_producers(sch, rb)  # the pack reads through any prologue
+            packed = sch.get(main).reads[1].source
+            _inline_producers_except(sch, main, packed)
+            packs = [p for p in sch.get_producers(main) if sch.get(p).writes[0].source.same_as(packed)]
+            if len(packs) != 1:
+                return None
+            self._schedule_pack(sch, packs[0], cores, macs)
         else:
             sch.compute_inline(rb)
-        auto_inline_producers(sch, main)
+            auto_inline_producers(sch, main)
 
         # 3. Register tile: loops (s, jo, io | k | ii, ji).
         s, i, j, k = sch.get_loops(main)
@@ -300,8 +324,6 @@ class Matmul:
         auto_inline_consumers(sch, wb)
         sch.reverse_compute_at(wb, io, preserve_unit_loops=True)
         outer = sch.fuse(s, jo, io)
-        macs = None if None in (g.m_static, g.n_static, g.k_static, g.s_static) else (
-            g.m_static * g.n_static * g.k_static * g.s_static)
         if cores > 1 and (macs is None or macs >= PARALLEL_MIN_MACS):
             sch.parallel(outer)
         # TIR refuses `vectorize` on the update block once the init is split off (it is no
@@ -314,8 +336,6 @@ class Matmul:
         sch.vectorize(sch.get_loops(init)[-1])
         wloops = sch.get_loops(wb)
         sch.vectorize(wloops[-1])
-        if g.b_k_contiguous:
-            self._schedule_pack(sch, rb, cores, macs)
         # Epilogue blocks that could not be inlined stay at the root: correct, not tiled.
         return sch
 
