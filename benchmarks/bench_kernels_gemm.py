@@ -5,8 +5,8 @@ Each case is lowered with ``graphopt.lower(..., "cpu")`` (default schedules,
 no tuning), then the artifact and ONNX Runtime (CPUExecutionProvider, same
 thread count) run the same inputs interleaved (ORT, TVM, ORT, TVM, ...) after a
 warm-up; the script prints both medians and TVM / ORT. With ``--profile`` it also
-runs Relax's VM profiler on the lowered module and prints the share of the time
-spent in the matmul kernels (functions whose name contains ``matmul``).
+times every fused kernel alone (this TVM's VM has no profiler) and prints the
+share of the kernel time spent in the matmul kernels (names containing ``matmul``).
 
 Usage::
 
@@ -145,39 +145,59 @@ def run_case(name: str, threads: int, rounds: int, profile: bool, workdir: Path)
 
 
 def _matmul_share(graph, threads: int) -> float:
-    """Share of VM-profiled kernel time spent in functions named ``*matmul*`` (dense/batch-matmul kernels)."""
+    """Share of the kernel time spent in functions named ``*matmul*`` (the dense/batch-matmul kernels).
+
+    This TVM build's VM has no profiler, so every fused TIR function is taken
+    from the scheduled module (right after the schedule rules ran), compiled
+    alone, timed on random inputs with ``time_evaluator``, and weighted by how
+    often ``main`` calls it. Static shapes only.
+    """
+    import re
+
     import tvm
-    from tvm import relax
+    from tvm.s_tir import dlight
 
-    from graphopt.targets.cpu import cpu_pipeline, host_cpu, llvm_target
-    from graphopt.targets.relax_import import import_graph, select_params
+    from graphopt.targets.cpu import host_cpu, llvm_target
+    from graphopt.targets.relax_import import build_pipeline, import_graph, select_params
+    from graphopt.targets.schedules import default_rules
 
-    params = select_params(graph)
-    mod = import_graph(graph, params)
     target = llvm_target(host_cpu(), threads)
+    seen = {}
+
+    @tvm.transform.module_pass(opt_level=0, name="capture")
+    def capture(mod, _ctx):
+        seen["mod"] = mod
+        return mod
+
+    mod = import_graph(graph, select_params(graph))
+    pipeline = build_pipeline(target, after_fusion=[dlight.ApplyDefaultSchedule(*default_rules()), capture])
     with tvm.transform.PassContext(opt_level=3):
-        ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
-    vm = relax.VirtualMachine(ex, tvm.cpu(), profile=True)
-    main = mod["main"]
-    rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.struct_info.shape]).astype(p.struct_info.dtype))
-            for p in main.params]
-    vm.profile("main", *args)
-    report = vm.profile("main", *args)
+        tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    sched = seen["mod"]
+    main_text = sched["main"].script()
+    dev = tvm.cpu()
     total = mm = 0.0
-    for row in report.table(sort=False, aggregate=True).splitlines()[2:]:
-        cols = row.split()
-        if len(cols) < 3:
+    rng = np.random.default_rng(0)
+    for gv, f in sched.functions_items():
+        if not isinstance(f, tvm.tirx.PrimFunc):
             continue
-        try:
-            us = float(cols[1].replace(",", ""))
-        except ValueError:
-            continue
-        if cols[0] in ("Sum", "Total"):
-            continue
-        total += us
-        if "matmul" in cols[0]:
-            mm += us
+        calls = len(re.findall(rf"call_tir\w*\((?:cls\.)?{re.escape(gv.name_hint)},", main_text))
+        if not calls or not all(isinstance(d, tvm.tirx.IntImm) for p in f.params for d in p.shape):
+            continue  # not called from main, or symbolic (a shape function): not a timed kernel
+        with target:
+            lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)
+        args = []
+        for p in f.params:
+            buf = p  # a buffer parameter (shape, dtype)
+            shape = [int(d) for d in buf.shape]
+            args.append(tvm.runtime.tensor(rng.standard_normal(shape).astype(buf.dtype) if "float" in buf.dtype
+                                           else np.zeros(shape, buf.dtype), dev))
+        sec = lib.mod.time_evaluator("main", dev, number=20, repeat=3)(*args).median
+        total += sec * calls
+        if os.environ.get("BENCH_GEMM_VERBOSE"):
+            print(f"    {gv.name_hint:<48} x{calls} {sec * 1e6:9.1f} us", file=sys.stderr)
+        if "matmul" in gv.name_hint:
+            mm += sec * calls
     return mm / total if total else float("nan")
 
 
