@@ -192,15 +192,20 @@ def _sub_map(kinds, extents, used: list[bool], order):
     return _fusion_map([k for k, _ in sel], [e for _, e in sel], order)
 
 
-def _tile_sizes(g: _Gemm, vec: int, vector_bits: int) -> tuple[int, int]:
+def _tile_sizes(g: _Gemm, vec: int, vector_bits: int, cores: int) -> tuple[int, int]:
     """(MR, NR) for the micro-kernel; ``vec`` is the vector width in accumulator elements."""
-    nr = 2 * vec
-    n = g.n_static
-    if n is not None:
-        if n <= vec:
-            nr = n  # one (partial) vector covers all of N: no tail guard
-        elif n <= 2 * vec or n % (2 * vec):
-            nr = vec if n % vec == 0 or n < 2 * vec else 2 * vec
+    n, m = g.n_static, g.m_static
+    # A GEMV-like tile (one or two rows) has registers to spare: wider NR gives more
+    # independent FMA chains and longer contiguous runs of each B row.
+    widths = ([16 * vec, 8 * vec, 4 * vec] if m is not None and m <= 2 else []) + [2 * vec, vec]
+    if n is not None:  # keep at least 4 column panels per core to share out
+        widths = [w for w in widths if w <= 2 * vec or n // w >= 4 * cores]
+    if n is None:
+        nr = 2 * vec
+    elif n <= vec:
+        nr = n  # one (partial) vector covers all of N: no tail guard
+    else:
+        nr = next((w for w in widths if n % w == 0), 2 * vec if n >= 4 * vec else vec)
     # Accumulators MR * NR / vec plus NR / vec B vectors and one broadcast must fit
     # the register file: 32 vector registers with AVX-512, 16 on SSE/AVX2 (and NEON's
     # 32 are not counted on: 16 is safe everywhere).
@@ -208,7 +213,6 @@ def _tile_sizes(g: _Gemm, vec: int, vector_bits: int) -> tuple[int, int]:
     per_row = max(1, -(-nr // vec))
     mr_max = max(1, (regs - per_row - 1) // per_row)
     candidates = [c for c in (8, 6, 4) if c <= mr_max] or [mr_max]
-    m = g.m_static
     if m is not None:
         if m <= candidates[0]:
             return max(m, 1), nr
@@ -216,7 +220,6 @@ def _tile_sizes(g: _Gemm, vec: int, vector_bits: int) -> tuple[int, int]:
             if m % c == 0:
                 return c, nr
     return candidates[0] if m is not None else min(6, candidates[0]), nr
-
 
 
 def _inline_producers_except(sch, block, keep) -> None:
@@ -278,7 +281,7 @@ class Matmul:
         bits = codegen.llvm_get_vector_width(target)
         vec = max(1, bits // _dtype_bits(out_dtype))
         cores = int(target.attrs.get("num-cores", 1) or 1)
-        mr, nr = _tile_sizes(g, vec, bits)
+        mr, nr = _tile_sizes(g, vec, bits, cores)
 
         # 1. Normalize to C[S, I, J] += A[S, I, K] * B[S, K, J] (dlight's reindex + transform_layout).
         extents = [iv.dom.extent for iv in stmt.iter_vars]
