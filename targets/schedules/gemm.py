@@ -29,6 +29,13 @@ lifts Relax-level ``permute_dims`` of weights out of the function).
 
 Tails (M, N not a multiple of the tile, symbolic extents such as a dynamic
 batch) are handled by ``split`` guards, never by asserting divisibility.
+
+K is not blocked: with ``jo`` outside ``io`` the B panel each core works on is
+``K x NR`` (``K * 128`` bytes for fp32 on AVX-512), which stays in L2 for any K
+below ~8K, and A's rows are re-read from L2/L3 once per panel. A B weight
+given as ``[N, K]`` inside the function (a Gemm with transB whose transpose was
+fused in) is packed on every call; the prepack step should hand it over as
+``[K, N]`` instead. Integer and mixed float/integer products are declined.
 """
 
 from __future__ import annotations
@@ -299,6 +306,7 @@ class Matmul:
         sch.transform_layout(rb, ("write", 0), _sub_map(g.kinds, extents, b_used, [_S, _K, _J]))
         sch.transform_layout(rc, ("read", 0), _sub_map(g.kinds, extents, c_used, [_S, _I, _J]))
         sch.transform_block_layout(main, _fusion_map(g.kinds, extents, [_S, _I, _J, _K]))
+        packed = sch.get(rb).writes[0].source  # B in [S, K, J]: the pack buffer when B is K-contiguous
 
         # 2. Operands: A (and B unless it is K-contiguous) are read in place; prologues inlined.
         sch.compute_inline(ra)
@@ -306,7 +314,6 @@ class Matmul:
             g.m_static * g.n_static * g.k_static * g.s_static)
         if g.b_k_contiguous:
             auto_inline_producers(sch, rb)  # the pack reads through any prologue
-            packed = sch.get(main).reads[1].source
             _inline_producers_except(sch, main, packed)
             packs = [p for p in sch.get_producers(main) if sch.get(p).writes[0].source.same_as(packed)]
             if len(packs) != 1:
