@@ -13,6 +13,7 @@ Usage::
     python benchmarks/bench_kernels_gemm.py                       # every case, 2 threads
     python benchmarks/bench_kernels_gemm.py --cases mm512,gemv --rounds 30
     python benchmarks/bench_kernels_gemm.py --cases encoder4 --profile
+    python benchmarks/bench_kernels_gemm.py --ort-no-spin           # ORT workers do not spin-wait
 
 Cases: mm512 (512^3 MatMul), gemv (1x768 @ 768x3072), digits (examples/digits_mlp.onnx),
 mlp, transformer (graphopt.testing.torch_models), swiglu (SwiGLU MLP d=256, hidden 1024, 64 tokens),
@@ -100,7 +101,7 @@ def build_case(name: str):
     raise SystemExit(f"unknown case {name!r}; known: {', '.join(CASES)}")
 
 
-def run_case(name: str, threads: int, rounds: int, profile: bool, workdir: Path) -> dict:
+def run_case(name: str, threads: int, rounds: int, profile: bool, workdir: Path, spin: bool = True) -> dict:
     import onnxruntime as ort
 
     import graphopt
@@ -116,6 +117,10 @@ def run_case(name: str, threads: int, rounds: int, profile: bool, workdir: Path)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if not spin:
+        # ORT's idle workers spin-wait after each run; interleaved with TVM on few cores they
+        # take the cores TVM's own pool needs (measured here: both sides ran 2-3x slower).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(graph.to_bytes(), so, providers=["CPUExecutionProvider"])
     ref = sess.run(None, feed)
     got = prog(args)
@@ -207,14 +212,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--profile", action="store_true", help="also print the matmul kernels' share of the time")
+    p.add_argument("--ort-no-spin", action="store_true",
+                   help="ONNX Runtime session.intra_op.allow_spinning=0 (its spinning workers slow TVM down "
+                        "when the two are interleaved on few cores)")
     a = p.parse_args(argv)
-    print(f"threads={a.threads} load={os.getloadavg()[0]:.1f}")
+    print(f"threads={a.threads} load={os.getloadavg()[0]:.1f} ort_spinning={not a.ort_no_spin}")
     print(f"{'case':<12} {'ORT ms':>9} {'TVM ms':>9} {'TVM/ORT':>8} {'max err':>9} {'compile s':>9}"
           + ("  matmul share" if a.profile else ""))
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.cases.split(","):
-            r = run_case(name, a.threads, a.rounds, a.profile, Path(tmp))
+            r = run_case(name, a.threads, a.rounds, a.profile, Path(tmp), spin=not a.ort_no_spin)
             ratios.append(r["ratio"])
             line = (f"{name:<12} {r['ort_ms']:>9.3f} {r['tvm_ms']:>9.3f} {r['ratio']:>7.2f}x "
                     f"{r['max_abs_err']:>9.1e} {r['compile_s']:>9.1f}")
