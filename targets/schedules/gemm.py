@@ -52,9 +52,6 @@ _S, _I, _J, _K, _T = "S", "I", "J", "K", "T"
 #: wake-up (a few microseconds) would cost more than the work it shares.
 PARALLEL_MIN_MACS = 1 << 17
 
-#: Unroll budget for the micro-kernel (ii x ji) and write-back loops.
-_UNROLL = 64
-
 
 def gemm_rules() -> list:
     """The rules of this family, most specific first."""
