@@ -1,8 +1,356 @@
-"""CPU schedule rules: gemm (see :mod:`graphopt.targets.schedules`)."""
+"""CPU schedule rules: gemm (see :mod:`graphopt.targets.schedules`).
+
+:class:`Matmul` claims every fused PrimFunc whose one reduction block is a
+matmul-like contraction ``C[S.., I.., J] += A[S.., I.., K..] * B[S.., K.., J]``
+(any operand layout, broadcast batch dims, weights or activations on either
+side) followed by any injective epilogue (bias, activation, residual add,
+cast) and preceded by injective prologues (transpose, reshape, pad) that can be
+inlined into the reads. Convolutions (whose reads index with sums such as
+``h + rh``) are left to the conv rules.
+
+The schedule is register blocking, the loop structure of a BLIS micro-kernel
+without packing A:
+
+    parallel for (s, jo, io):             # every core; jo outer so a B panel stays in cache
+        acc[MR, NR] = 0                    # local buffer, promoted to vector registers
+        for k:
+            for ii in MR (unrolled):       # broadcast A[i, k]
+                for ji in NR (vectorized): # FMA with B[k, j:j+NR]
+                    acc[ii, ji] += A[i, k] * B[k, j]
+        C[i.., j..] = epilogue(acc)        # vectorized write-back, the fused ops inlined
+
+``NR`` is one or two vectors of the accumulator dtype at the target's vector
+width (``llvm_get_vector_width``), ``MR`` the rows that keep ``MR * NR / V``
+accumulators plus the B vectors in the register file. A B whose innermost
+(contiguous) axis is K (``x @ y.T``, e.g. attention's Q·Kᵀ) is first copied
+into a ``[S, K, J]`` buffer inside the function so the vectorized axis is
+contiguous; weights normally arrive as ``[K, N]`` already (the prepack step
+lifts Relax-level ``permute_dims`` of weights out of the function).
+
+Tails (M, N not a multiple of the tile, symbolic extents such as a dynamic
+batch) are handled by ``split`` guards, never by asserting divisibility.
+
+K is not blocked: with ``jo`` outside ``io`` the B panel each core works on is
+``K x NR`` (``K * 128`` bytes for fp32 on AVX-512), which stays in L2 for any K
+below ~8K, and A's rows are re-read from L2/L3 once per panel. A B weight
+given as ``[N, K]`` inside the function (a Gemm with transB whose transpose was
+fused in) is packed on every call; the prepack step should hand it over as
+``[K, N]`` instead. Integer and mixed float/integer products are declined.
+"""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Kinds of block iterators in a matmul-like block (as dlight's IterKind).
+_S, _I, _J, _K, _T = "S", "I", "J", "K", "T"
+
+#: Below this many multiply-adds a GEMM stays on one core: the thread pool's
+#: wake-up (a few microseconds) would cost more than the work it shares.
+PARALLEL_MIN_MACS = 1 << 17
 
 
 def gemm_rules() -> list:
     """The rules of this family, most specific first."""
-    return []
+    return [Matmul()]
+
+
+@dataclass
+class _Gemm:
+    """A matched matmul block: per-block-iter kinds and operand facts."""
+
+    kinds: list[str]            # one per block iter var: S / I / J / K / T
+    b_k_contiguous: bool        # B's innermost index is a K iter (B is "transposed")
+    m_static: int | None        # fused I extent when static
+    n_static: int | None        # J extent when static
+    k_static: int | None
+    s_static: int | None
+
+
+def _float_dtype(dtype) -> bool:
+    return str(dtype).startswith(("float", "bfloat"))
+
+
+def _dtype_bits(dtype) -> int:
+    import tvm
+
+    return tvm.DataType(str(dtype)).bits
+
+
+def _static(expr) -> int | None:
+    from tvm import tirx
+
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def _match(block) -> _Gemm | None:
+    """Classify ``block`` as ``C[S, I, J] += A[S, I, K] * B[S, K, J]`` (any layout), or None.
+
+    Like dlight's ``detect_iter_traits`` (``tvm.s_tir.dlight.gpu.matmul``), but
+    extent-1 iterators are trivial and a missing I (a GEMV, M = 1) or S is
+    allowed; every index must be a bare iterator or a constant, which keeps
+    convolutions (``A[.., h + rh, ..]``) out; exactly one J iterator (the
+    vectorized one) and it must be C's innermost index.
+    """
+    from tvm import tirx
+
+    if len(block.reads) != 2 or len(block.writes) != 1:
+        return None
+    a, b, c = block.reads[0], block.reads[1], block.writes[0]
+    if not all(_float_dtype(r.source.dtype) for r in (a, b, c)):
+        return None
+    iter_vars = {iv.var: iv for iv in block.iter_vars}
+
+    def axes(region):
+        out = []
+        for r in region.region:
+            if not (isinstance(r.extent, tirx.IntImm) and r.extent.value == 1):
+                return None
+            if isinstance(r.min, tirx.Var) and r.min in iter_vars:
+                out.append(r.min)
+            elif isinstance(r.min, tirx.IntImm):
+                out.append(None)
+            else:
+                return None  # a compound index: a convolution, a gather... not a plain GEMM
+        return out
+
+    a_ax, b_ax, c_ax = axes(a), axes(b), axes(c)
+    if a_ax is None or b_ax is None or c_ax is None:
+        return None
+    a_set, b_set, c_set = set(a_ax) - {None}, set(b_ax) - {None}, set(c_ax) - {None}
+    kinds = []
+    ext = {}
+    for iv in block.iter_vars:
+        v = iv.var
+        if isinstance(iv.dom.extent, tirx.IntImm) and iv.dom.extent.value == 1:
+            kind = _T
+        elif iv.iter_type == tirx.IterVar.DataPar:
+            if v in a_set and v in b_set and v in c_set:
+                kind = _S
+            elif v in a_set and v in c_set and v not in b_set:
+                kind = _I
+            elif v in b_set and v in c_set and v not in a_set:
+                kind = _J
+            else:
+                return None
+        elif iv.iter_type == tirx.IterVar.CommReduce:
+            if v in a_set and v in b_set and v not in c_set:
+                kind = _K
+            else:
+                return None
+        else:
+            return None
+        kinds.append(kind)
+        ext.setdefault(kind, []).append(iv.dom.extent)
+    if _J not in kinds or _K not in kinds or not c_ax or c_ax[-1] is None:
+        return None
+    j_pos = [n for n, iv in enumerate(block.iter_vars) if iv.var.same_as(c_ax[-1])]
+    if not j_pos or kinds[j_pos[0]] != _J:
+        return None  # the vectorized axis must be the output's contiguous one
+    # Other B-and-C-only iterators (a batch dim of B that A broadcasts over) become
+    # outer batch loops: fusing them into J would put a div/mod in the vector index.
+    for n, kind in enumerate(kinds):
+        if kind == _J and n != j_pos[0]:
+            kinds[n] = _S
+            ext[_S] = [*ext.get(_S, []), block.iter_vars[n].dom.extent]
+    ext[_J] = [block.iter_vars[j_pos[0]].dom.extent]
+    b_last = b_ax[-1] if b_ax else None
+    b_k_contig = b_last is not None and kinds[[iv.var for iv in block.iter_vars].index(b_last)] == _K
+
+    def prod(kind):
+        total = 1
+        for e in ext.get(kind, []):
+            s = _static(e)
+            if s is None:
+                return None
+            total *= s
+        return total
+
+    return _Gemm(kinds, b_k_contig, prod(_I), prod(_J), prod(_K), prod(_S))
+
+
+def _fusion_map(kinds: list[str], extents: list, order: list[str]):
+    """IndexMap from the block iters to ``order`` (kinds fused row-major, missing kinds = 0).
+
+    dlight's ``make_iter_fusion_index_map`` over this module's kinds.
+    """
+    from tvm import tirx
+
+    fused: dict[str, object] = {}
+    inputs = []
+    for n, (kind, extent) in enumerate(zip(kinds, extents)):
+        v = tirx.Var(f"i{n}", extent.ty)
+        inputs.append(v)
+        if kind == _T:
+            continue
+        fused[kind] = fused[kind] * extent + v if kind in fused else v
+    zero = tirx.IntImm(extents[0].ty, 0)
+    return tirx.IndexMap(inputs, [fused.get(k, zero) for k in order], None)
+
+
+def _sub_map(kinds, extents, used: list[bool], order):
+    sel = [(k, e) for k, e, u in zip(kinds, extents, used) if u]
+    return _fusion_map([k for k, _ in sel], [e for _, e in sel], order)
+
+
+def _tile_sizes(g: _Gemm, vec: int, vector_bits: int, cores: int) -> tuple[int, int]:
+    """(MR, NR) for the micro-kernel; ``vec`` is the vector width in accumulator elements."""
+    n, m = g.n_static, g.m_static
+    # A GEMV-like tile (one or two rows) has registers to spare: wider NR gives more
+    # independent FMA chains and longer contiguous runs of each B row.
+    widths = ([16 * vec, 8 * vec, 4 * vec] if m is not None and m <= 2 else []) + [2 * vec, vec]
+    if n is not None:  # keep at least 4 column panels per core to share out
+        widths = [w for w in widths if w <= 2 * vec or n // w >= 4 * cores]
+    if n is None:
+        nr = 2 * vec
+    elif n <= vec:
+        nr = n  # one (partial) vector covers all of N: no tail guard
+    else:
+        nr = next((w for w in widths if n % w == 0), 2 * vec if n >= 4 * vec else vec)
+    # Accumulators MR * NR / vec plus NR / vec B vectors and one broadcast must fit
+    # the register file: 32 vector registers with AVX-512, 16 on SSE/AVX2 (and NEON's
+    # 32 are not counted on: 16 is safe everywhere).
+    regs = 32 if vector_bits >= 512 else 16
+    per_row = max(1, -(-nr // vec))
+    mr_max = max(1, (regs - per_row - 1) // per_row)
+    candidates = [c for c in (8, 6, 4) if c <= mr_max] or [mr_max]
+    if m is not None:
+        if m <= candidates[0]:
+            return max(m, 1), nr
+        for c in candidates:
+            if m % c == 0:
+                return c, nr
+    return candidates[0] if m is not None else min(6, candidates[0]), nr
+
+
+def _inline_producers_except(sch, block, keep) -> None:
+    """Inline every producer of ``block`` (transitively) except the one writing buffer ``keep``."""
+    while True:
+        inlined = 0
+        for p in sch.get_producers(block):
+            if sch.get(p).writes[0].source.same_as(keep):
+                continue
+            try:
+                sch.compute_inline(p)
+                inlined += 1
+            except Exception:  # noqa: BLE001 - not inlinable (e.g. a reduction): it stays a separate nest
+                continue
+        if not inlined:
+            return
+
+
+class Matmul:
+    """Register-blocked, vectorized, parallel schedule for matmul-like fused functions (see module doc).
+
+    ``apply`` returns a schedule or None ("not mine"): a function without
+    exactly one matmul-like reduction block, with integer operands, or one a
+    schedule primitive refuses (an epilogue that cannot be inlined, for
+    instance, is left at the root, which still compiles; anything else declines).
+    """
+
+    def apply(self, func, target, tunable):  # noqa: ARG002 - dlight ScheduleRule signature
+        from tvm import tirx
+
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception as e:  # noqa: BLE001 - a primitive refusing means "not mine", never a failed build
+            log.debug("gemm rule declined %s: %s", func.attrs.get("global_symbol", "?") if func.attrs else "?", e)
+            return None
+
+    def is_target_available(self, target) -> bool:  # dlight's ScheduleRule interface
+        return target.kind.name == "llvm"
+
+    def _schedule(self, func, target):
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import get_root_block
+        from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers, get_reduction_blocks
+        from tvm.target import codegen
+
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(get_root_block(sch))
+        reductions = get_reduction_blocks(sch, blocks)
+        if not reductions:
+            return None
+        main = reductions[0]
+        stmt = sch.get(main)
+        g = _match(stmt)
+        if g is None:
+            return None
+        out_dtype = stmt.writes[0].source.dtype
+        bits = codegen.llvm_get_vector_width(target)
+        vec = max(1, bits // _dtype_bits(out_dtype))
+        cores = int(target.attrs.get("num-cores", 1) or 1)
+        mr, nr = _tile_sizes(g, vec, bits, cores)
+
+        # 1. Normalize to C[S, I, J] += A[S, I, K] * B[S, K, J] (dlight's reindex + transform_layout).
+        extents = [iv.dom.extent for iv in stmt.iter_vars]
+        ivars = [iv.var for iv in stmt.iter_vars]
+
+        def used(region):
+            vs = {r.min for r in region.region}
+            return [any(v.same_as(x) for x in vs) for v in ivars]
+
+        a_used, b_used, c_used = used(stmt.reads[0]), used(stmt.reads[1]), used(stmt.writes[0])
+        ra = sch.reindex(main, ("read", 0))
+        rb = sch.reindex(main, ("read", 1))
+        rc = sch.reindex(main, ("write", 0))
+        sch.transform_layout(ra, ("write", 0), _sub_map(g.kinds, extents, a_used, [_S, _I, _K]))
+        sch.transform_layout(rb, ("write", 0), _sub_map(g.kinds, extents, b_used, [_S, _K, _J]))
+        sch.transform_layout(rc, ("read", 0), _sub_map(g.kinds, extents, c_used, [_S, _I, _J]))
+        sch.transform_block_layout(main, _fusion_map(g.kinds, extents, [_S, _I, _J, _K]))
+        packed = sch.get(rb).writes[0].source  # B in [S, K, J]: the pack buffer when B is K-contiguous
+
+        # 2. Operands: A (and B unless it is K-contiguous) are read in place; prologues inlined.
+        sch.compute_inline(ra)
+        macs = None if None in (g.m_static, g.n_static, g.k_static, g.s_static) else (
+            g.m_static * g.n_static * g.k_static * g.s_static)
+        if g.b_k_contiguous:
+            auto_inline_producers(sch, rb)  # the pack reads through any prologue
+            _inline_producers_except(sch, main, packed)
+            packs = [p for p in sch.get_producers(main) if sch.get(p).writes[0].source.same_as(packed)]
+            if len(packs) != 1:
+                return None
+            self._schedule_pack(sch, packs[0], cores, macs)
+        else:
+            sch.compute_inline(rb)
+            auto_inline_producers(sch, main)
+
+        # 3. Register tile: loops (s, jo, io | k | ii, ji).
+        s, i, j, k = sch.get_loops(main)
+        io, ii = sch.split(i, [None, mr])
+        jo, ji = sch.split(j, [None, nr])
+        sch.reorder(s, jo, io, k, ii, ji)
+
+        # 4. Accumulate in a local MR x NR tile; write it back (with the epilogue) per tile.
+        wb = sch.cache_write(main, 0, "local")
+        auto_inline_consumers(sch, wb)
+        sch.reverse_compute_at(wb, io, preserve_unit_loops=True)
+        outer = sch.fuse(s, jo, io)
+        if cores > 1 and (macs is None or macs >= PARALLEL_MIN_MACS):
+            sch.parallel(outer)
+        # TIR refuses `vectorize` on the update block once the init is split off (it is no
+        # longer a "reduction block"), so vectorize J first: the mark survives the split,
+        # and TVM emits full-width vector FMAs (LLVM's own loop vectorizer would pick its
+        # preferred width, 256 bits on AVX-512 Intel parts).
+        sch.vectorize(ji)
+        sch.unroll(ii)
+        init = sch.decompose_reduction(main, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        wloops = sch.get_loops(wb)
+        sch.vectorize(wloops[-1])
+        # Epilogue blocks that could not be inlined stay at the root: correct, not tiled.
+        return sch
+
+    @staticmethod
+    def _schedule_pack(sch, rb, cores, macs):
+        """The [S, K, J] copy of a K-contiguous B: parallel over (s, k), J inner."""
+        loops = sch.get_loops(rb)
+        if len(loops) >= 2:
+            outer = sch.fuse(*loops[:-1])
+            if cores > 1 and (macs is None or macs >= PARALLEL_MIN_MACS):
+                sch.parallel(outer)
