@@ -182,8 +182,10 @@ def cpu_pipeline(target):
     from tvm.s_tir import dlight
 
     from .schedules import default_rules
+    from .schedules.conv import conv_layout_passes
 
-    return build_pipeline(target, after_fusion=[dlight.ApplyDefaultSchedule(*default_rules())])
+    return build_pipeline(target, before_legalize=conv_layout_passes(target),
+                          after_fusion=[dlight.ApplyDefaultSchedule(*default_rules())])
 
 
 def _device_params(artifact, dev) -> list:

@@ -1,8 +1,294 @@
-"""CPU schedule rules: conv (see :mod:`graphopt.targets.schedules`)."""
+"""CPU schedule rules: convolutions and pooling (see :mod:`graphopt.targets.schedules`).
+
+Two halves:
+
+- :func:`conv_layout_passes` converts 2-D convolutions (and the pooling and
+  element-wise ops of the chains around them) to NHWC activations with HWIO
+  weights at the Relax level, before legalization. The innermost axis of every
+  conv output and of its weights is then the output channel, the axis the
+  kernels vectorize over. Relax's ``ConvertLayout`` transposes only at the ends
+  of each chain; the weight transposes are ``permute_dims`` on the weight
+  parameters, which the prepack step (``LiftTransformParams``) runs once at
+  lower time.
+- :func:`conv_rules` schedules the fused PrimFuncs that TOPI makes of them:
+  one sliding-window reduction (conv, max/avg pool; any layout, 1-D or 2-D,
+  transposed convs included) or one column reduction (global pooling over
+  non-innermost axes), plus injective producers (padding, dilation) and
+  injective epilogues (bias, activation, residual add, the average's divide).
+"""
 
 from __future__ import annotations
+
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+
+def conv_layout_passes(target) -> list:  # noqa: ARG001 - the layout is right for every CPU target
+    """Relax passes (before legalization) that put convolutions in the layout the conv rules are fast on.
+
+    ``nn.conv2d`` becomes NHWC / HWIO (its output NHWC), so the output channels
+    are innermost both in the result and in the weights: the kernel loads one
+    contiguous weight vector per (kh, kw, ci) and broadcasts one input value
+    per output pixel. 1-D and transposed convolutions stay as imported (TOPI
+    legalizes only NCW / NCHW for them); the rule vectorizes those over their
+    innermost output axis (width) instead.
+    """
+    from tvm import relax
+
+    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
 
 
 def conv_rules() -> list:
     """The rules of this family, most specific first."""
-    return []
+    return [WindowReduction()]
+
+
+_REDUCE = 2  # tirx.IterVar.CommReduce
+_SPATIAL = 0  # tirx.IterVar.DataPar
+
+
+def _int(expr):
+    """The value of a constant extent, or None for a symbolic one."""
+    from tvm import tirx
+
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def _vars_in(expr) -> set:
+    from tvm.tirx.analysis import undefined_vars
+
+    return set(undefined_vars(expr))
+
+
+def _pick_vector_tile(extent, lanes: int) -> int:
+    """Output elements per vector tile along the innermost output axis.
+
+    Prefers 2 or 1 full vectors dividing the extent (no tail), then the largest
+    divisor up to 2 vectors if it is at least half a vector, then the whole
+    axis when it fits in 2 vectors (odd channel counts such as 3, 5, 17); only
+    otherwise a full vector with a predicated tail (also for symbolic extents).
+    """
+    if extent is None:
+        return lanes
+    for v in (2 * lanes, lanes):
+        if extent % v == 0:
+            return v
+    best = max(d for d in range(1, min(extent, 2 * lanes) + 1) if extent % d == 0)
+    if best >= max(lanes // 2, 2):
+        return best
+    if extent <= 2 * lanes:
+        return extent
+    return lanes
+
+
+def _pick_rows(extent, max_rows: int) -> int:
+    """Output rows per register tile: a divisor of the extent in [max_rows/2, max_rows] when there is one."""
+    if extent is None:
+        return max_rows
+    if extent <= max_rows:
+        return extent
+    for r in range(max_rows, max(max_rows // 2, 1) - 1, -1):
+        if extent % r == 0:
+            return r
+    return max_rows
+
+
+class WindowReduction(CPUScheduleRule):
+    """Register-tiled, parallel, vectorized schedule for convolutions and pooling.
+
+    Claims a PrimFunc whose blocks (all at the root, one loop nest each) are
+    injective producers, exactly one reduction block, then injective
+    epilogues; the reduction's iterators must be spatial-then-reduction, it
+    must write ``out[spatial...]`` with at least two spatial axes, and it must
+    be a window reduction (some read index mixes a spatial and a reduction
+    iterator: conv, pooling) or a column reduction (no read's innermost index
+    involves a reduction iterator while the innermost spatial iterator is the
+    innermost index of every multi-dimensional read: global pooling in NHWC).
+    Everything else (matmul, softmax-style row reductions, ...) is declined.
+
+    Schedule of the reduction block ``out[..., r, v]`` (``v`` the innermost
+    output axis, ``r`` the one before it):
+
+    - ``v`` split into vector tiles (1-2 vectors of the target's width), ``r``
+      into register rows, so one tile of ``rows x tile`` accumulators lives in
+      registers (``local`` cache, rows unrolled, tile vectorized) while the
+      reduction loops run around it;
+    - all outer spatial loops and the tile loops fused into one ``parallel``
+      loop (symbolic extents such as a dynamic batch included);
+    - epilogues inlined into one block computed per tile, vectorized, so
+      bias / activation / residual add cost no extra pass over memory;
+    - producers (padding) materialized once, parallel over their outer axes.
+    """
+
+    def apply(self, func, target, _tunable):
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            plan = self._analyze(sch)
+            if plan is None:
+                return None
+            self._schedule(sch, plan, target)
+            return sch
+        except s_tir.ScheduleError:
+            return None
+
+    # ------------------------------------------------------------------ analysis
+
+    @staticmethod
+    def _analyze(sch):
+        root = sch.get_sblock("root") if _has_root(sch) else None
+        if root is None:
+            return None
+        blocks = sch.get_child_blocks(root)
+        stmts = [sch.get(b) for b in blocks]
+        red = [i for i, s in enumerate(stmts) if any(iv.iter_type == _REDUCE for iv in s.iter_vars)]
+        if len(red) != 1:
+            return None
+        ci = red[0]
+        conv, cstmt = blocks[ci], stmts[ci]
+        if any(iv.iter_type not in (_SPATIAL, _REDUCE) for s in stmts for iv in s.iter_vars):
+            return None
+        kinds = [iv.iter_type for iv in cstmt.iter_vars]
+        n_s = kinds.index(_REDUCE)
+        if n_s < 2 or any(k != _REDUCE for k in kinds[n_s:]):
+            return None
+        loops = sch.get_loops(conv)
+        if len(loops) != len(kinds):
+            return None
+        # Each iterator bound straight to its own loop (TE's T.axis.remap), no predicate.
+        realize = _realize_of(sch, conv)
+        if realize is None or not _is_true(realize.predicate):
+            return None
+        loop_vars = [sch.get(lp).loop_var for lp in loops]
+        if [v.same_as(lv) for v, lv in zip(realize.iter_values, loop_vars)] != [True] * len(loops):
+            return None
+        svars = [iv.var for iv in cstmt.iter_vars[:n_s]]
+        rvars = [iv.var for iv in cstmt.iter_vars[n_s:]]
+        if len(cstmt.writes) != 1:
+            return None
+        w = cstmt.writes[0]
+        if len(w.region) != n_s or any(not (_is_unit(r) and r.min.same_as(v)) for r, v in zip(w.region, svars)):
+            return None
+        # Reduction body reads: the window test looks at each index expression.
+        sset, rset = set(svars), set(rvars)
+        window = False
+        column = True
+        inner_s = svars[-1]
+        for rd in cstmt.reads:
+            if rd.source.same_as(w.source):
+                continue
+            idx = [r.min for r in rd.region]
+            for e in idx:
+                vs = _vars_in(e)
+                if vs & sset and vs & rset:
+                    window = True
+            if len(idx) >= 2:
+                last = _vars_in(idx[-1])
+                if last & rset or not (len(idx[-1:]) and idx[-1].same_as(inner_s)):
+                    column = False
+        if not (window or column):
+            return None
+        producers = [blocks[i] for i in range(ci)]
+        consumers = [blocks[i] for i in range(ci + 1, len(blocks))]
+        return {"conv": conv, "n_s": n_s, "producers": producers, "consumers": consumers,
+                "out_buffer": w.source, "dtype": w.source.dtype}
+
+    # ------------------------------------------------------------------ schedule
+
+    @staticmethod
+    def _schedule(sch, plan, target):
+        import tvm
+        from tvm.target.codegen import llvm_get_vector_width
+
+        conv, n_s = plan["conv"], plan["n_s"]
+        bits = tvm.DataType(str(plan["dtype"])).bits
+        vbits = llvm_get_vector_width(target)
+        vbits = vbits if vbits and vbits > 0 else 128
+        lanes = max(vbits // bits, 1)
+        # x86-64 has 32 vector registers with AVX-512, 16 below it; leave room for the
+        # weight vectors and the broadcast input.
+        acc_regs = 26 if vbits >= 512 else 12
+
+        # Epilogues: inline all but the last into their consumer; the last is computed per tile.
+        consumers = list(plan["consumers"])
+        kept = []
+        for i, b in enumerate(consumers):
+            if i < len(consumers) - 1:
+                try:
+                    sch.compute_inline(b)
+                    continue
+                except Exception:  # noqa: BLE001 - a block that cannot be inlined is computed per tile
+                    pass
+            kept.append(b)
+
+        loops = sch.get_loops(conv)
+        s_loops, r_loops = loops[:n_s], loops[n_s:]
+        v_ext = _int(sch.get(s_loops[-1]).extent)
+        r_ext = _int(sch.get(s_loops[-2]).extent)
+        vt = _pick_vector_tile(v_ext, lanes)
+        nvec = -(-vt // lanes)
+        rows = _pick_rows(r_ext, max(1, min(8, acc_regs // nvec)))
+        vo, vi = sch.split(s_loops[-1], factors=[None, vt])
+        ro, ri = sch.split(s_loops[-2], factors=[None, rows])
+        sch.reorder(*s_loops[:-2], vo, ro, *r_loops, ri, vi)
+        par = sch.fuse(*s_loops[:-2], vo, ro)
+        sch.parallel(par)
+
+        # Accumulate in a tile-sized local buffer (registers after unrolling), write out per tile.
+        wb = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(wb, par, preserve_unit_loops=True)
+        if kept:
+            try:
+                sch.compute_inline(wb)  # the first epilogue reads the accumulators directly
+                wb = None
+            except Exception:  # noqa: BLE001
+                pass
+        tail = ([wb] if wb is not None else []) + kept
+        for b in tail:
+            sch.reverse_compute_at(b, par, preserve_unit_loops=True)
+            bl = sch.get_loops(b)
+            if len(bl) > 1 and _int(sch.get(bl[-1]).extent) is not None:
+                sch.vectorize(bl[-1])
+
+        # Vectorize before splitting off the init: once decomposed, the update block has no
+        # init and is no longer a reduction block that vectorize accepts.
+        sch.unroll(ri)
+        sch.vectorize(vi)
+        init = sch.decompose_reduction(conv, r_loops[0])
+        il = sch.get_loops(init)
+        if sch.get(il[-1]).kind != 2:  # ForKind.VECTORIZED
+            sch.vectorize(il[-1])
+
+        # Producers (padding, dilation): one pass, parallel over the outer axes.
+        for p in plan["producers"]:
+            pl = sch.get_loops(p)
+            if len(pl) > 1:
+                sch.parallel(sch.fuse(*pl[:-1]))
+            elif pl:
+                sch.parallel(pl[0])
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _realize_of(sch, block):
+    from tvm_ffi import get_global_func
+
+    return get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+
+
+def _is_true(expr) -> bool:
+    from tvm import tirx
+
+    return isinstance(expr, tirx.IntImm) and int(expr.value) == 1
+
+
+def _is_unit(rng) -> bool:
+    return _int(rng.extent) == 1
