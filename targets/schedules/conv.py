@@ -245,9 +245,9 @@ class WindowReduction(CPUScheduleRule):
                 wb = None
             except Exception:  # noqa: BLE001
                 pass
-        tail = ([wb] if wb is not None else []) + kept
-        for b in tail:
+        for b in kept:
             sch.reverse_compute_at(b, par, preserve_unit_loops=True)
+        for b in ([wb] if wb is not None else []) + kept:
             bl = sch.get_loops(b)
             if len(bl) > 1 and _int(sch.get(bl[-1]).extent) is not None:
                 sch.vectorize(bl[-1])
