@@ -177,22 +177,32 @@ def test_pooling_matches_onnxruntime_and_is_claimed(tmp_path, op, attrs):
     assert any("conv" not in h for h in hits), f"the pooling function was not checked: {hits}"
 
 
-def test_layout_pass_converts_conv2d_to_nhwc():
-    """conv_layout_passes puts conv2d in NHWC/HWIO; the weight transpose is a Relax op on the parameter."""
+def test_layout_passes_make_nhwc_and_pack_weights_as_relax_ops():
+    """Dense conv2d: NHWC, weights permuted then packed [O/t, KH, KW, I, t] by Relax ops on the parameter.
+
+    Grouped conv2d stays an NHWC/HWIO ``nn.conv2d`` (no packing).
+    """
     import tvm
 
     from targets.cpu import llvm_target
     from targets.relax_import import import_graph, select_params
     from targets.schedules.conv import conv_layout_passes
 
-    g = Graph(conv_model(pads=[1, 1, 1, 1]))
+    for mcpu, tile in (("x86-64-v2", 8), ("x86-64-v3", 16)):  # 2 vectors of 4 / 8 float lanes
+        g = Graph(conv_model(c=8, f=32, pads=[1, 1, 1, 1]))
+        mod = import_graph(g, select_params(g))
+        target = llvm_target(mcpu, 1)
+        with target:
+            out = tvm.transform.Sequential(conv_layout_passes(target))(mod)
+        text = out.script()
+        assert "R.permute_dims(w" in text and "R.layout_transform(" in text
+        assert f"T.Buffer((T.int64({32 // tile}), T.int64(3), T.int64(3), T.int64(8), T.int64({tile}))" in text
+        assert "conv2d_nhwc_packed" in text and "nn.conv2d" not in text
+    g = Graph(conv_model(c=8, f=12, group=2, pads=[1, 1, 1, 1]))
     mod = import_graph(g, select_params(g))
-    target = llvm_target("x86-64-v2", 1)
     with target:
-        out = tvm.transform.Sequential(conv_layout_passes(target))(mod)
-    text = out["main"].script()
-    assert 'data_layout="NHWC"' in text and 'kernel_layout="HWIO"' in text
-    assert "R.permute_dims(w" in text
+        text = tvm.transform.Sequential(conv_layout_passes(target))(mod)["main"].script()
+    assert 'data_layout="NHWC"' in text and 'kernel_layout="HWIO"' in text and "layout_transform" not in text
 
 
 @pytest.mark.parametrize("mcpu", ["x86-64-v3", "portable"])

@@ -22,19 +22,148 @@ from __future__ import annotations
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 
-def conv_layout_passes(target) -> list:  # noqa: ARG001 - the layout is right for every CPU target
+def conv_layout_passes(target) -> list:
     """Relax passes (before legalization) that put convolutions in the layout the conv rules are fast on.
 
-    ``nn.conv2d`` becomes NHWC / HWIO (its output NHWC), so the output channels
-    are innermost both in the result and in the weights: the kernel loads one
-    contiguous weight vector per (kh, kw, ci) and broadcasts one input value
-    per output pixel. 1-D and transposed convolutions stay as imported (TOPI
-    legalizes only NCW / NCHW for them); the rule vectorizes those over their
-    innermost output axis (width) instead.
+    1. ``ConvertLayout``: ``nn.conv2d`` becomes NHWC / HWIO (output NHWC), so the
+       output channels are innermost in the result; chains of convs, pooling
+       and element-wise ops stay NHWC, with transposes only at their ends.
+    2. :func:`pack_conv_weights`: each dense (groups=1) NHWC conv2d whose output
+       channels split evenly into the vector tile the schedule uses for this
+       ``target`` reads its weights packed as ``[O/t, KH, KW, I, t]``, so the
+       kernel streams them contiguously. The packing is a ``layout_transform``
+       on the weight parameter, which the prepack step lifts out of the program.
+
+    1-D and transposed convolutions stay as imported (TOPI legalizes only NCW /
+    NCHW for them); the rule vectorizes those over their innermost output axis.
     """
     from tvm import relax
 
-    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
+    import os
+    if os.environ.get("NOPACK"):
+        return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
+    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}), pack_conv_weights(target)]
+
+
+def vector_bits(target) -> int:
+    """Width in bits of the widest float vector register ``target`` may use.
+
+    Read from the LLVM features of the target's cpu (``llvm_get_cpu_features``):
+    in TVM 0.27 ``llvm_get_vector_width`` answers 512 for every x86 cpu
+    (x86-64-v2 and x86-64-v3 included), which would make AVX2 and SSE code
+    tile for vectors they do not have. ``avx512f`` -> 512, ``avx`` -> 256,
+    anything else (SSE, NEON, ...) -> 128, never above what LLVM reports.
+    """
+    from tvm.target.codegen import llvm_get_cpu_features, llvm_get_vector_width
+
+    try:
+        feats = {str(f) for f in llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe gets the portable width
+        feats = set()
+    bits = 512 if "avx512f" in feats else 256 if "avx" in feats else 128
+    try:
+        reported = int(llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001
+        reported = -1
+    return min(bits, reported) if reported > 0 else bits
+
+
+def vector_lanes(target, dtype_bits: int = 32) -> int:
+    """Elements of ``dtype_bits`` in one vector register of ``target``."""
+    return max(vector_bits(target) // dtype_bits, 1)
+
+
+def vector_registers(target) -> int:
+    """Architectural vector registers: 32 with AVX-512 and on AArch64, 16 on other x86-64."""
+    arch = str(target.attrs.get("mtriple", "")) if hasattr(target, "attrs") else ""
+    if vector_bits(target) >= 512 or arch.startswith("aarch64"):
+        return 32
+    import platform
+
+    return 32 if not arch and platform.machine() in ("aarch64", "arm64") else 16
+
+
+def pack_conv_weights(target):
+    """A Relax pass: NHWC/HWIO dense float conv2d -> a TE conv reading weights packed ``[O/t, KH, KW, I, t]``.
+
+    ``t`` is :func:`_pick_vector_tile` of the output channels for ``target`` (the
+    tile :class:`WindowReduction` will vectorize), so a kernel tile reads one
+    contiguous run of weights per (kh, kw, ci). Convs that are grouped, not
+    float, not NHWC/HWIO, have symbolic channel counts or a tile that does not
+    divide the channels are left alone (TOPI legalizes them as before).
+    """
+    import tvm
+    from tvm import relax, te, topi
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    conv_op = tvm.ir.Op.get("relax.nn.conv2d")
+
+    def te_conv(data, wp, strides, padding, dilation, out_dtype):
+        n, h, w, c = data.shape
+        fo, kh, kw, _, fi = wp.shape
+        pt, pl, pb, pr = padding
+        sh, sw = strides
+        dh, dw = dilation
+        oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+        ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+        padded = data
+        if any(int(p) for p in padding):
+            padded = topi.nn.pad(data, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
+        ry = te.reduce_axis((0, kh), name="ry")
+        rx = te.reduce_axis((0, kw), name="rx")
+        rc = te.reduce_axis((0, c), name="rc")
+        return te.compute(
+            (n, oh, ow, fo * fi),
+            lambda b, y, x, f: te.sum(
+                padded[b, y * sh + ry * dh, x * sw + rx * dw, rc].astype(out_dtype)
+                * wp[f // fi, ry, rx, rc, f % fi].astype(out_dtype),
+                axis=[ry, rx, rc]),
+            name="conv2d_nhwc_packed",
+        )
+
+    @mutator
+    class _Packer(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.mod_ = mod
+
+        def transform(self):
+            for gv, func in self.mod_.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return self.builder_.get()
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(conv_op)):
+                return call
+            a = call.attrs
+            if (a.data_layout, a.kernel_layout, a.out_layout) != ("NHWC", "HWIO", "NHWC") or int(a.groups) != 1:
+                return call
+            data, weight = call.args
+            wshape = getattr(weight.ty, "shape", None) if hasattr(weight, "ty") else None
+            wshape = wshape if wshape is not None else getattr(weight.struct_info, "shape", None)
+            dtype = str(call.struct_info.dtype) if hasattr(call, "struct_info") else str(call.ty.dtype)
+            if wshape is None or not dtype.startswith("float"):
+                return call
+            dims = [_int(d) for d in wshape.values] if hasattr(wshape, "values") else None
+            if not dims or any(d is None for d in dims):
+                return call
+            f = dims[3]
+            t = _pick_vector_tile(f, vector_lanes(target, tvm.DataType(dtype).bits))
+            if f % t:
+                return call
+            packed = self.builder_.emit(relax.op.layout_transform(
+                weight, index_map=lambda kh, kw, i, o: (o // t, kh, kw, i, o % t)))
+            return self.builder_.call_te(
+                te_conv, data, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
+                [int(v) for v in a.dilation], dtype, primfunc_name_hint="conv2d_nhwc_packed")
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.PackConvWeights")
+    def _pass(mod, _ctx):
+        return _Packer(mod).transform()
+
+    return _pass
 
 
 def conv_rules() -> list:
@@ -113,7 +242,9 @@ class WindowReduction(CPUScheduleRule):
       registers (``local`` cache, rows unrolled, tile vectorized) while the
       reduction loops run around it;
     - all outer spatial loops and the tile loops fused into one ``parallel``
-      loop (symbolic extents such as a dynamic batch included);
+      loop (symbolic extents such as a dynamic batch included); the channel
+      tiles go outermost when the weights are larger than one image of
+      activations (deep layers), so the weights are streamed once;
     - epilogues inlined into one block computed per tile, vectorized, so
       bias / activation / residual add cost no extra pass over memory;
     - producers (padding) materialized once, parallel over their outer axes.
@@ -190,26 +321,41 @@ class WindowReduction(CPUScheduleRule):
                     column = False
         if not (window or column):
             return None
+        # Loop order: when the weights (read through the vector axis, not the batch axis)
+        # outweigh one image of activations, put the channel tiles outermost so each
+        # thread streams its share of the weights once instead of once per output row.
+        weight_bytes = act_bytes = None
+        for rd in cstmt.reads:
+            if rd.source.same_as(w.source) or not rd.region:
+                continue
+            idx = [r.min for r in rd.region]
+            size = 1
+            for d in rd.source.shape:
+                size = size * _int(d) if size is not None and _int(d) is not None else None
+            if idx[-1].same_as(inner_s) and not any(svars[0] in _vars_in(e) for e in idx):
+                weight_bytes = size
+            elif any(svars[0] in _vars_in(e) for e in idx[:1]):
+                per_image = 1
+                for d in rd.source.shape[1:]:
+                    per_image = per_image * _int(d) if per_image is not None and _int(d) is not None else None
+                act_bytes = per_image
+        channels_first = bool(weight_bytes and act_bytes and weight_bytes > act_bytes)
         producers = [blocks[i] for i in range(ci)]
         consumers = [blocks[i] for i in range(ci + 1, len(blocks))]
         return {"conv": conv, "n_s": n_s, "producers": producers, "consumers": consumers,
-                "out_buffer": w.source, "dtype": w.source.dtype}
+                "out_buffer": w.source, "dtype": w.source.dtype, "channels_first": channels_first}
 
     # ------------------------------------------------------------------ schedule
 
     @staticmethod
     def _schedule(sch, plan, target):
         import tvm
-        from tvm.target.codegen import llvm_get_vector_width
 
         conv, n_s = plan["conv"], plan["n_s"]
-        bits = tvm.DataType(str(plan["dtype"])).bits
-        vbits = llvm_get_vector_width(target)
-        vbits = vbits if vbits and vbits > 0 else 128
-        lanes = max(vbits // bits, 1)
-        # x86-64 has 32 vector registers with AVX-512, 16 below it; leave room for the
-        # weight vectors and the broadcast input.
-        acc_regs = 26 if vbits >= 512 else 12
+        lanes = vector_lanes(target, tvm.DataType(str(plan["dtype"])).bits)
+        # Accumulators: the vector registers less room for the weight vectors and the
+        # broadcast input (26 of 32 with AVX-512, 12 of 16 with AVX2 / SSE).
+        acc_regs = vector_registers(target) - (6 if vector_registers(target) >= 32 else 4)
 
         # Epilogues: inline all but the last into their consumer; the last is computed per tile.
         consumers = list(plan["consumers"])
@@ -232,8 +378,12 @@ class WindowReduction(CPUScheduleRule):
         rows = _pick_rows(r_ext, max(1, min(8, acc_regs // nvec)))
         vo, vi = sch.split(s_loops[-1], factors=[None, vt])
         ro, ri = sch.split(s_loops[-2], factors=[None, rows])
-        sch.reorder(*s_loops[:-2], vo, ro, *r_loops, ri, vi)
-        par = sch.fuse(*s_loops[:-2], vo, ro)
+        if plan["channels_first"]:
+            sch.reorder(vo, *s_loops[:-2], ro, *r_loops, ri, vi)
+            par = sch.fuse(vo, *s_loops[:-2], ro)
+        else:
+            sch.reorder(*s_loops[:-2], vo, ro, *r_loops, ri, vi)
+            par = sch.fuse(*s_loops[:-2], vo, ro)
         sch.parallel(par)
 
         # Accumulate in a tile-sized local buffer (registers after unrolling), write out per tile.
