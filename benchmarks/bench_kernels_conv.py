@@ -178,6 +178,41 @@ def profile_shares(art_dir, art, feed, repeat=3):
             [(k, v / total) for k, v in top])
 
 
+def bound_weights_program(graph, threads, mcpu=None):
+    """The model compiled with its weights bound as constants: the weight layout ops fold at compile time.
+
+    This stands in for the prepack step (``LiftTransformParams``, not in this
+    branch): what remains to run per call is what a prepacked artifact runs.
+    Returns ``run(arrays)``.
+    """
+    import tvm
+    from onnx import numpy_helper
+    from tvm import relax
+
+    from targets.cpu import CpuTarget, cpu_pipeline, llvm_target
+    from targets.relax_import import import_graph, select_params
+
+    params = select_params(graph)
+    inits = {t.name: t for t in graph.graph.initializer}
+    mod = import_graph(graph, params)
+    main = mod["main"]
+    n_in = len(main.params) - len(params)
+    binding = {v: tvm.runtime.tensor(numpy_helper.to_array(inits[name]))
+               for v, name in zip(main.params[n_in:], params)}
+    mod["main"] = main.bind_params(binding)
+    opts = {"mcpu": mcpu} if mcpu else {}
+    target = llvm_target(CpuTarget(**opts).resolve_mcpu(), threads)
+    with tvm.transform.PassContext(opt_level=3):
+        ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+
+    def run(arrays):
+        return vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
+
+    return run
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
@@ -186,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=10, help="calls per runtime per round")
     ap.add_argument("--mcpu", default=None, help="the cpu target's mcpu option (default: host)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--bound", action="store_true",
+                    help="also time the model compiled with weights bound (weight layout folded: prepack stand-in)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -194,17 +231,18 @@ def main(argv=None) -> int:
 
     print(f"threads {args.threads}; ratio = median TVM / median ORT, interleaved, {args.rounds} rounds x "
           f"{args.runs} runs")
-    ratios = []
+    ratios, bound_ratios = [], []
     for name in args.models.split(","):
         g, feeds, kw = build(name)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             opts = {"mcpu": args.mcpu} if args.mcpu else None
-            graphopt.lower(g, "cpu", Path(tmp) / "a", threads=args.threads, target_options=opts, **kw)
+            res = graphopt.lower(g, "cpu", Path(tmp) / "a", threads=args.threads, target_options=opts, **kw)
             compile_s = time.perf_counter() - t0
             art = graphopt.load(Path(tmp) / "a")
             ref_graph = art.reference_graph() if kw else g
             sess = ort_session(ref_graph, args.threads)
+            bound_prog = None
             for label, feed in feeds:
                 feed = {k: v for k, v in feed.items() if k in {s.name for s in art.inputs}}
                 ort_names = {i.name for i in sess.get_inputs()}
@@ -217,15 +255,31 @@ def main(argv=None) -> int:
                 run_tvm = lambda: art.programs["main"](arrays)  # noqa: E731
                 run_ort = lambda: sess.run(None, ofeed)  # noqa: E731
                 run_tvm(), run_ort()
-                to, tt = [], []
+                run_bound = None
+                if args.bound:
+                    if bound_prog is None:
+                        bound_prog = bound_weights_program(res.graph, args.threads, args.mcpu)
+                    run_bound = lambda: bound_prog(arrays)  # noqa: E731
+                    bout = run_bound()
+                    bout = [bout] if hasattr(bout, "numpy") else list(bout)
+                    berr = max(float(np.max(np.abs(np.asarray(w, np.float64) - b.numpy()))) for w, b in zip(want, bout))
+                to, tt, tb = [], [], []
                 for _ in range(args.rounds):
                     to.append(median_time(run_ort, args.runs))
                     tt.append(median_time(run_tvm, args.runs))
+                    if run_bound:
+                        tb.append(median_time(run_bound, args.runs))
                 r = float(np.median(tt) / np.median(to))
                 ratios.append(r)
                 print(f"{name:12s} {label:8s} ORT {np.median(to) * 1e3:8.2f} ms  TVM {np.median(tt) * 1e3:8.2f} ms"
                       f"  ratio {r:5.2f}x  (per round {' '.join(f'{b / a:.2f}' for a, b in zip(to, tt))})"
                       f"  max|diff| {err:.2e}  lower {compile_s:.1f} s", flush=True)
+                if run_bound:
+                    rb = float(np.median(tb) / np.median(to))
+                    bound_ratios.append(rb)
+                    print(f"{'':12s} {'bound':8s} {'':16s}  TVM {np.median(tb) * 1e3:8.2f} ms  ratio {rb:5.2f}x"
+                          f"  (per round {' '.join(f'{b / a:.2f}' for a, b in zip(to, tb))})  max|diff| {berr:.2e}",
+                          flush=True)
                 if args.profile:
                     shares, total, top = profile_shares(Path(tmp) / "a", art, feed)
                     print("    profile (kernel time %.2f ms): " % (total / 1e3)
@@ -233,6 +287,8 @@ def main(argv=None) -> int:
                     print("    top kernels: " + ", ".join(f"{k} {v:.0%}" for k, v in top))
     if ratios:
         print(f"geometric mean ratio {float(np.exp(np.mean(np.log(ratios)))):.2f}x over {len(ratios)} rows")
+    if bound_ratios:
+        print(f"geometric mean ratio, weights bound {float(np.exp(np.mean(np.log(bound_ratios)))):.2f}x")
     return 0
 
 

@@ -39,9 +39,6 @@ def conv_layout_passes(target) -> list:
     """
     from tvm import relax
 
-    import os
-    if os.environ.get("NOPACK"):
-        return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
     return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}), pack_conv_weights(target)]
 
 
