@@ -145,6 +145,7 @@ CASES = {
     "odd_3_to_5": dict(c=3, f=5, pads=[1, 1, 1, 1], hw=(7, 9)),
     "odd_5_to_17": dict(c=5, f=17, pads=[1, 1, 1, 1], hw=(9, 7)),
     "wide_40": dict(c=8, f=40, k=3, hw=(6, 23)),
+    "channels_24": dict(c=8, f=24, pads=[1, 1, 1, 1], hw=(10, 16)),
     "no_bias": dict(bias=False),
     "bias_relu_residual": dict(c=16, f=16, pads=[1, 1, 1, 1], post=("relu", "residual", "relu")),
     "sigmoid_epilogue": dict(post=("sigmoid",)),
@@ -239,3 +240,42 @@ def test_rule_declines_non_tir_and_non_llvm():
     funcs, _ = scheduled_functions(conv_model(pads=[1, 1, 1, 1]))
     conv = next(f for n, (f, _) in funcs.items() if "conv" in n)
     assert WindowReduction().apply(conv, tvm.target.Target("c"), False) is None
+
+
+def test_nchw_conv_with_unit_width_vectorizes_over_height():
+    """NCHW with W = 1 (what a 1-D conv imported as 2-D looks like when the layout stays NCHW):
+    the rule skips the unit axis and vectorizes over H instead of a 1-wide 'vector'."""
+    import tvm
+    import torch
+    from tvm import te, topi
+
+    from targets.cpu import host_cpu, llvm_target
+    from targets.schedules.conv import WindowReduction
+
+    x = te.placeholder((1, 16, 40, 1), name="x")
+    w = te.placeholder((32, 16, 5, 1), name="w")
+    out = topi.nn.conv2d_nchw(x, w, stride=1, padding=(2, 0), dilation=1)
+    func = te.create_prim_func([x, w, out])
+    target = llvm_target(host_cpu(), 2)
+    sch = WindowReduction().apply(func, target, False)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert "T.parallel(" in text and "T.vectorized(T.int64(1))" not in text and "T.vectorized(" in text
+    lib = tvm.compile(sch.mod, target=target)
+    xs, ws = _w(1, 16, 40, 1), _w(32, 16, 5, 1)
+    dev = tvm.cpu()
+    got = tvm.runtime.tensor(np.zeros((1, 32, 40, 1), np.float32), dev)
+    lib["main"](tvm.runtime.tensor(xs, dev), tvm.runtime.tensor(ws, dev), got)
+    want = torch.nn.functional.conv2d(torch.from_numpy(xs), torch.from_numpy(ws), padding=(2, 0)).numpy()
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_transpose_inside_an_nhwc_chain(tmp_path):
+    """Conv -> Relu -> ConvTranspose: ConvertLayout must keep the transposed conv in NCHW (all TOPI legalizes)."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("ConvTranspose", ["r0", "wt", "bt"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    model = make_model(nodes, [_x_info("x", ["N", 8, 10, 10])], [_x_info("y", ["N", 4, 20, 20])],
+                       [init("w", _w(16, 8, 3, 3)), init("wt", _w(16, 4, 2, 2)), init("bt", _w(4))])
+    lower_and_compare(tmp_path, model)
+    assert len(assert_claimed(model, expect=2)) >= 2

@@ -22,6 +22,12 @@ from __future__ import annotations
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 
+# What ConvertLayout aims for. conv2d_transpose is pinned to NCHW/IOHW (the only layout TOPI
+# legalizes it in): left out, ConvertLayout moves it to NHWC inside an NHWC chain, which
+# then fails to legalize.
+DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+
+
 def conv_layout_passes(target) -> list:
     """Relax passes (before legalization) that put convolutions in the layout the conv rules are fast on.
 
@@ -39,7 +45,45 @@ def conv_layout_passes(target) -> list:
     """
     from tvm import relax
 
-    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}), pack_conv_weights(target)]
+    return [_guarded_convert_layout(relax.transform.ConvertLayout(DESIRED_LAYOUTS)),
+            pack_conv_weights(target)]
+
+
+def _guarded_convert_layout(convert):
+    """``convert`` on modules that have a conv2d; the module unchanged when there is none or it fails.
+
+    ``ConvertLayout`` walks every op's layout inference even where no conv2d is
+    present, and in TVM 0.27 some of them abort (magika: "Invalid SLayout: can't
+    find S in source layout ABC"). NCHW is slower but correct, so a failure
+    keeps the imported layout instead of failing the lowering.
+    """
+    import tvm
+    from tvm import relax
+
+    conv = tvm.ir.Op.get("relax.nn.conv2d")
+
+    def has_conv2d(mod) -> bool:
+        found = []
+
+        def visit(e):
+            if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.same_as(conv):
+                found.append(e)
+
+        for _, f in mod.functions_items():
+            if isinstance(f, relax.Function):
+                relax.analysis.post_order_visit(f, visit)
+        return bool(found)
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.ConvertConvLayout")
+    def _pass(mod, _ctx):
+        if not has_conv2d(mod):
+            return mod
+        try:
+            return convert(mod)
+        except Exception:  # noqa: BLE001 - see the docstring: the imported layout is a correct fallback
+            return mod
+
+    return _pass
 
 
 def vector_bits(target) -> int:
@@ -188,20 +232,24 @@ def _vars_in(expr) -> set:
 def _pick_vector_tile(extent, lanes: int) -> int:
     """Output elements per vector tile along the innermost output axis.
 
-    Prefers 2 or 1 full vectors dividing the extent (no tail), then the largest
-    divisor up to 2 vectors if it is at least half a vector, then the whole
-    axis when it fits in 2 vectors (odd channel counts such as 3, 5, 17); only
-    otherwise a full vector with a predicated tail (also for symbolic extents).
+    2 or 1 full vectors when they divide the extent; else the largest power of
+    two below a vector (at least 4) that divides it (24 channels on AVX-512:
+    tiles of 8). LLVM splits odd-sized vectors (24 = 16 + 8) into code 20x
+    slower than whole registers, so those are avoided. An axis shorter than a
+    vector is one tile; otherwise a full vector with a predicated tail (also for
+    symbolic extents).
     """
     if extent is None:
         return lanes
     for v in (2 * lanes, lanes):
         if extent % v == 0:
             return v
-    best = max(d for d in range(1, min(extent, 2 * lanes) + 1) if extent % d == 0)
-    if best >= max(lanes // 2, 2):
-        return best
-    if extent <= 2 * lanes:
+    p = lanes // 2
+    while p >= 4:
+        if extent % p == 0:
+            return p
+        p //= 2
+    if extent <= lanes:
         return extent
     return lanes
 
@@ -368,20 +416,29 @@ class WindowReduction(CPUScheduleRule):
 
         loops = sch.get_loops(conv)
         s_loops, r_loops = loops[:n_s], loops[n_s:]
-        v_ext = _int(sch.get(s_loops[-1]).extent)
-        r_ext = _int(sch.get(s_loops[-2]).extent)
+        # Trailing unit axes (NCHW with W = 1, keepdims pooling) do not count: the vector
+        # axis is the innermost spatial axis longer than 1, the row axis the one before.
+        k = n_s - 1
+        while k > 1 and _int(sch.get(s_loops[k]).extent) == 1:
+            k -= 1
+        units = s_loops[k + 1:]
+        v_ext = _int(sch.get(s_loops[k]).extent)
+        r_ext = _int(sch.get(s_loops[k - 1]).extent)
         vt = _pick_vector_tile(v_ext, lanes)
         nvec = -(-vt // lanes)
         rows = _pick_rows(r_ext, max(1, min(8, acc_regs // nvec)))
-        vo, vi = sch.split(s_loops[-1], factors=[None, vt])
-        ro, ri = sch.split(s_loops[-2], factors=[None, rows])
+        vo, vi = sch.split(s_loops[k], factors=[None, vt])
+        ro, ri = sch.split(s_loops[k - 1], factors=[None, rows])
+        outer = s_loops[:k - 1]
         if plan["channels_first"]:
-            sch.reorder(vo, *s_loops[:-2], ro, *r_loops, ri, vi)
-            par = sch.fuse(vo, *s_loops[:-2], ro)
+            sch.reorder(vo, *outer, ro, *r_loops, ri, vi, *units)
+            par = sch.fuse(vo, *outer, ro)
         else:
-            sch.reorder(*s_loops[:-2], vo, ro, *r_loops, ri, vi)
-            par = sch.fuse(*s_loops[:-2], vo, ro)
+            sch.reorder(*outer, vo, ro, *r_loops, ri, vi, *units)
+            par = sch.fuse(*outer, vo, ro)
         sch.parallel(par)
+        if units:
+            vi = sch.fuse(vi, *units)
 
         # Accumulate in a tile-sized local buffer (registers after unrolling), write out per tile.
         wb = sch.cache_write(conv, 0, "local")
