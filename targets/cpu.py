@@ -216,7 +216,10 @@ def relax_passes(target) -> list:
     They run before weight transforms are lifted, so any layout change they
     make to a weight is done once at lower time (see :mod:`.prepack`).
     """
-    return []
+    from .layout import normalize_squeeze_axes_pass
+    from .schedules.conv import conv_layout_passes
+
+    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target)]
 
 
 def cpu_pipeline(target):

@@ -1,8 +1,498 @@
-"""CPU schedule rules: conv (see :mod:`graphopt.targets.schedules`)."""
+"""CPU schedule rules: convolutions and pooling (see :mod:`graphopt.targets.schedules`).
+
+Two halves:
+
+- :func:`conv_layout_passes` converts 2-D convolutions (and the pooling and
+  element-wise ops of the chains around them) to NHWC activations with HWIO
+  weights at the Relax level, before legalization. The innermost axis of every
+  conv output and of its weights is then the output channel, the axis the
+  kernels vectorize over. Relax's ``ConvertLayout`` transposes only at the ends
+  of each chain; the weight transposes are ``permute_dims`` on the weight
+  parameters, which the prepack step (``LiftTransformParams``) runs once at
+  lower time.
+- :func:`conv_rules` schedules the fused PrimFuncs that TOPI makes of them:
+  one sliding-window reduction (conv, max/avg pool; any layout, 1-D or 2-D,
+  transposed convs included) or one column reduction (global pooling over
+  non-innermost axes), plus injective producers (padding, dilation) and
+  injective epilogues (bias, activation, residual add, the average's divide).
+"""
 
 from __future__ import annotations
+
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+
+# What ConvertLayout aims for. conv2d_transpose is pinned to NCHW/IOHW (the only layout TOPI
+# legalizes it in): left out, ConvertLayout moves it to NHWC inside an NHWC chain, which
+# then fails to legalize.
+DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+
+
+def conv_layout_passes(target) -> list:
+    """Relax passes (before legalization) that put convolutions in the layout the conv rules are fast on.
+
+    1. ``ConvertLayout``: ``nn.conv2d`` becomes NHWC / HWIO (output NHWC), so the
+       output channels are innermost in the result; chains of convs, pooling
+       and element-wise ops stay NHWC, with transposes only at their ends.
+    2. :func:`pack_conv_weights`: each dense (groups=1) NHWC conv2d whose output
+       channels split evenly into the vector tile the schedule uses for this
+       ``target`` reads its weights packed as ``[O/t, KH, KW, I, t]``, so the
+       kernel streams them contiguously. The packing is a ``layout_transform``
+       on the weight parameter, which the prepack step lifts out of the program.
+
+    1-D and transposed convolutions stay as imported (TOPI legalizes only NCW /
+    NCHW for them); the rule vectorizes those over their innermost output axis.
+    """
+    from tvm import relax
+
+    return [_guarded_convert_layout(relax.transform.ConvertLayout(DESIRED_LAYOUTS)),
+            pack_conv_weights(target)]
+
+
+def _guarded_convert_layout(convert):
+    """``convert`` on modules that have a conv2d; the module unchanged when there is none or it fails.
+
+    ``ConvertLayout`` walks every op's layout inference even where no conv2d is
+    present, and in TVM 0.27 some of them abort (magika: "Invalid SLayout: can't
+    find S in source layout ABC"). NCHW is slower but correct, so a failure
+    keeps the imported layout instead of failing the lowering.
+    """
+    import tvm
+    from tvm import relax
+
+    conv = tvm.ir.Op.get("relax.nn.conv2d")
+
+    def has_conv2d(mod) -> bool:
+        found = []
+
+        def visit(e):
+            if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.same_as(conv):
+                found.append(e)
+
+        for _, f in mod.functions_items():
+            if isinstance(f, relax.Function):
+                relax.analysis.post_order_visit(f, visit)
+        return bool(found)
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.ConvertConvLayout")
+    def _pass(mod, _ctx):
+        if not has_conv2d(mod):
+            return mod
+        try:
+            return convert(mod)
+        except Exception:  # noqa: BLE001 - see the docstring: the imported layout is a correct fallback
+            return mod
+
+    return _pass
+
+
+def vector_bits(target) -> int:
+    """Width in bits of the widest float vector register ``target`` may use.
+
+    Read from the LLVM features of the target's cpu (``llvm_get_cpu_features``):
+    in TVM 0.27 ``llvm_get_vector_width`` answers 512 for every x86 cpu
+    (x86-64-v2 and x86-64-v3 included), which would make AVX2 and SSE code
+    tile for vectors they do not have. ``avx512f`` -> 512, ``avx`` -> 256,
+    anything else (SSE, NEON, ...) -> 128, never above what LLVM reports.
+    """
+    from tvm.target.codegen import llvm_get_cpu_features, llvm_get_vector_width
+
+    try:
+        feats = {str(f) for f in llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe gets the portable width
+        feats = set()
+    bits = 512 if "avx512f" in feats else 256 if "avx" in feats else 128
+    try:
+        reported = int(llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001
+        reported = -1
+    return min(bits, reported) if reported > 0 else bits
+
+
+def vector_lanes(target, dtype_bits: int = 32) -> int:
+    """Elements of ``dtype_bits`` in one vector register of ``target``."""
+    return max(vector_bits(target) // dtype_bits, 1)
+
+
+def vector_registers(target) -> int:
+    """Architectural vector registers: 32 with AVX-512 and on AArch64, 16 on other x86-64."""
+    arch = str(target.attrs.get("mtriple", "")) if hasattr(target, "attrs") else ""
+    if vector_bits(target) >= 512 or arch.startswith("aarch64"):
+        return 32
+    import platform
+
+    return 32 if not arch and platform.machine() in ("aarch64", "arm64") else 16
+
+
+def pack_conv_weights(target):
+    """A Relax pass: NHWC/HWIO dense float conv2d -> a TE conv reading weights packed ``[O/t, KH, KW, I, t]``.
+
+    ``t`` is :func:`_pick_vector_tile` of the output channels for ``target`` (the
+    tile :class:`WindowReduction` will vectorize), so a kernel tile reads one
+    contiguous run of weights per (kh, kw, ci). Convs that are grouped, not
+    float, not NHWC/HWIO, have symbolic channel counts or a tile that does not
+    divide the channels are left alone (TOPI legalizes them as before).
+    """
+    import tvm
+    from tvm import relax, te, topi
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    conv_op = tvm.ir.Op.get("relax.nn.conv2d")
+
+    def te_conv(data, wp, strides, padding, dilation, out_dtype):
+        n, h, w, c = data.shape
+        fo, kh, kw, _, fi = wp.shape
+        pt, pl, pb, pr = padding
+        sh, sw = strides
+        dh, dw = dilation
+        oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+        ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+        padded = data
+        if any(int(p) for p in padding):
+            padded = topi.nn.pad(data, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
+        ry = te.reduce_axis((0, kh), name="ry")
+        rx = te.reduce_axis((0, kw), name="rx")
+        rc = te.reduce_axis((0, c), name="rc")
+        return te.compute(
+            (n, oh, ow, fo * fi),
+            lambda b, y, x, f: te.sum(
+                padded[b, y * sh + ry * dh, x * sw + rx * dw, rc].astype(out_dtype)
+                * wp[f // fi, ry, rx, rc, f % fi].astype(out_dtype),
+                axis=[ry, rx, rc]),
+            name="conv2d_nhwc_packed",
+        )
+
+    @mutator
+    class _Packer(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.mod_ = mod
+
+        def transform(self):
+            for gv, func in self.mod_.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return self.builder_.get()
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(conv_op)):
+                return call
+            a = call.attrs
+            if (a.data_layout, a.kernel_layout, a.out_layout) != ("NHWC", "HWIO", "NHWC") or int(a.groups) != 1:
+                return call
+            data, weight = call.args
+            wshape = getattr(weight.ty, "shape", None) if hasattr(weight, "ty") else None
+            wshape = wshape if wshape is not None else getattr(weight.struct_info, "shape", None)
+            dtype = str(call.struct_info.dtype) if hasattr(call, "struct_info") else str(call.ty.dtype)
+            if wshape is None or not dtype.startswith("float"):
+                return call
+            dims = [_int(d) for d in wshape.values] if hasattr(wshape, "values") else None
+            if not dims or any(d is None for d in dims):
+                return call
+            f = dims[3]
+            t = _pick_vector_tile(f, vector_lanes(target, tvm.DataType(dtype).bits))
+            if f % t:
+                return call
+            packed = self.builder_.emit(relax.op.layout_transform(
+                weight, index_map=lambda kh, kw, i, o: (o // t, kh, kw, i, o % t)))
+            return self.builder_.call_te(
+                te_conv, data, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
+                [int(v) for v in a.dilation], dtype, primfunc_name_hint="conv2d_nhwc_packed")
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.PackConvWeights")
+    def _pass(mod, _ctx):
+        return _Packer(mod).transform()
+
+    return _pass
 
 
 def conv_rules() -> list:
     """The rules of this family, most specific first."""
-    return []
+    return [WindowReduction()]
+
+
+_REDUCE = 2  # tirx.IterVar.CommReduce
+_SPATIAL = 0  # tirx.IterVar.DataPar
+
+
+def _int(expr):
+    """The value of a constant extent, or None for a symbolic one."""
+    from tvm import tirx
+
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def _vars_in(expr) -> set:
+    from tvm.tirx.analysis import undefined_vars
+
+    return set(undefined_vars(expr))
+
+
+def _pick_vector_tile(extent, lanes: int) -> int:
+    """Output elements per vector tile along the innermost output axis.
+
+    2 or 1 full vectors when they divide the extent; else the largest power of
+    two below a vector (at least 4) that divides it (24 channels on AVX-512:
+    tiles of 8). LLVM splits odd-sized vectors (24 = 16 + 8) into code 20x
+    slower than whole registers, so those are avoided. An axis shorter than a
+    vector is one tile; otherwise a full vector with a predicated tail (also for
+    symbolic extents).
+    """
+    if extent is None:
+        return lanes
+    for v in (2 * lanes, lanes):
+        if extent % v == 0:
+            return v
+    p = lanes // 2
+    while p >= 4:
+        if extent % p == 0:
+            return p
+        p //= 2
+    if extent <= lanes:
+        return extent
+    return lanes
+
+
+def _pick_rows(extent, max_rows: int) -> int:
+    """Output rows per register tile: a divisor of the extent in [max_rows/2, max_rows] when there is one."""
+    if extent is None:
+        return max_rows
+    if extent <= max_rows:
+        return extent
+    for r in range(max_rows, max(max_rows // 2, 1) - 1, -1):
+        if extent % r == 0:
+            return r
+    return max_rows
+
+
+class WindowReduction(CPUScheduleRule):
+    """Register-tiled, parallel, vectorized schedule for convolutions and pooling.
+
+    Claims a PrimFunc whose blocks (all at the root, one loop nest each) are
+    injective producers, exactly one reduction block, then injective
+    epilogues; the reduction's iterators must be spatial-then-reduction, it
+    must write ``out[spatial...]`` with at least two spatial axes, and it must
+    be a window reduction (some read index mixes a spatial and a reduction
+    iterator: conv, pooling) or a column reduction (no read's innermost index
+    involves a reduction iterator while the innermost spatial iterator is the
+    innermost index of every multi-dimensional read: global pooling in NHWC).
+    Everything else (matmul, softmax-style row reductions, ...) is declined.
+
+    Schedule of the reduction block ``out[..., r, v]`` (``v`` the innermost
+    output axis, ``r`` the one before it):
+
+    - ``v`` split into vector tiles (1-2 vectors of the target's width), ``r``
+      into register rows, so one tile of ``rows x tile`` accumulators lives in
+      registers (``local`` cache, rows unrolled, tile vectorized) while the
+      reduction loops run around it;
+    - all outer spatial loops and the tile loops fused into one ``parallel``
+      loop (symbolic extents such as a dynamic batch included); the channel
+      tiles go outermost when the weights are larger than one image of
+      activations (deep layers), so the weights are streamed once;
+    - epilogues inlined into one block computed per tile, vectorized, so
+      bias / activation / residual add cost no extra pass over memory;
+    - producers (padding) materialized once, parallel over their outer axes.
+    """
+
+    def apply(self, func, target, _tunable):
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):  # noqa: SIM102
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            plan = self._analyze(sch)
+            if plan is None:
+                return None
+            self._schedule(sch, plan, target)
+            return sch
+        except Exception:  # noqa: BLE001 - ScheduleError or an internal check: decline, never fail the build
+            return None
+
+    # ------------------------------------------------------------------ analysis
+
+    @staticmethod
+    def _analyze(sch):
+        root = sch.get_sblock("root") if _has_root(sch) else None
+        if root is None:
+            return None
+        blocks = sch.get_child_blocks(root)
+        stmts = [sch.get(b) for b in blocks]
+        red = [i for i, s in enumerate(stmts) if any(iv.iter_type == _REDUCE for iv in s.iter_vars)]
+        if len(red) != 1:
+            return None
+        ci = red[0]
+        conv, cstmt = blocks[ci], stmts[ci]
+        if any(iv.iter_type not in (_SPATIAL, _REDUCE) for s in stmts for iv in s.iter_vars):
+            return None
+        kinds = [iv.iter_type for iv in cstmt.iter_vars]
+        n_s = kinds.index(_REDUCE)
+        if n_s < 2 or any(k != _REDUCE for k in kinds[n_s:]):
+            return None
+        loops = sch.get_loops(conv)
+        if len(loops) != len(kinds):
+            return None
+        # Each iterator bound straight to its own loop (TE's T.axis.remap), no predicate.
+        realize = _realize_of(sch, conv)
+        if realize is None or not _is_true(realize.predicate):
+            return None
+        loop_vars = [sch.get(lp).loop_var for lp in loops]
+        if [v.same_as(lv) for v, lv in zip(realize.iter_values, loop_vars)] != [True] * len(loops):
+            return None
+        svars = [iv.var for iv in cstmt.iter_vars[:n_s]]
+        rvars = [iv.var for iv in cstmt.iter_vars[n_s:]]
+        if len(cstmt.writes) != 1:
+            return None
+        w = cstmt.writes[0]
+        if len(w.region) != n_s or any(not (_is_unit(r) and r.min.same_as(v)) for r, v in zip(w.region, svars)):
+            return None
+        # Reduction body reads: the window test looks at each index expression.
+        sset, rset = set(svars), set(rvars)
+        window = False
+        column = True
+        inner_s = svars[-1]
+        for rd in cstmt.reads:
+            if rd.source.same_as(w.source):
+                continue
+            idx = [r.min for r in rd.region]
+            for e in idx:
+                vs = _vars_in(e)
+                if vs & sset and vs & rset:
+                    window = True
+            if len(idx) >= 2:
+                last = _vars_in(idx[-1])
+                if last & rset or not (len(idx[-1:]) and idx[-1].same_as(inner_s)):
+                    column = False
+        if not (window or column):
+            return None
+        # Loop order: when the weights (read through the vector axis, not the batch axis)
+        # outweigh one image of activations, put the channel tiles outermost so each
+        # thread streams its share of the weights once instead of once per output row.
+        weight_bytes = act_bytes = None
+        for rd in cstmt.reads:
+            if rd.source.same_as(w.source) or not rd.region:
+                continue
+            idx = [r.min for r in rd.region]
+            size = 1
+            for d in rd.source.shape:
+                size = size * _int(d) if size is not None and _int(d) is not None else None
+            if idx[-1].same_as(inner_s) and not any(svars[0] in _vars_in(e) for e in idx):
+                weight_bytes = size
+            elif any(svars[0] in _vars_in(e) for e in idx[:1]):
+                per_image = 1
+                for d in rd.source.shape[1:]:
+                    per_image = per_image * _int(d) if per_image is not None and _int(d) is not None else None
+                act_bytes = per_image
+        channels_first = bool(weight_bytes and act_bytes and weight_bytes > act_bytes)
+        producers = [blocks[i] for i in range(ci)]
+        consumers = [blocks[i] for i in range(ci + 1, len(blocks))]
+        return {"conv": conv, "n_s": n_s, "producers": producers, "consumers": consumers,
+                "out_buffer": w.source, "dtype": w.source.dtype, "channels_first": channels_first}
+
+    # ------------------------------------------------------------------ schedule
+
+    @staticmethod
+    def _schedule(sch, plan, target):
+        import tvm
+
+        conv, n_s = plan["conv"], plan["n_s"]
+        lanes = vector_lanes(target, tvm.DataType(str(plan["dtype"])).bits)
+        # Accumulators: the vector registers less room for the weight vectors and the
+        # broadcast input (26 of 32 with AVX-512, 12 of 16 with AVX2 / SSE).
+        acc_regs = vector_registers(target) - (6 if vector_registers(target) >= 32 else 4)
+
+        # Epilogues: inline all but the last into their consumer; the last is computed per tile.
+        consumers = list(plan["consumers"])
+        kept = []
+        for i, b in enumerate(consumers):
+            if i < len(consumers) - 1:
+                try:
+                    sch.compute_inline(b)
+                    continue
+                except Exception:  # noqa: BLE001 - a block that cannot be inlined is computed per tile
+                    pass
+            kept.append(b)
+
+        loops = sch.get_loops(conv)
+        s_loops, r_loops = loops[:n_s], loops[n_s:]
+        # Trailing unit axes (NCHW with W = 1, keepdims pooling) do not count: the vector
+        # axis is the innermost spatial axis longer than 1, the row axis the one before.
+        k = n_s - 1
+        while k > 1 and _int(sch.get(s_loops[k]).extent) == 1:
+            k -= 1
+        units = s_loops[k + 1:]
+        v_ext = _int(sch.get(s_loops[k]).extent)
+        r_ext = _int(sch.get(s_loops[k - 1]).extent)
+        vt = _pick_vector_tile(v_ext, lanes)
+        nvec = -(-vt // lanes)
+        rows = _pick_rows(r_ext, max(1, min(8, acc_regs // nvec)))
+        vo, vi = sch.split(s_loops[k], factors=[None, vt])
+        ro, ri = sch.split(s_loops[k - 1], factors=[None, rows])
+        outer = s_loops[:k - 1]
+        if plan["channels_first"]:
+            sch.reorder(vo, *outer, ro, *r_loops, ri, vi, *units)
+            par = sch.fuse(vo, *outer, ro)
+        else:
+            sch.reorder(*outer, vo, ro, *r_loops, ri, vi, *units)
+            par = sch.fuse(*outer, vo, ro)
+        sch.parallel(par)
+        if units:
+            vi = sch.fuse(vi, *units)
+
+        # Accumulate in a tile-sized local buffer (registers after unrolling), write out per tile.
+        wb = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(wb, par, preserve_unit_loops=True)
+        if kept:
+            try:
+                sch.compute_inline(wb)  # the first epilogue reads the accumulators directly
+                wb = None
+            except Exception:  # noqa: BLE001
+                pass
+        for b in kept:
+            sch.reverse_compute_at(b, par, preserve_unit_loops=True)
+        for b in ([wb] if wb is not None else []) + kept:
+            bl = sch.get_loops(b)
+            if len(bl) > 1 and _int(sch.get(bl[-1]).extent) is not None:
+                sch.vectorize(bl[-1])
+
+        # Vectorize before splitting off the init: once decomposed, the update block has no
+        # init and is no longer a reduction block that vectorize accepts.
+        sch.unroll(ri)
+        sch.vectorize(vi)
+        init = sch.decompose_reduction(conv, r_loops[0])
+        il = sch.get_loops(init)
+        if sch.get(il[-1]).kind != 2:  # ForKind.VECTORIZED
+            sch.vectorize(il[-1])
+
+        # Producers (padding, dilation): one pass, parallel over the outer axes.
+        for p in plan["producers"]:
+            pl = sch.get_loops(p)
+            if len(pl) > 1:
+                sch.parallel(sch.fuse(*pl[:-1]))
+            elif pl:
+                sch.parallel(pl[0])
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _realize_of(sch, block):
+    from tvm_ffi import get_global_func
+
+    return get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+
+
+def _is_true(expr) -> bool:
+    from tvm import tirx
+
+    return isinstance(expr, tirx.IntImm) and int(expr.value) == 1
+
+
+def _is_unit(rng) -> bool:
+    return _int(rng.extent) == 1

@@ -1,0 +1,47 @@
+"""Calling a compiled program: zero-copy where safe, never aliasing an input, a weight or another output."""
+
+import numpy as np
+import onnx
+from onnx import helper
+
+import graphopt
+from tests.conftest import init, make_model, vi
+
+
+def _lower(tmp_path, model):
+    onnx.save(model, tmp_path / "m.onnx")
+    graphopt.lower(str(tmp_path / "m.onnx"), "cpu", tmp_path / "art")
+    return graphopt.load(tmp_path / "art")
+
+
+def test_outputs_that_are_an_input_or_a_weight_are_copies(tmp_path):
+    w = np.arange(32, dtype=np.float32).reshape(2, 16)
+    m = make_model([helper.make_node("Identity", ["x"], ["same"]), helper.make_node("Identity", ["W"], ["weight"]),
+                    helper.make_node("Add", ["x", "W"], ["sum"])],
+                   [vi("x", [2, 16])], [vi("same", [2, 16]), vi("weight", [2, 16]), vi("sum", [2, 16])], [init("W", w)])
+    art = _lower(tmp_path, m)
+    x = np.ones((2, 16), np.float32)
+    out = art.run({"x": x})
+    out["same"][:] = -1
+    out["weight"][:] = -1
+    np.testing.assert_array_equal(x, 1)  # the caller's input is untouched
+    again = art.run({"x": x})
+    np.testing.assert_array_equal(again["weight"], w)  # the model's weight is untouched
+    np.testing.assert_array_equal(again["sum"], w + 1)
+
+
+def test_unaligned_and_non_contiguous_inputs_give_the_same_result(tmp_path):
+    w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [4, 16])], [vi("y", [4, 8])], [init("W", w)])
+    art = _lower(tmp_path, m)
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    ref = art.run({"x": x})["y"]
+    raw = np.zeros(x.nbytes + 4, np.uint8)[4:].view(np.float32).reshape(4, 16)  # misaligned by 4 bytes
+    raw[:] = x
+    wide = np.zeros((4, 32), np.float32)
+    wide[:, ::2] = x  # a strided view
+    ro = x.copy()
+    ro.flags.writeable = False
+    for arr in (raw, wide[:, ::2], ro):
+        np.testing.assert_allclose(art.run({"x": arr})["y"], ref, rtol=1e-6)
+    np.testing.assert_allclose(ref, x @ w, rtol=1e-4, atol=1e-5)

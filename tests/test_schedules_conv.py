@@ -1,0 +1,281 @@
+"""Conv / pooling schedules of the CPU target: outputs match ONNX Runtime, and the conv rule really claims the kernels.
+
+Each model is a small onnx.helper graph with a symbolic batch dim ``N``. It is
+lowered through the CPU target (NHWC layout conversion + schedule rules), run at
+two batch sizes and compared with ONNX Runtime; separately the fused PrimFuncs
+of the same module are checked: every conv / pool function is claimed by
+:class:`targets.schedules.conv.WindowReduction` and ends up with a parallel and a
+vectorized loop, so the test fails if the rule silently stops applying.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+import graphopt
+from graphopt.graph import Graph
+
+from .conftest import init, make_model, ort_run
+
+RNG = np.random.default_rng(0)
+
+
+def _w(*shape):
+    return RNG.standard_normal(shape).astype(np.float32) * 0.5
+
+
+def _x_info(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def conv_model(c=8, f=16, hw=(12, 12), k=3, *, pads=None, strides=None, dilations=None, group=1, bias=True,
+               post=(), transpose=False, output_padding=None):
+    """x[N, c, *hw] -> Conv / ConvTranspose (weights as initializers) -> optional Relu / residual Add -> y."""
+    nd = len(hw)
+    ks = (k,) * nd
+    wshape = (c, f // group, *ks) if transpose else (f, c // group, *ks)
+    attrs = {"kernel_shape": list(ks), "group": group}
+    if pads is not None:
+        attrs["pads"] = list(pads)
+    if strides is not None:
+        attrs["strides"] = list(strides)
+    if dilations is not None:
+        attrs["dilations"] = list(dilations)
+    if output_padding is not None:
+        attrs["output_padding"] = list(output_padding)
+    inputs = ["x", "w"] + (["b"] if bias else [])
+    inits = [init("w", _w(*wshape))] + ([init("b", _w(f))] if bias else [])
+    nodes = [helper.make_node("ConvTranspose" if transpose else "Conv", inputs, ["c0"], **attrs)]
+    last = "c0"
+    for i, op in enumerate(post):
+        out = f"p{i}"
+        if op == "relu":
+            nodes.append(helper.make_node("Relu", [last], [out]))
+        elif op == "residual":  # needs c == f and a shape-preserving conv
+            nodes.append(helper.make_node("Add", [last, "x"], [out]))
+        elif op == "sigmoid":
+            nodes.append(helper.make_node("Sigmoid", [last], [out]))
+        last = out
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    return make_model(nodes, [_x_info("x", ["N", c, *hw])], [_x_info("y", ["N"] + [None] * (nd + 1))], inits)
+
+
+def pool_model(op, c=16, hw=(12, 12), **attrs):
+    """x[N, c, *hw] -> a 3x3 conv (so pooling sits in an NHWC chain) -> Relu -> pooling op -> y."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node(op, ["r0"], ["y"], **attrs)]
+    return make_model(nodes, [_x_info("x", ["N", c, *hw])], [_x_info("y", ["N", c, None, None])],
+                      [init("w", _w(c, c, 3, 3))])
+
+
+def _inputs(model, batch):
+    shape = [d.dim_value or batch for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return {"x": RNG.standard_normal(shape).astype(np.float32)}
+
+
+def lower_and_compare(tmp_path, model, mcpu=None, batches=(1, 3)):
+    """Lower ``model`` for the CPU (``mcpu`` option when given), run it at each batch size, compare with ORT."""
+    opts = {"mcpu": mcpu} if mcpu else None
+    graphopt.lower(Graph(model), "cpu", tmp_path / "art", target_options=opts)
+    art = graphopt.load(tmp_path / "art")
+    for b in batches:
+        feed = _inputs(model, b)
+        want = ort_run(Graph(model), feed)[0]
+        got = art.run(feed)["y"]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def scheduled_functions(model, mcpu="host"):
+    """``{name: (prim func before scheduling, prim func after)}`` of the model's fused functions, as cpu_pipeline makes them."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight
+
+    from targets.cpu import CpuTarget, llvm_target
+    from targets.relax_import import import_graph, select_params
+    from targets.schedules import default_rules
+    from targets.schedules.conv import conv_layout_passes
+
+    g = Graph(model)
+    target = llvm_target(CpuTarget(mcpu=mcpu).resolve_mcpu(), 2)
+    mod = import_graph(g, select_params(g))
+    with target, tvm.transform.PassContext(opt_level=3):
+        fused = tvm.transform.Sequential([*cpu.library_dispatch_passes(target), *conv_layout_passes(target),
+                                          *cpu.legalize_passes(target)])(mod)
+        before = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+        done = dlight.ApplyDefaultSchedule(*default_rules())(fused)
+    return {name: (f, done[name]) for name, f in before.items()}, target
+
+
+def _loop_kinds(func) -> set[str]:
+    """The loop kinds in a PrimFunc's TVMScript (``T.parallel(...)`` -> "parallel"); 0.27 exposes no TIR visitor."""
+    text = func.script()
+    return {k for k in ("parallel", "vectorized", "unroll") if f"T.{k}(" in text}
+
+
+def assert_claimed(model, names=("conv", "pool", "mean", "max"), mcpu="host", expect=1):
+    """Every fused function whose name mentions a conv / pool op is claimed by the conv rule and is parallel + vectorized."""
+    from targets.schedules.conv import WindowReduction
+
+    funcs, target = scheduled_functions(model, mcpu)
+    hits = [n for n in funcs if any(k in n for k in names)]
+    assert len(hits) >= expect, f"expected conv/pool functions, got {sorted(funcs)}"
+    for n in hits:
+        before, after = funcs[n]
+        assert WindowReduction().apply(before, target, False) is not None, f"{n}: the conv rule declined it"
+        assert after.attrs and after.attrs.get("tirx.is_scheduled"), f"{n}: not scheduled"
+        kinds = _loop_kinds(after)
+        assert {"parallel", "vectorized"} <= kinds, f"{n}: loops {kinds}"
+    return hits
+
+
+CASES = {
+    "3x3_pad1": dict(pads=[1, 1, 1, 1]),
+    "strided2": dict(pads=[1, 1, 1, 1], strides=[2, 2], hw=(13, 13)),
+    "1x1": dict(k=1, c=16, f=32),
+    "depthwise": dict(c=16, f=16, group=16, pads=[1, 1, 1, 1]),
+    "grouped2": dict(c=8, f=12, group=2, pads=[1, 1, 1, 1]),
+    "dilated2": dict(pads=[2, 2, 2, 2], dilations=[2, 2]),
+    "5x5_asym_pad": dict(k=5, pads=[2, 1, 2, 1], hw=(11, 9)),
+    "7x7_stride2": dict(k=7, c=3, f=16, pads=[3, 3, 3, 3], strides=[2, 2], hw=(20, 20)),
+    "odd_3_to_5": dict(c=3, f=5, pads=[1, 1, 1, 1], hw=(7, 9)),
+    "odd_5_to_17": dict(c=5, f=17, pads=[1, 1, 1, 1], hw=(9, 7)),
+    "wide_40": dict(c=8, f=40, k=3, hw=(6, 23)),
+    "channels_24": dict(c=8, f=24, pads=[1, 1, 1, 1], hw=(10, 16)),
+    "no_bias": dict(bias=False),
+    "bias_relu_residual": dict(c=16, f=16, pads=[1, 1, 1, 1], post=("relu", "residual", "relu")),
+    "sigmoid_epilogue": dict(post=("sigmoid",)),
+    "conv1d": dict(c=4, f=8, hw=(30,), k=5, pads=[2, 2]),
+    "conv1d_strided": dict(c=6, f=16, hw=(31,), k=3, strides=[2], pads=[1, 1], post=("relu",)),
+    "conv_transpose_k2s2": dict(c=8, f=4, k=2, strides=[2, 2], transpose=True),
+    "conv_transpose_k3s2": dict(c=8, f=6, k=3, strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1],
+                                transpose=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_conv_matches_onnxruntime_and_is_claimed(tmp_path, case):
+    model = conv_model(**CASES[case])
+    lower_and_compare(tmp_path, model)
+    assert_claimed(model)
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    ("AveragePool", dict(kernel_shape=[2, 2], strides=[2, 2])),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)),
+    ("GlobalAveragePool", {}),
+    ("GlobalMaxPool", {}),
+])
+def test_pooling_matches_onnxruntime_and_is_claimed(tmp_path, op, attrs):
+    model = pool_model(op, **attrs)
+    lower_and_compare(tmp_path, model)
+    hits = assert_claimed(model, expect=2)
+    assert any("conv" not in h for h in hits), f"the pooling function was not checked: {hits}"
+
+
+def test_layout_passes_make_nhwc_and_pack_weights_as_relax_ops():
+    """Dense conv2d: NHWC, weights permuted then packed [O/t, KH, KW, I, t] by Relax ops on the parameter.
+
+    Grouped conv2d stays an NHWC/HWIO ``nn.conv2d`` (no packing).
+    """
+    import tvm
+
+    from targets.cpu import llvm_target
+    from targets.relax_import import import_graph, select_params
+    from targets.schedules.conv import conv_layout_passes
+
+    for mcpu, tile in (("x86-64-v2", 8), ("x86-64-v3", 16)):  # 2 vectors of 4 / 8 float lanes
+        g = Graph(conv_model(c=8, f=32, pads=[1, 1, 1, 1]))
+        mod = import_graph(g, select_params(g))
+        target = llvm_target(mcpu, 1)
+        with target:
+            out = tvm.transform.Sequential(conv_layout_passes(target))(mod)
+        text = out.script()
+        assert "R.permute_dims(w" in text and "R.layout_transform(" in text
+        assert f"T.Buffer((T.int64({32 // tile}), T.int64(3), T.int64(3), T.int64(8), T.int64({tile}))" in text
+        assert "conv2d_nhwc_packed" in text and "nn.conv2d" not in text
+    g = Graph(conv_model(c=8, f=12, group=2, pads=[1, 1, 1, 1]))
+    mod = import_graph(g, select_params(g))
+    with target:
+        text = tvm.transform.Sequential(conv_layout_passes(target))(mod)["main"].script()
+    assert 'data_layout="NHWC"' in text and 'kernel_layout="HWIO"' in text and "layout_transform" not in text
+
+
+@pytest.mark.parametrize("mcpu", ["x86-64-v3", "portable"])
+def test_avx2_and_portable_builds(tmp_path, mcpu):
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 cpu names")
+    model = conv_model(c=16, f=16, pads=[1, 1, 1, 1], post=("relu", "residual"))
+    lower_and_compare(tmp_path, model, mcpu=mcpu)
+    assert_claimed(model, mcpu=mcpu)
+    pool = pool_model("MaxPool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    lower_and_compare(tmp_path / "pool", pool, mcpu=mcpu)
+    assert_claimed(pool, mcpu=mcpu, expect=2)
+
+
+def test_matmul_and_softmax_are_declined():
+    """The conv rule leaves GEMMs and row reductions to the other families."""
+    from targets.schedules.conv import WindowReduction
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
+    model = make_model(nodes, [_x_info("x", ["N", 7, 16])], [_x_info("y", ["N", 7, 24])], [init("w", _w(16, 24))])
+    funcs, target = scheduled_functions(model)
+    assert funcs
+    for name, (before, _) in funcs.items():
+        assert WindowReduction().apply(before, target, False) is None, name
+
+
+def test_rule_declines_non_tir_and_non_llvm():
+    import tvm
+
+    from targets.schedules.conv import WindowReduction
+
+    funcs, _ = scheduled_functions(conv_model(pads=[1, 1, 1, 1]))
+    conv = next(f for n, (f, _) in funcs.items() if "conv" in n)
+    assert WindowReduction().apply(conv, tvm.target.Target("c"), False) is None
+
+
+def test_nchw_conv_with_unit_width_vectorizes_over_height():
+    """NCHW with W = 1 (what a 1-D conv imported as 2-D looks like when the layout stays NCHW):
+    the rule skips the unit axis and vectorizes over H instead of a 1-wide 'vector'."""
+    import tvm
+    import torch
+    from tvm import te, topi
+
+    from targets.cpu import host_cpu, llvm_target
+    from targets.schedules.conv import WindowReduction
+
+    x = te.placeholder((1, 16, 40, 1), name="x")
+    w = te.placeholder((32, 16, 5, 1), name="w")
+    out = topi.nn.conv2d_nchw(x, w, stride=1, padding=(2, 0), dilation=1)
+    func = te.create_prim_func([x, w, out])
+    target = llvm_target(host_cpu(), 2)
+    sch = WindowReduction().apply(func, target, False)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert "T.parallel(" in text and "T.vectorized(T.int64(1))" not in text and "T.vectorized(" in text
+    lib = tvm.compile(sch.mod, target=target)
+    xs, ws = _w(1, 16, 40, 1), _w(32, 16, 5, 1)
+    dev = tvm.cpu()
+    got = tvm.runtime.tensor(np.zeros((1, 32, 40, 1), np.float32), dev)
+    lib["main"](tvm.runtime.tensor(xs, dev), tvm.runtime.tensor(ws, dev), got)
+    want = torch.nn.functional.conv2d(torch.from_numpy(xs), torch.from_numpy(ws), padding=(2, 0)).numpy()
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_transpose_inside_an_nhwc_chain(tmp_path):
+    """Conv -> Relu -> ConvTranspose: ConvertLayout must keep the transposed conv in NCHW (all TOPI legalizes)."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("ConvTranspose", ["r0", "wt", "bt"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    model = make_model(nodes, [_x_info("x", ["N", 8, 10, 10])], [_x_info("y", ["N", 4, 20, 20])],
+                       [init("w", _w(16, 8, 3, 3)), init("wt", _w(16, 4, 2, 2)), init("bt", _w(4))])
+    lower_and_compare(tmp_path, model)
+    assert len(assert_claimed(model, expect=2)) >= 2
