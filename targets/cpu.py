@@ -133,6 +133,8 @@ class CpuTarget(Target):
             except GraphoptError:
                 raise
             except Exception as e:
+                if tuner is not None:
+                    tuner.reraise()  # the tuning pass's own error or Ctrl-C, which TVM wrapped
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise LoweringError(f"{graph.source or 'model'}: TVM failed to compile for {mcpu}: {msg}") from e
         outputs = output_specs(mod, graph)  # what the program returns, not what the model declared

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from graphopt.errors import OptionError
+from graphopt.signals import raise_if_interrupted
 
 #: MetaSchedule's file names inside a target's folder.
 WORKLOADS = "database_workload.json"
@@ -223,6 +224,32 @@ def _locked(folder: Path, on_wait=None):
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def _watch_sigint(seen: list):
+    """Note in ``seen`` when SIGINT arrives (then act as before: KeyboardInterrupt); main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if previous == signal.SIG_IGN:
+            return
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _load_ledger(folder: Path) -> dict:
     try:
         doc = json.loads((folder / LEDGER).read_text(encoding="utf-8"))
@@ -308,6 +335,7 @@ class Tuner:
         self.log = log if log is not None else []
         self.default_rules = default_rules
         self.summary: dict = {}
+        self.failure: BaseException | None = None
 
     # -- the pass -----------------------------------------------------------------------------
     def pass_(self):
@@ -316,9 +344,21 @@ class Tuner:
 
         @tvm.transform.module_pass(opt_level=0, name="graphopt.TuneAndApplyDatabase")
         def _pass(mod, _ctx):
-            return self.run(mod)
+            try:
+                return self.run(mod)
+            except BaseException as e:
+                # TVM turns any exception leaving a pass (Ctrl-C included) into a RuntimeError;
+                # keep the original so the target can re-raise it (see :meth:`reraise`).
+                self.failure = e
+                raise
 
         return _pass
+
+    def reraise(self) -> None:
+        """Re-raise the exception that stopped :meth:`pass_`, if any (a Ctrl-C stays a Ctrl-C)."""
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
 
     def run(self, mod):
         """Tune ``mod``'s fused functions and return it with the winning records applied."""
@@ -329,7 +369,9 @@ class Tuner:
         self.folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         bar = None
-        with _locked(self.folder, on_wait=lambda: self._note("waiting for another run to release the tuning database")):
+        sigint: list = []
+        with _watch_sigint(sigint), \
+                _locked(self.folder, on_wait=lambda: self._note("waiting for another run to release the tuning database")):
             for note in _repair(self.folder):
                 self.log.append(f"tuning database {self.folder}: {note}")
             ledger = _load_ledger(self.folder)
@@ -363,11 +405,15 @@ class Tuner:
                         ledger["spent"][h] = max(int(ledger["spent"].get(h, 0)), shares[i])
                         _save_ledger(self.folder, ledger)
                 applied, records = self._choose(tasks, funcs, hashes, db, ledger, get_tools, bar)
-            except BaseException:
+            except BaseException as e:
                 if bar is not None:
                     bar.close(f"tune: stopped after {bar.done} trial(s); the records measured so far are kept in "
                               f"{self.folder}", ok=False)
                     bar = None
+                # A Ctrl-C inside MetaSchedule's callbacks comes back from its C++ loop as a RuntimeError.
+                raise_if_interrupted()
+                if sigint and not isinstance(e, KeyboardInterrupt):
+                    raise KeyboardInterrupt() from None
                 raise
             finally:
                 _save_ledger(self.folder, ledger)
