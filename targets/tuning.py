@@ -364,8 +364,17 @@ class Tuner:
         """Tune ``mod``'s fused functions and return it with the winning records applied."""
         from tvm.s_tir import meta_schedule as ms
 
-        tasks = [t for t in ms.relax_integration.extract_tasks(mod, self.target)
-                 if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)]
+        tasks = []
+        for t in ms.relax_integration.extract_tasks(mod, self.target):
+            func = t.dispatched[0]["main"]
+            if func.attrs.get("tirx.is_scheduled", False):
+                continue
+            if not _is_static(func):
+                # MetaSchedule measures on concrete arguments: a symbolic (dynamic batch)
+                # kernel cannot be timed, so it keeps the default rules' schedule.
+                self.log.append(f"tune: {t.task_name} has symbolic shapes; kept on the default schedule")
+                continue
+            tasks.append(t)
         self.folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         bar = None
@@ -510,6 +519,17 @@ class Tuner:
             described.append([h, str(rec.trace), [float(x) for x in rec.run_secs]])
         described.sort()
         return (chosen if any_applied else None), described
+
+
+def _is_static(func) -> bool:
+    """Whether every buffer parameter of ``func`` has a constant shape."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        infos = ms.arg_info.ArgInfo.from_prim_func(func)
+    except Exception:  # an argument MetaSchedule cannot describe: it could not measure it either
+        return False
+    return all(isinstance(d, int) or hasattr(d, "value") for info in infos for d in getattr(info, "shape", ()))
 
 
 def _flops(func) -> float:

@@ -220,3 +220,17 @@ def test_real_tuning_measures_into_the_database_and_verifies(tmp_path, mm_onnx):
     assert records(db) == 2
     assert again.manifest["tuning"] == res.manifest["tuning"]
     assert (tmp_path / "a1" / "main.so").read_bytes() == (tmp_path / "a2" / "main.so").read_bytes()
+
+
+def test_dynamic_batch_kernels_keep_the_default_schedule(tmp_path, fake_tools):
+    """A symbolic-shape kernel cannot be timed: it is left to the default rules, and the artifact still verifies."""
+    rng = np.random.default_rng(1)
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                   [vi("x", ["batch", 24])], [vi("y", ["batch", 20])],
+                   [init("w", rng.standard_normal((24, 20)).astype(np.float32))])
+    p = tmp_path / "dyn.onnx"
+    p.write_bytes(m.SerializeToString())
+    res = graphopt.lower(p, "cpu", tmp_path / "a", tune=4, tuning_db=tmp_path / "db", verify=True)
+    assert res.verification.ok
+    assert fake_tools.calls == [] and res.manifest["tuning"]["tuned_tasks"] == 0
+    assert res.manifest["tuning"]["tasks"] == 0
