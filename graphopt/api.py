@@ -20,7 +20,7 @@ from .artifact import Artifact, is_artifact, versions, write_graph_and_weights, 
 from .artifact import FORMAT, FORMAT_VERSION
 from .console import Progress, capture_native_output
 from .data import DataSource
-from .errors import OutputError, VerificationError
+from .errors import OptionError, OutputError, VerificationError
 from .fsutil import atomic_directory, private_tempdir
 from .graph import Graph
 from .manager import PassManager
@@ -200,6 +200,8 @@ def lower(
     """
     registry = registry or get_registry()
     data = data or DataSource()
+    if isinstance(tune, bool) or not isinstance(tune, int) or tune < 0:
+        raise OptionError(f"tune = {tune!r}: the number of tuning trials must be an integer of at least 0 (0: no tuning)")
     output = Path(output) if output is not None else default_artifact_path(model, target)
     check_outputs([("artifact", output), ("report", report)], model_inputs(model, data, pipeline))
     with Reporting(report, command="lower", model=_source_name(model), artifact=str(output)) as rep:

@@ -96,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads the artifact runs with (default: $GRAPHOPT_THREADS, else every core)")
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
-                   help="tune kernels with this many trials (default 0: default schedules, no tuning)")
-    p.add_argument("--tuning-db", metavar="DIR", help="tuning database folder (default: under the user's cache folder)")
+                   help="tune kernels with MetaSchedule, TRIALS measured candidates in all, shared between kernels "
+                        "by FLOPs; results are kept in the tuning database and reused, so a second run with the "
+                        "same TRIALS measures nothing (default 0: default schedules, no tuning; needs "
+                        "pip install 'graphopt[tune]')")
+    p.add_argument("--tuning-db", metavar="DIR",
+                   help="tuning database folder, one database per target CPU inside "
+                        "(default: $XDG_CACHE_HOME/graphopt/tuning, else ~/.cache/graphopt/tuning)")
     _pipeline_args(p, "default: the lossless clean-ups")
     _common(p)
 

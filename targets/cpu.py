@@ -15,7 +15,7 @@ from pathlib import Path
 
 from graphopt.console import step
 from graphopt.artifact import program_weights
-from graphopt.errors import ArtifactError, LoweringError, OptionError
+from graphopt.errors import ArtifactError, GraphoptError, LoweringError, OptionError
 from graphopt.graph import Graph
 from graphopt.options import Option
 from graphopt.target import LowerContext, Target
@@ -118,6 +118,13 @@ class CpuTarget(Target):
             # Compiling works, but nothing built here could run or be verified here.
             ctx.native_log.append(f"note: building for {mcpu}, which uses {missing} that this CPU lacks")
         target = llvm_target(mcpu, ctx.threads)
+        tuner = None
+        if ctx.tune_trials:  # validated (database folder, [tune] extra) before any work
+            from .tuning import Tuner
+            from .schedules import default_rules
+
+            tuner = Tuner(ctx.tune_trials, ctx.tuning_db, target, threads=ctx.threads, progress=ctx.progress,
+                          log=ctx.native_log, default_rules=default_rules)
         with step(ctx.progress, "import into TVM Relax"):
             mod = import_graph(graph, ctx.params)
         outputs = output_specs(mod, graph)  # what the program returns, not what the model declared
@@ -130,9 +137,13 @@ class CpuTarget(Target):
                     ctx.native_log.append(f"note: {plan.note}")
             with step(ctx.progress, f"compile for {mcpu} (llvm)"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
-                    ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+                    ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, tuner))
                 ex.export_library(str(out_dir / "main.so"))
+        except GraphoptError:
+            raise
         except Exception as e:
+            if tuner is not None:
+                tuner.reraise()  # the tuning pass's own error or Ctrl-C, which TVM wrapped
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise LoweringError(f"{graph.source or 'model'}: TVM failed to compile for {mcpu}: {msg}") from e
         return {
@@ -148,6 +159,7 @@ class CpuTarget(Target):
             "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu", "params": params}],
             "weights": weights,
             **({"outputs": outputs} if outputs else {}),
+            **({"tuning": tuner.manifest()} if tuner is not None else {}),
         }
 
     @staticmethod
@@ -222,8 +234,12 @@ def relax_passes(target) -> list:
     return [normalize_squeeze_axes_pass(), *conv_layout_passes(target)]
 
 
-def cpu_pipeline(target):
+def cpu_pipeline(target, tuner=None):
     """The Relax pipeline the CPU target compiles with: TVM's CPU pipeline plus graphopt's default schedules.
+
+    With a :class:`~graphopt.targets.tuning.Tuner`, its pass runs first in the
+    after-fusion hook: it tunes and applies the database's winning records,
+    marking those functions scheduled, so the default rules leave them alone.
 
     Every fused TIR function is offered to :func:`graphopt.targets.schedules.default_rules`
     (first rule that claims it schedules it); a function no rule claims is
@@ -234,7 +250,8 @@ def cpu_pipeline(target):
     from .schedules import default_rules
     from .schedules.report import report_pass
 
-    return build_pipeline(target, after_fusion=[report_pass(), dlight.ApplyDefaultSchedule(*default_rules())])
+    tuning = [tuner.pass_()] if tuner is not None else []
+    return build_pipeline(target, after_fusion=[report_pass(), *tuning, dlight.ApplyDefaultSchedule(*default_rules())])
 
 
 def _device_params(artifact, dev, wanted, loaded: dict) -> list:
