@@ -445,6 +445,7 @@ def _profile(art, args, n: int) -> list[dict]:
     import tvm
     from tvm import relax
 
+    from .artifact import program_weights
     from .targets.cpu import _device_params
 
     prog = art.manifest["programs"][0]
@@ -463,7 +464,7 @@ def _profile(art, args, n: int) -> list[dict]:
         return 0  # VMInstrumentReturnKind.NO_OP
 
     fn = vm[prog.get("entry", "main")]
-    params = _device_params(art, dev)
+    params = _device_params(art, dev, program_weights(art.manifest, prog, list(range(len(art.weights)))), {})
     tensors = [tvm.runtime.tensor(a, dev) for a in args]
     fn(*tensors, *params)  # warm (allocations happen on the first call)
     vm.set_instrument(instrument)

@@ -213,13 +213,69 @@ class CpuTarget(Target):
             vm = relax.VirtualMachine(lib, dev)
             fn = vm[prog.get("entry", "main")]
 
-            def run(arrays, fn=fn):
-                res = fn(*[tvm.runtime.tensor(a, dev) for a in arrays], *params)
-                items = list(res) if not hasattr(res, "numpy") else [res]
-                return [x.numpy() for x in items]
-
-            programs[prog["name"]] = run
+            programs[prog["name"]] = _Runner(fn, params)
         return programs
+
+
+class _Runner:
+    """Calls a compiled program with as little per-call overhead as the arrays allow.
+
+    A call's fixed cost matters on small models (tens of microseconds against
+    ONNX Runtime's ~10): inputs that are C-contiguous, writable and 64-byte
+    aligned go in by DLPack without a copy (others are copied once into an
+    aligned buffer), and outputs come back as zero-copy views of the tensors
+    the program allocated for them. An output that shares memory with an input
+    or a weight (a program may return an input or a parameter as is) is
+    copied, so writing into a result can never change an input or the model.
+    """
+
+    def __init__(self, fn, params):
+        import numpy as np
+
+        self.fn = fn
+        self.params = params
+        spans = []
+        for p in params:
+            a = np.from_dlpack(p)
+            spans.append((a.ctypes.data, a.ctypes.data + max(a.nbytes, 1)))
+        self.param_spans = sorted(spans)
+
+    @staticmethod
+    def _aligned(a):
+        import numpy as np
+
+        if a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0 and a.dtype.isnative:
+            return a
+        n = a.nbytes
+        buf = np.empty(n + 64, np.uint8)
+        off = (-buf.ctypes.data) % 64
+        out = buf[off:off + n].view(a.dtype.newbyteorder("=")).reshape(a.shape)
+        np.copyto(out, a)
+        return out
+
+    def _inside(self, ptr: int, spans) -> bool:
+        import bisect
+
+        i = bisect.bisect_right(spans, (ptr, float("inf"))) - 1
+        return i >= 0 and spans[i][0] <= ptr < spans[i][1]
+
+    def __call__(self, arrays):
+        import numpy as np
+        import tvm
+
+        ins = [self._aligned(np.asarray(a)) for a in arrays]
+        res = self.fn(*[tvm.runtime.from_dlpack(a) for a in ins], *self.params)
+        items = list(res) if not hasattr(res, "numpy") else [res]
+        in_spans = sorted((a.ctypes.data, a.ctypes.data + max(a.nbytes, 1)) for a in ins)
+        outs, seen = [], set()
+        for x in items:
+            a = np.from_dlpack(x)
+            ptr = a.ctypes.data
+            if ptr in seen or self._inside(ptr, in_spans) or self._inside(ptr, self.param_spans):
+                a = a.copy()
+            seen.add(ptr)
+            outs.append(a)
+        return outs
 
 
 def relax_passes(target) -> list:
