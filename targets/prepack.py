@@ -112,7 +112,8 @@ def lift_weight_transforms(mod, target, passes=(), *, n_weights: int):
     # main keeps its weight parameters in the order of the transform's outputs.
     main_mod = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != name},
                             attrs=lifted.attrs)
-    tf_mod = tvm.IRModule({tvm.ir.GlobalVar(name): tf})
+    # The transform may call functions of the module (an importer's TE kernels, e.g. einsum): keep them all.
+    tf_mod = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != "main"}, attrs=lifted.attrs)
     return main_mod, PackPlan(sources=sources, transform=tf_mod, packed=packed)
 
 

@@ -79,3 +79,16 @@ def test_programs_without_params_take_every_weight_in_order():
     weights = ["a", "b", "c"]
     assert program_weights({}, {"name": "main"}, weights) == weights
     assert program_weights({}, {"name": "main", "params": [2, 0]}, weights) == ["c", "a"]
+
+
+def test_weight_transform_through_a_function_of_the_module_is_packed(tmp_path):
+    # The importer emits Einsum as a TE kernel (a function of the module), which the lifted transform calls.
+    w = RNG.standard_normal((16, 32)).astype(np.float32)
+    m = make_model([helper.make_node("Einsum", ["W"], ["Wt"], equation="ij->ji"),
+                    helper.make_node("MatMul", ["x", "Wt"], ["y"])],
+                   [vi("x", [3, 32])], [vi("y", [3, 16])], [init("W", w)], opset=17)
+    onnx.save(m, tmp_path / "einsum.onnx")
+    # (no fold-constants: it would fold the weight-only Einsum in the graph already)
+    res = graphopt.lower(str(tmp_path / "einsum.onnx"), "cpu", tmp_path / "art", pipeline="eliminate-identity",
+                         verify=True)
+    assert any(e["name"].startswith("main.packed.") for e in res.manifest["weights"])
