@@ -227,7 +227,8 @@ def test_api_error_for_generated_inputs_names_no_cli_flag(tmp_path):
 
 # --------------------------------------------------------------------------- part 3: the corpus
 def _params():
-    return [pytest.param(n, marks=[pytest.mark.slow] if s.slow else [], id=n) for n, s in REAL_MODELS.items()]
+    return [pytest.param(n, marks=([pytest.mark.slow] if s.slow else []) + ([pytest.mark.veryslow] if s.very_slow else []),
+                         id=n) for n, s in REAL_MODELS.items()]
 
 
 def _sha(path) -> str:
