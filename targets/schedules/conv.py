@@ -19,6 +19,8 @@ Two halves:
 
 from __future__ import annotations
 
+from .common import vector_bits, vector_lanes  # noqa: F401 - also this module's public names
+
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 
@@ -84,34 +86,6 @@ def _guarded_convert_layout(convert):
             return mod
 
     return _pass
-
-
-def vector_bits(target) -> int:
-    """Width in bits of the widest float vector register ``target`` may use.
-
-    Read from the LLVM features of the target's cpu (``llvm_get_cpu_features``):
-    in TVM 0.27 ``llvm_get_vector_width`` answers 512 for every x86 cpu
-    (x86-64-v2 and x86-64-v3 included), which would make AVX2 and SSE code
-    tile for vectors they do not have. ``avx512f`` -> 512, ``avx`` -> 256,
-    anything else (SSE, NEON, ...) -> 128, never above what LLVM reports.
-    """
-    from tvm.target.codegen import llvm_get_cpu_features, llvm_get_vector_width
-
-    try:
-        feats = {str(f) for f in llvm_get_cpu_features(target)}
-    except Exception:  # noqa: BLE001 - a target LLVM cannot describe gets the portable width
-        feats = set()
-    bits = 512 if "avx512f" in feats else 256 if "avx" in feats else 128
-    try:
-        reported = int(llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001
-        reported = -1
-    return min(bits, reported) if reported > 0 else bits
-
-
-def vector_lanes(target, dtype_bits: int = 32) -> int:
-    """Elements of ``dtype_bits`` in one vector register of ``target``."""
-    return max(vector_bits(target) // dtype_bits, 1)
 
 
 def vector_registers(target) -> int:

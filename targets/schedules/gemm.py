@@ -20,7 +20,7 @@ without packing A:
         C[i.., j..] = epilogue(acc)        # vectorized write-back, the fused ops inlined
 
 ``NR`` is one or two vectors of the accumulator dtype at the target's vector
-width (``llvm_get_vector_width``), ``MR`` the rows that keep ``MR * NR / V``
+width (:func:`.common.vector_bits`), ``MR`` the rows that keep ``MR * NR / V``
 accumulators plus the B vectors in the register file. A B whose innermost
 (contiguous) axis is K (``x @ y.T``, e.g. attention's Q·Kᵀ) is first copied
 into a ``[S, K, J]`` buffer inside the function so the vectorized axis is
@@ -39,6 +39,8 @@ fused in) is packed on every call; the prepack step should hand it over as
 """
 
 from __future__ import annotations
+
+from .common import vector_bits
 
 import logging
 from dataclasses import dataclass
@@ -269,7 +271,6 @@ class Matmul:
         from tvm import s_tir
         from tvm.s_tir.dlight.analysis import get_root_block
         from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers, get_reduction_blocks
-        from tvm.target import codegen
 
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
@@ -282,7 +283,7 @@ class Matmul:
         if g is None:
             return None
         out_dtype = stmt.writes[0].source.dtype
-        bits = codegen.llvm_get_vector_width(target)
+        bits = vector_bits(target)  # not llvm_get_vector_width: 512 for every x86 cpu in TVM 0.27
         vec = max(1, bits // _dtype_bits(out_dtype))
         cores = int(target.attrs.get("num-cores", 1) or 1)
         mr, nr = _tile_sizes(g, vec, bits, cores)
