@@ -113,7 +113,7 @@ def run_case(name: str, threads: int, rounds: int, profile: bool, workdir: Path,
     compile_s = time.perf_counter() - t0
     art = graphopt.load(out)
     prog = art.programs["main"]
-    args = [np.ascontiguousarray(feed[s.name]) for s in art.inputs]
+    args = [np.asarray(feed[s.name], order="C") for s in art.inputs]
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3

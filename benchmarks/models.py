@@ -192,7 +192,7 @@ def torch_runner(name: str, feed: dict, threads: int):
     if threads:
         torch.set_num_threads(threads)
     module, _ = torch_module(name)
-    args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feed.values()]
+    args = [torch.from_numpy(np.asarray(v, order="C")) for v in feed.values()]
 
     def call():
         with torch.inference_mode():

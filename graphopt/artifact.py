@@ -104,7 +104,7 @@ def append_weights(out_dir: Path, index: Sequence[Mapping], arrays: Sequence[np.
     with open(path, "r+b" if path.exists() else "wb") as f:
         f.truncate(offset)
         for name, a in zip(names, arrays):
-            a = np.ascontiguousarray(a)
+            a = np.asarray(a, order="C")
             start = -(-offset // _ALIGN) * _ALIGN
             f.seek(offset)
             f.write(b"\0" * (start - offset))

@@ -165,7 +165,7 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:  # mode 0700: only this user
         tmp = Path(tmp)
         feed_path = tmp / "feed.npz"
-        np.savez(feed_path, **{k: np.ascontiguousarray(v) for k, v in feed.items()})
+        np.savez(feed_path, **{k: np.asarray(v, order="C") for k, v in feed.items()})
         workers: dict[str, _Worker] = {}
         info: dict[str, dict] = {}
         try:
@@ -385,7 +385,7 @@ def _graphopt_runner(artifact: str, feed: dict, threads: int):
     base = _rss_bytes()
     art = Artifact(artifact, threads=threads or None)
     prog = art.programs["main"]
-    args = [np.ascontiguousarray(feed[s.name]) for s in art.inputs]
+    args = [np.asarray(feed[s.name], order="C") for s in art.inputs]
 
     def call():
         return prog(args)
@@ -409,7 +409,7 @@ def _ort_runner(model: str, feed: dict, threads: int):
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
-    run_feed = {k: np.ascontiguousarray(v) for k, v in feed.items() if k in wanted}
+    run_feed = {k: np.asarray(v, order="C") for k, v in feed.items() if k in wanted}
 
     def call():
         return sess.run(names, run_feed)

@@ -188,7 +188,7 @@ def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], wher
             raise DataError(
                 f"{where}: input '{s.name}' has shape {list(arr.shape)}, the model expects {list(s.shape)}"
             )
-        out[s.name] = np.ascontiguousarray(arr)
+        out[s.name] = np.asarray(arr, order="C")
     return out
 
 

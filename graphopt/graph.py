@@ -126,7 +126,7 @@ def iter_chunks(t: onnx.TensorProto, chunk: int = 64 << 20) -> Iterator[bytes]:
     For a lazy tensor this streams from its file; for an inline one it serializes once.
     """
     if not is_lazy(t):
-        data = np.ascontiguousarray(numpy_helper.to_array(t)).tobytes()
+        data = np.asarray(numpy_helper.to_array(t), order="C").tobytes()
         for i in range(0, len(data), chunk):
             yield data[i:i + chunk]
         return

@@ -155,7 +155,7 @@ def reference_session(graph: Graph, threads: int = 0):
         for _, t in stubbed:
             if t.name not in declared:
                 model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        weights = {t.name: np.ascontiguousarray(tensor_array(t)) for _, t in stubbed}
+        weights = {t.name: np.asarray(tensor_array(t), order="C") for _, t in stubbed}
         sess = ort.InferenceSession(model.SerializeToString(deterministic=True), so,
                                     providers=["CPUExecutionProvider"])
         return _WeightFedSession(sess, weights)

@@ -24,7 +24,7 @@ def _digest(t: gs.Constant) -> str:
         return "external:" + hashlib.sha256(repr(ref).encode()).hexdigest()
     if isinstance(v, LazyValues) and v.tensor.HasField("raw_data"):
         return hashlib.sha256(v.tensor.raw_data).hexdigest()
-    return hashlib.sha256(np.ascontiguousarray(array(t)).tobytes()).hexdigest()
+    return hashlib.sha256(np.asarray(array(t), order="C").tobytes()).hexdigest()
 
 
 def dedup_initializers(root: gs.Graph, keep_names: set[str] = frozenset()) -> tuple[int, int]:

@@ -128,7 +128,7 @@ def run_weight_transforms(plan: PackPlan, weights, target) -> list[np.ndarray]:
         ex = tvm.compile(plan.transform, target=target)
     dev = tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
-    args = [tvm.runtime.from_dlpack(w) if isinstance(w, np.memmap) else tvm.runtime.tensor(np.ascontiguousarray(w), dev)
+    args = [tvm.runtime.from_dlpack(w) if isinstance(w, np.memmap) else tvm.runtime.tensor(np.asarray(w, order="C"), dev)
             for w in weights]
     res = vm["main" + TRANSFORM_SUFFIX](args)
     outs = list(res)

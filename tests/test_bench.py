@@ -126,3 +126,19 @@ def test_benchmark_script_smoke(tmp_path):
     assert row["ratio_vs_ort"]["graphopt"] == pytest.approx(
         row["runtimes"]["graphopt"]["median_ms"] / row["runtimes"]["ort"]["median_ms"])
     assert row["lower"]["artifact_bytes"] > 0 and row["agreement"]["graphopt"]["ok"]
+
+
+def test_bench_keeps_scalar_inputs_scalar(tmp_path, capsys):
+    """A 0-d input reaches both runtimes as a 0-d array (numpy's ascontiguousarray would make it [1])."""
+    from onnx import helper
+
+    from .conftest import make_model, vi
+
+    m = make_model([helper.make_node("Mul", ["x", "s"], ["y"])],
+                   [vi("x", [2, 3]), vi("s", [])], [vi("y", [2, 3])])
+    onnx.save(m, tmp_path / "scale.onnx")
+    graphopt.lower(tmp_path / "scale.onnx", "cpu", tmp_path / "art")
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 3), np.float32), s=np.float32(3.0))
+    assert run_cli("bench", tmp_path / "art", "--inputs", tmp_path / "in.npz", "--json", *QUICK) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and doc["inputs"]["s"]["shape"] == []

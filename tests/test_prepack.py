@@ -92,3 +92,25 @@ def test_weight_transform_through_a_function_of_the_module_is_packed(tmp_path):
     res = graphopt.lower(str(tmp_path / "einsum.onnx"), "cpu", tmp_path / "art", pipeline="eliminate-identity",
                          verify=True)
     assert any(e["name"].startswith("main.packed.") for e in res.manifest["weights"])
+
+
+def test_zero_dim_weight_transform_results_keep_their_rank(tmp_path):
+    """A weight-only computation whose result is a scalar (0-d) is stored and passed as a scalar.
+
+    The Relax importer normalizes a Gather's negative indices with the table's
+    size, ``shape_of(W)[0]``: a 0-d int64 computed from a weight alone, which the
+    prepack step lifts. Stored as shape [1] (numpy's ``ascontiguousarray`` makes
+    every 0-d array 1-d) the program refused it at its first call ("Mismatched
+    ndim ... expected 0"): tashkeel's embeddings did exactly that.
+    """
+    emb = RNG.standard_normal((54, 8)).astype(np.float32)
+    m = make_model([helper.make_node("Gather", ["E", "ids"], ["y"], axis=0)],
+                   [vi("ids", [1, 6], onnx.TensorProto.INT64)], [vi("y", [1, 6, 8])], [init("E", emb)])
+    p = tmp_path / "gather.onnx"
+    onnx.save(m, p)
+    res = graphopt.lower(str(p), "cpu", tmp_path / "art", verify=True)
+    scalars = [w for w in res.manifest["weights"] if w["name"].startswith("main.packed.") and w["shape"] == []]
+    assert scalars, "expected a lifted 0-d weight (the table size); the importer changed"
+    ids = np.array([[0, 5, -1, 53, -54, 7]], dtype=np.int64)
+    out = graphopt.load(tmp_path / "art").run({"ids": ids})["y"]
+    np.testing.assert_array_equal(out, emb[ids])
