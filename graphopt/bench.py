@@ -11,9 +11,10 @@ Runtime on the artifact's ``model.onnx`` in the other. The parent
    :class:`~graphopt.errors.VerificationError`, never timed);
 3. warms each up, then times them in interleaved rounds (graphopt, ONNX Runtime,
    graphopt, ...) until ``seconds`` are spent (at least ``MIN_ROUNDS``
-   rounds); a round runs a chunk of calls per runtime (about 5 ms worth), each
+   rounds); a round runs a chunk of calls per runtime (about 20 ms worth), each
    call timed on its own inside its worker, so the pipe between processes is
-   never inside a timed call;
+   never inside a timed call, after a short idle pause (``SETTLE_SECONDS``) so
+   the previous runtime's spinning threads are not timed against the next one;
 4. reports per runtime median/p10/p90 latency, throughput (batch / median, batch
    = leading dim of the first input), and memory: the worker's peak resident set
    (Linux ``VmHWM``, native allocations included; see :func:`_peak_rss_bytes`) and its
@@ -46,7 +47,11 @@ from .errors import ArtifactError, DataError, GraphoptError, OptionError, Verifi
 #: Fewest interleaved rounds, whatever ``seconds`` says.
 MIN_ROUNDS = 5
 #: A round runs about this long per runtime (several calls of a fast model), so the pipe costs little.
-CHUNK_SECONDS = 0.005
+CHUNK_SECONDS = 0.02
+#: Idle time before each runtime's turn: the runtime that ran last may still have threads spinning
+#: for work (ONNX Runtime's spin by default, TVM's for TVM_THREAD_POOL_SPIN_COUNT yields), and on few
+#: cores they would take the next runtime's cores during its first calls.
+SETTLE_SECONDS = 0.01
 #: Most calls one runtime makes in one round.
 MAX_CHUNK = 1000
 #: Seconds a worker may take to start and load its model before it is given up on.
@@ -201,11 +206,14 @@ def measure(
             times: dict[str, list[float]] = {k: [] for k in timed}
             rounds = 0
             start = time.perf_counter()
-            while timed and (rounds < MIN_ROUNDS or time.perf_counter() - start < seconds):
+            settled = 0.0
+            while timed and (rounds < MIN_ROUNDS or time.perf_counter() - start - settled < seconds):
                 for label in timed:
+                    time.sleep(SETTLE_SECONDS)
+                    settled += SETTLE_SECONDS
                     times[label] += workers[label].ask(op="run", n=chunk[label])["times"]
                 rounds += 1
-            measured = time.perf_counter() - start
+            measured = time.perf_counter() - start - settled
             prof = None
             if profile in timed:
                 prof = workers[profile].ask(op="profile", n=max(3, min(50, chunk[profile] * 3)))["profile"]

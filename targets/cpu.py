@@ -354,6 +354,20 @@ def _device_param(artifact, dev, w, entry):
     return tvm.runtime.tensor(w, dev)
 
 
+#: How TVM's runtime thread pool behaves, unless the environment already says otherwise (read by TVM
+#: when the pool is created):
+#: - ``TVM_BIND_THREADS=0``: TVM pins each worker thread to one core. A parallel kernel ends when its
+#:   slowest thread does, so on a machine where anything else runs (another service, a build, ONNX
+#:   Runtime interleaved with it in ``graphopt bench``) a pinned worker whose core is taken stalls every
+#:   parallel kernel while another core may sit idle. Unpinned, the OS puts it on whichever core is free
+#:   (ONNX Runtime and torch do not pin their threads either).
+#: - ``TVM_THREAD_POOL_SPIN_COUNT``: between parallel kernels a worker spins on ``sched_yield`` this many
+#:   times before it sleeps. TVM's default, 300000, keeps a core busy for a tenth of a second or more
+#:   after every call, slowing whatever runs next; a few thousand still bridge the microseconds between
+#:   the kernels of one call (see benchmarks/bench_threadpool.py for the measurement).
+RUNTIME_POOL_ENV = {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
+
+
 def configure_thread_pool(threads: int) -> tuple[int, str | None]:
     """Set TVM's runtime thread pool (of the calling thread) to ``threads``; returns the count it took and a note.
 
@@ -373,6 +387,9 @@ def configure_thread_pool(threads: int) -> tuple[int, str | None]:
     if not os.environ.get("TVM_NUM_THREADS", "").strip():
         # Read by TVM only when the pool is created; harmless once it exists.
         os.environ["TVM_NUM_THREADS"] = str(max(threads, available_cores()))
+    for name, value in RUNTIME_POOL_ENV.items():  # the user's own setting wins
+        if not os.environ.get(name, "").strip():
+            os.environ[name] = value
     # Mode 1 ("big cores"), as TVM configures its pool itself; 0 would mean "TVM's default count".
     tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
     got = int(tvm.runtime.num_threads())

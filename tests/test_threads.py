@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -162,3 +163,54 @@ def test_verify_gives_onnx_runtime_the_artifacts_thread_count(digits, monkeypatc
     art = graphopt.load(digits, threads=1)
     assert api.verify_artifact(art).ok
     assert seen == [1]
+
+
+_AFFINITY_PROBE = textwrap.dedent('''
+    import json, os, sys
+    from pathlib import Path
+    import numpy as np
+    import graphopt
+
+    import tvm
+    from tvm import te
+
+    art = graphopt.load(sys.argv[1], threads=2)  # configures the pool, before its first use
+    n = 1 << 20  # a parallel kernel, so the pool's worker thread exists
+    A = te.placeholder((n,), name="A")
+    B = te.compute((n,), lambda i: A[i] * 2.0, name="B")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([A, B]))
+    (i,) = sch.get_loops(sch.get_sblock("B"))
+    sch.parallel(i)
+    kernel = tvm.compile(sch.mod, target="llvm")
+    a, b = tvm.runtime.tensor(np.ones(n, "float32")), tvm.runtime.tensor(np.zeros(n, "float32"))
+    for _ in range(3):
+        kernel(a, b)
+    allowed = {}
+    for task in Path("/proc/self/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                allowed[task.name] = line.split(":", 1)[1].strip()
+    print(json.dumps({"env": {k: os.environ.get(k) for k in ("TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")},
+                      "pinned": sorted(v for v in allowed.values() if "-" not in v and "," not in v)}))
+''')
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or available_cores() < 2
+                    or len(os.sched_getaffinity(0)) < 2, reason="reads per-thread CPU affinity in /proc; needs 2 cores")
+@pytest.mark.parametrize("user_env", [{}, {"TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000"}])
+def test_runtime_threads_are_unpinned_unless_the_user_says(digits, tmp_path, user_env):
+    """TVM pins its workers to single cores by default; graphopt leaves them free (see RUNTIME_POOL_ENV)."""
+    from graphopt.targets.cpu import RUNTIME_POOL_ENV
+
+    script = tmp_path / "affinity.py"
+    script.write_text(_AFFINITY_PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in (*RUNTIME_POOL_ENV, "TVM_NUM_THREADS", THREADS_ENV)}
+    proc = subprocess.run([sys.executable, str(script), str(digits)], capture_output=True, text=True,
+                          timeout=300, env={**env, **user_env})
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["env"] == (user_env or RUNTIME_POOL_ENV)
+    if user_env:
+        assert res["pinned"], "TVM's own default pins its worker; the user's TVM_BIND_THREADS=1 must be kept"
+    else:
+        assert res["pinned"] == []
