@@ -45,3 +45,38 @@ def test_unaligned_and_non_contiguous_inputs_give_the_same_result(tmp_path):
     for arr in (raw, wide[:, ::2], ro):
         np.testing.assert_allclose(art.run({"x": arr})["y"], ref, rtol=1e-6)
     np.testing.assert_allclose(ref, x @ w, rtol=1e-4, atol=1e-5)
+
+
+def _identity_and_double(tmp_path, shape):
+    m = make_model([helper.make_node("Identity", ["x"], ["same"]), helper.make_node("Add", ["x", "x"], ["twice"])],
+                   [vi("x", list(shape))], [vi("same", list(shape)), vi("twice", list(shape))])
+    return _lower(tmp_path, m)
+
+
+def test_reused_input_buffers_never_leak_into_earlier_results(tmp_path):
+    """Small inputs are copied into a buffer reused by the next call: results must not share it."""
+    art = _identity_and_double(tmp_path, (2, 8))
+    first = art.run({"x": np.full((2, 8), 1, np.float32)})
+    second = art.run({"x": np.full((2, 8), 5, np.float32)})
+    np.testing.assert_array_equal(first["same"], 1)
+    np.testing.assert_array_equal(first["twice"], 2)
+    np.testing.assert_array_equal(second["same"], 5)
+    np.testing.assert_array_equal(second["twice"], 10)
+
+
+def test_concurrent_calls_from_threads_keep_their_own_inputs(tmp_path):
+    """Each thread stages its inputs in buffers of its own: concurrent calls do not mix them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    art = _identity_and_double(tmp_path, (4, 16))
+    prog = art.programs["main"]
+
+    def work(k):
+        bad = 0
+        for _ in range(200):
+            same, twice = prog([np.full((4, 16), k, np.float32)])
+            bad += int(not (np.all(same == k) and np.all(twice == 2 * k)))
+        return bad
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(work, range(1, 9))) == 0
