@@ -28,7 +28,25 @@ contiguous; weights normally arrive as ``[K, N]`` already (the prepack step
 lifts Relax-level ``permute_dims`` of weights out of the function).
 
 Tails (M, N not a multiple of the tile, symbolic extents such as a dynamic
-batch) are handled by ``split`` guards, never by asserting divisibility.
+batch) never put a guard inside the vectorized loop (TVM scalarizes a vector
+loop whose guard reads the lane: a classifier to N = 8210 ran at ~3 GFLOP/s):
+
+- MR and NR are chosen to divide the extent, or for a symbolic one its known
+  factor (``batch * 128`` is a multiple of 128), so most GEMMs tile exactly;
+- a static tail shifts the last tile back instead of cutting it: its origin is
+  ``min(jo * NR, N - NR)``, so it overlaps its neighbour and recomputes (and
+  rewrites, with the same values) a few columns; rows likewise;
+- a symbolic M with no usable factor clamps the row origin to
+  ``max(min(io * MR, M - MR), 0)`` and keeps a per-row guard, which does not
+  depend on the lane and leaves the accumulator a static MR x NR tile (with
+  the plain split guard its size was symbolic and it lived in memory).
+
+``sch.loop_partition`` was tried first: in this TVM it crashes (segfault) on a
+loop with more than one block under it, and the partitions it makes sit in
+new opaque blocks that ``reverse_compute_at`` cannot cross, so the fused
+epilogue would be lost. The LoopPartition pass's ``pragma_loop_partition_hint``
+does not fire either: NarrowDataType renames the int64 loop variable and the
+hint keeps pointing at the old one.
 
 K is not blocked: with ``jo`` outside ``io`` the B panel each core works on is
 ``K x NR`` (``K * 128`` bytes for fp32 on AVX-512), which stays in L2 for any K
