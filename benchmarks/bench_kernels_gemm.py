@@ -17,7 +17,9 @@ Usage::
 
 Cases: mm512 (512^3 MatMul), gemv (1x768 @ 768x3072), digits (examples/digits_mlp.onnx),
 mlp, transformer (graphopt.testing.torch_models), swiglu (SwiGLU MLP d=256, hidden 1024, 64 tokens),
-encoder4 (4-layer nn.TransformerEncoder d=256, 4 heads, seq 128, batch 1).
+encoder4 (4-layer nn.TransformerEncoder d=256, 4 heads, seq 128, batch 1); tails and symbolic rows:
+cls8210 ([32,1024] x [1024,8210] + bias, ddddocr's classifier), cls18710 ([40,120] x [120,18710] + bias,
+PP-OCRv6-rec's), encoder4dyn (encoder4 captured with a dynamic batch, M = batch*128, run at batch 1).
 Timings on a shared machine are noisy: compare ratios, repeat before believing one.
 """
 
@@ -33,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("mm512", "gemv", "digits", "mlp", "transformer", "swiglu", "encoder4")
+CASES = ("mm512", "gemv", "digits", "mlp", "transformer", "swiglu", "encoder4", "cls8210", "cls18710", "encoder4dyn")
 
 
-def _onnx_matmul(m: int, k: int, n: int):
+def _onnx_matmul(m: int, k: int, n: int, bias: bool = False):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -44,11 +46,16 @@ def _onnx_matmul(m: int, k: int, n: int):
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h" if bias else "y"])]
+    inits = [numpy_helper.from_array(w, "w")]
+    if bias:  # a classifier's bias: the epilogue fused into the GEMM
+        nodes.append(helper.make_node("Add", ["h", "b"], ["y"]))
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"))
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        nodes, "mm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-        [numpy_helper.from_array(w, "w")],
+        inits,
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -56,11 +63,11 @@ def _onnx_matmul(m: int, k: int, n: int):
     return Graph(model), {"x": rng.standard_normal((m, k), dtype=np.float32)}
 
 
-def _torch_case(module, example):
+def _torch_case(module, example, dynamic_batch: bool = False):
     import graphopt
 
     module.eval()
-    graph = graphopt.capture(module, example)
+    graph = graphopt.capture(module, example, dynamic_batch=dynamic_batch)
     return graph, {s.name: t.detach().numpy() for s, t in zip(graph.inputs, example)}
 
 
@@ -94,10 +101,14 @@ def build_case(name: str):
                 return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
 
         return _torch_case(SwiGLU(), (torch.randn(1, 64, 256),))
-    if name == "encoder4":
+    if name == "cls8210":
+        return _onnx_matmul(32, 1024, 8210, bias=True)
+    if name == "cls18710":
+        return _onnx_matmul(40, 120, 18710, bias=True)
+    if name in ("encoder4", "encoder4dyn"):
         layer = nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, dropout=0.0, batch_first=True)
         enc = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
-        return _torch_case(enc, (torch.randn(1, 128, 256),))
+        return _torch_case(enc, (torch.randn(1, 128, 256),), dynamic_batch=name == "encoder4dyn")
     raise SystemExit(f"unknown case {name!r}; known: {', '.join(CASES)}")
 
 

@@ -63,6 +63,58 @@ def assert_claimed(funcs: dict, parallel: bool | None = None) -> None:
             assert ("T.parallel" in text) == parallel, f"{name}: parallel expected {parallel}:\n{text}"
 
 
+def unguarded_vector_tile(func) -> bool:
+    """Whether no block under a vectorized loop of ``func`` is guarded by a predicate that reads that loop.
+
+    A split tail leaves ``T.where(jo * NR + ji < N)`` on the register tile's
+    blocks; a guard that reads the vector lane makes TVM scalarize the loop.
+    Row guards (``io * MR + ii < M``, lane-invariant) are allowed.
+    """
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    bad = []
+
+    def visit_loop(loop):
+        if loop.kind != tirx.ForKind.VECTORIZED:
+            return
+        lane = loop.loop_var
+
+        def visit_realize(rz):
+            uses = []
+            tvm_ffi.structural_walk(rz.predicate, (tirx.Var, lambda v: uses.append(v) if v.same_as(lane) else None))
+            if uses:
+                bad.append((rz.block.name_hint, rz.predicate))
+
+        tvm_ffi.structural_walk(loop.body, (s_tir.SBlockRealize, visit_realize))
+
+    tvm_ffi.structural_walk(func.body, (tirx.For, visit_loop))
+    return not bad
+
+
+def local_sizes(func, target) -> list:
+    """Shapes of the local (register) buffers once ``func`` is lowered: static ints when the tile fits registers."""
+    import tvm
+    from tvm import tirx
+
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    mod = tvm.tirx.transform.BindTarget(target.with_host(target))(mod)
+    pipeline, _, _ = tvm.tirx.get_default_tir_pipeline(target)
+    with target:
+        text = pipeline(mod)["main"].script()
+    import re
+
+    return re.findall(r"T\.alloc_local\(\(([^)]*)\)", text)
+
+
+def assert_fast_tiles(funcs: dict) -> None:
+    """Every matmul function's register tile is vectorized and free of lane guards (tails shifted, not cut)."""
+    mm = {n: f for n, f in funcs.items() if "matmul" in n}
+    assert mm
+    for name, f in mm.items():
+        assert unguarded_vector_tile(f), f"{name}: a tail guard reads the vector lane:\n{f.script()}"
+
+
 def lower_and_compare(graph: Graph, feeds: list[dict], tmp_path, mcpu: str = "host", **kw):
     """Lower ``graph`` for ``mcpu``, run it on each feed, compare with ONNX Runtime."""
     out = tmp_path / f"art-{mcpu}"
@@ -161,8 +213,62 @@ def test_other_isas(mcpu, tmp_path):
     if platform.machine() != "x86_64":
         pytest.skip("x86-64 CPU names")
     g = matmul_model(37, 50, 70, bias_relu=True)
-    assert_claimed(scheduled_funcs(g, mcpu=mcpu))
+    funcs = scheduled_funcs(g, mcpu=mcpu)
+    assert_claimed(funcs)
+    assert_fast_tiles(funcs)  # M=37 and N=70 leave tails at every vector width
     lower_and_compare(g, [{"x": _rand(37, 50)}], tmp_path, mcpu=mcpu)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 16, 8210), (7, 24, 18), (13, 16, 8210), (13, 40, 18), (7, 33, 100),
+                                   (33, 8, 47)])
+def test_tails_are_shifted_not_guarded(m, k, n, tmp_path):
+    """M, N not multiples of the tile (a classifier to 8210 classes): full, unguarded vector tiles, right values."""
+    g = matmul_model(m, k, n, bias_relu=True)
+    funcs = scheduled_funcs(g)
+    assert_claimed(funcs)
+    assert_fast_tiles(funcs)
+    lower_and_compare(g, [{"x": _rand(m, k)}], tmp_path)
+
+
+def test_symbolic_rows_tile_exactly(tmp_path):
+    """x[B, 128, 64] with a dynamic batch: M = B * 128 is tiled by a divisor of 128, no guard at all."""
+    g = matmul_model(128, 64, 96, bias_relu=True, batch=["B"])
+    funcs = scheduled_funcs(g)
+    assert_claimed(funcs, parallel=True)
+    assert_fast_tiles(funcs)
+    for name, f in funcs.items():
+        if "matmul" in name:
+            assert "T.where" not in f.script(), f"{name}: B*128 rows should need no guard:\n{f.script()}"
+    lower_and_compare(g, [{"x": _rand(1, 128, 64)}, {"x": _rand(3, 128, 64)}], tmp_path)
+
+
+@pytest.mark.parametrize("mcpu", ["host", "x86-64-v3"])
+def test_symbolic_rows_without_divisor_keep_a_register_tile(mcpu, tmp_path):
+    """A bare symbolic M (no known factor): lane-invariant row guards only, and a static accumulator."""
+    import platform
+
+    from graphopt.targets.cpu import CpuTarget, llvm_target
+
+    if mcpu != "host" and platform.machine() != "x86_64":
+        pytest.skip("x86-64 CPU names")
+    g = matmul_model("N", 48, 40, bias_relu=True)
+    funcs = scheduled_funcs(g, mcpu=mcpu)
+    assert_claimed(funcs, parallel=True)
+    assert_fast_tiles(funcs)
+    tgt = CpuTarget()
+    tgt.opts = type("O", (), {"mcpu": mcpu, "opt_level": 3})()
+    target = llvm_target(tgt.resolve_mcpu(), 2)
+    for name, f in funcs.items():
+        if "matmul" in name:
+            sizes = local_sizes(f, target)
+            assert sizes and all(re_int(s) for s in sizes), f"{name}: accumulator not static: {sizes}"
+    lower_and_compare(g, [{"x": _rand(n, 48)} for n in (1, 5, 7, 64)], tmp_path, mcpu=mcpu)
+
+
+def re_int(shape_text: str) -> bool:
+    import re
+
+    return all(re.fullmatch(r"\s*(T\.int64\()?\d+\)?\s*", p) for p in shape_text.split(",") if p.strip())
 
 
 @pytest.mark.parametrize("name", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])

@@ -28,7 +28,25 @@ contiguous; weights normally arrive as ``[K, N]`` already (the prepack step
 lifts Relax-level ``permute_dims`` of weights out of the function).
 
 Tails (M, N not a multiple of the tile, symbolic extents such as a dynamic
-batch) are handled by ``split`` guards, never by asserting divisibility.
+batch) never put a guard inside the vectorized loop (TVM scalarizes a vector
+loop whose guard reads the lane: a classifier to N = 8210 ran at ~3 GFLOP/s):
+
+- MR and NR are chosen to divide the extent, or for a symbolic one its known
+  factor (``batch * 128`` is a multiple of 128), so most GEMMs tile exactly;
+- a static tail shifts the last tile back instead of cutting it: its origin is
+  ``min(jo * NR, N - NR)``, so it overlaps its neighbour and recomputes (and
+  rewrites, with the same values) a few columns; rows likewise;
+- a symbolic M with no usable factor clamps the row origin to
+  ``max(min(io * MR, M - MR), 0)`` and keeps a per-row guard, which does not
+  depend on the lane and leaves the accumulator a static MR x NR tile (with
+  the plain split guard its size was symbolic and it lived in memory).
+
+``sch.loop_partition`` was tried first: in this TVM it crashes (segfault) on a
+loop with more than one block under it, and the partitions it makes sit in
+new opaque blocks that ``reverse_compute_at`` cannot cross, so the fused
+epilogue would be lost. The LoopPartition pass's ``pragma_loop_partition_hint``
+does not fire either: NarrowDataType renames the int64 loop variable and the
+hint keeps pointing at the old one.
 
 K is not blocked: with ``jo`` outside ``io`` the B panel each core works on is
 ``K x NR`` (``K * 128`` bytes for fp32 on AVX-512), which stays in L2 for any K
@@ -70,6 +88,8 @@ class _Gemm:
     n_static: int | None        # J extent when static
     k_static: int | None
     s_static: int | None
+    m_div: int = 1              # a known divisor of the fused I extent (itself when static)
+    n_div: int = 1              # the same for J
 
 
 def _float_dtype(dtype) -> bool:
@@ -171,7 +191,34 @@ def _match(block) -> _Gemm | None:
             total *= s
         return total
 
-    return _Gemm(kinds, b_k_contig, prod(_I), prod(_J), prod(_K), prod(_S))
+    return _Gemm(kinds, b_k_contig, prod(_I), prod(_J), prod(_K), prod(_S),
+                 _known_divisor(ext.get(_I, [])), _known_divisor(ext.get(_J, [])))
+
+
+def _known_divisor(extents) -> int:
+    """The largest integer known to divide the product of ``extents`` (the product itself when static).
+
+    A symbolic extent such as ``batch * 128`` (a dynamic batch fused with a
+    static sequence) is a multiple of 128: a tile that divides 128 covers it
+    exactly, with no tail at any batch size.
+    """
+    from math import gcd
+
+    from tvm import tirx
+    from tvm.sym.analyzer import Analyzer
+
+    if not extents:
+        return 1
+    total = extents[0]
+    for e in extents[1:]:
+        total = total * e
+    if isinstance(total, tirx.IntImm):
+        return max(int(total.value), 1)
+    try:
+        ms = Analyzer().modular_set(total)
+        return max(gcd(int(ms.coeff), int(ms.base)), 1)
+    except Exception:  # noqa: BLE001 - no divisibility facts: any tile may leave a tail
+        return 1
 
 
 def _fusion_map(kinds: list[str], extents: list, order: list[str]):
@@ -206,12 +253,20 @@ def _tile_sizes(g: _Gemm, vec: int, vector_bits: int, cores: int) -> tuple[int, 
     widths = ([16 * vec, 8 * vec, 4 * vec] if m is not None and m <= 2 else []) + [2 * vec, vec]
     if n is not None:  # keep at least 4 column panels per core to share out
         widths = [w for w in widths if w <= 2 * vec or n // w >= 4 * cores]
-    if n is None:
-        nr = 2 * vec
+    if n is None:  # symbolic: a width that divides its known factor, else two vectors and a tail
+        nr = next((w for w in (2 * vec, vec) if g.n_div % w == 0), 2 * vec)
     elif n <= vec:
         nr = n  # one (partial) vector covers all of N: no tail guard
     else:
-        nr = next((w for w in widths if n % w == 0), 2 * vec if n >= 4 * vec else vec)
+        nr = next((w for w in widths if n % w == 0), None)
+        if nr is None:  # a tail: the last tile is shifted back (see _shift_tails)
+            nr = 2 * vec if n >= 4 * vec else vec
+            if vector_bits >= 512 and n % vec and n >= 64 * vec and (m is None or m > 2):
+                # Rows of B not vector-aligned (N = 8210: 32840-byte rows) make every vector load
+                # straddle two cache lines; four vectors per row spread that cost over twice the FMAs
+                # (measured 1.2-1.4x on [32,1024]x[1024,8210] and [40,120]x[120,18710]; on aligned
+                # rows, N = 8192, two vectors stay faster). Needs the 32 registers of AVX-512.
+                nr = 4 * vec
     # Accumulators MR * NR / vec plus NR / vec B vectors and one broadcast must fit
     # the register file: 32 vector registers with AVX-512, 16 on SSE/AVX2 (and NEON's
     # 32 are not counted on: 16 is safe everywhere).
@@ -219,12 +274,12 @@ def _tile_sizes(g: _Gemm, vec: int, vector_bits: int, cores: int) -> tuple[int, 
     per_row = max(1, -(-nr // vec))
     mr_max = max(1, (regs - per_row - 1) // per_row)
     candidates = [c for c in (8, 6, 4) if c <= mr_max] or [mr_max]
-    if m is not None:
-        if m <= candidates[0]:
-            return max(m, 1), nr
-        for c in candidates:
-            if m % c == 0:
-                return c, nr
+    if m is not None and m <= candidates[0]:
+        return max(m, 1), nr
+    # A tile height that divides M (or, when M is symbolic, its known factor: batch * 128).
+    for c in candidates:
+        if g.m_div % c == 0:
+            return c, nr
     return candidates[0] if m is not None else min(6, candidates[0]), nr
 
 
@@ -242,6 +297,123 @@ def _inline_producers_except(sch, block, keep) -> None:
                 continue
         if not inlined:
             return
+
+
+def _uses_var(expr, var) -> bool:
+    import tvm_ffi
+    from tvm import tirx
+
+    found = []
+    tvm_ffi.structural_walk(expr, (tirx.Var, lambda v: found.append(v) if v.same_as(var) else None))
+    return bool(found)
+
+
+def _conjuncts(pred) -> list:
+    from tvm import tirx
+
+    if isinstance(pred, tirx.And):
+        return _conjuncts(pred.a) + _conjuncts(pred.b)
+    return [pred]
+
+
+def _tile_binding(value, tile: int):
+    """``(E * tile, inner_var)`` when ``value`` is the split binding ``E * tile + inner``, else None."""
+    from tvm import tirx
+
+    if not isinstance(value, tirx.Add):
+        return None
+    for base, inner in ((value.a, value.b), (value.b, value.a)):
+        if (isinstance(inner, tirx.Var) and isinstance(base, tirx.Mul) and isinstance(base.b, tirx.IntImm)
+                and int(base.b.value) == tile):
+            return base, inner
+    return None
+
+
+def _shift_tails(sch, names: set, mr: int, nr: int):
+    """Remove the tail guards from the register tile: the last tile is shifted back, not cut.
+
+    ``split`` leaves a guard ``jo * NR + ji < N`` on every block of the tile when
+    NR does not divide N; inside the vectorized ``ji`` loop that guard makes TVM
+    scalarize the whole loop (N = 8210 ran at ~3 GFLOP/s), and with a symbolic M
+    the guarded accumulator cannot be sized statically, so it is never promoted to
+    registers. Here the tile's origin becomes ``min(jo * NR, N - NR)``: every tile
+    is full and unguarded, the last one overlaps its neighbour and recomputes (and
+    rewrites, with the same values) a few columns. The same for rows when M is
+    static; a symbolic M gets ``max(min(io * MR, M - MR), 0)`` and keeps its row
+    guard (which does not depend on the vector lane), so the accumulator keeps a
+    static MR x NR shape. All three blocks of the tile (init, update, write-back)
+    are rewritten alike or not at all. Returns the schedule to use.
+    """
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    func = sch.mod["main"]
+    plans: dict[str, list] = {}
+    ok = [True]
+
+    def plan(realize):
+        blk = realize.block
+        if blk.name_hint not in names:
+            return realize
+        ivs = list(blk.iter_vars)
+        if len(ivs) < 3:
+            ok[0] = False
+            return realize
+        edits = []  # (iter index, new binding, inner var, extra guard or None)
+        for idx, tile in ((2, nr), (1, mr)):
+            extent = ivs[idx].dom.extent
+            value = realize.iter_values[idx]
+            static = _static(extent)
+            if static is not None and (static % tile == 0 or static <= tile):
+                continue  # exact tiles: split left no guard
+            if static is None and idx == 2:
+                continue  # a symbolic N (rare): keep the guard
+            if static is None:
+                from tvm.sym.analyzer import Analyzer
+
+                if Analyzer().can_prove(tirx.FloorMod(extent, tirx.IntImm(extent.ty, tile)) == 0):
+                    continue
+            match = _tile_binding(value, tile)
+            if match is None:
+                ok[0] = False
+                return realize
+            base, inner = match
+            one = tirx.IntImm(base.ty, tile)
+            if static is not None:
+                origin = tirx.Min(base, tirx.IntImm(base.ty, static - tile))
+                edits.append((idx, origin + inner, inner, None))
+            else:
+                origin = tirx.Max(tirx.Min(base, extent - one), tirx.IntImm(base.ty, 0))
+                new = origin + inner
+                edits.append((idx, new, inner, new < extent))
+        plans[blk.name_hint] = edits
+        return realize
+
+    tvm_ffi.structural_map(func, [(s_tir.SBlockRealize, plan)])
+    if not ok[0] or set(plans) != names or not any(plans.values()):
+        return sch
+    if len({tuple(i for i, *_ in e) for e in plans.values()}) != 1:
+        return sch  # the blocks disagree on which axes have tails: leave the guards
+
+    def rewrite(realize):
+        edits = plans.get(realize.block.name_hint)
+        if not edits:
+            return realize
+        values = list(realize.iter_values)
+        conj = _conjuncts(realize.predicate)
+        for idx, new, inner, guard in edits:
+            values[idx] = new
+            conj = [c for c in conj if not _uses_var(c, inner)]
+            if guard is not None:
+                conj.append(guard)
+        conj = [c for c in conj if not (isinstance(c, tirx.IntImm) and c.value)]
+        pred = conj[0] if conj else tirx.IntImm("bool", 1)
+        for c in conj[1:]:
+            pred = tirx.And(pred, c)
+        return s_tir.SBlockRealize(values, pred, realize.block)
+
+    new_func = tvm_ffi.structural_map(func, [(s_tir.SBlockRealize, rewrite)])
+    return s_tir.Schedule(new_func)
 
 
 class Matmul:
@@ -345,7 +517,8 @@ class Matmul:
         wloops = sch.get_loops(wb)
         sch.vectorize(wloops[-1])
         # Epilogue blocks that could not be inlined stay at the root: correct, not tiled.
-        return sch
+        names = {sch.get(b).name_hint for b in (init, main, wb)}
+        return _shift_tails(sch, names, mr, nr)
 
     @staticmethod
     def _schedule_pack(sch, rb, cores, macs):
