@@ -52,15 +52,22 @@ def conv_layout_passes(target) -> list:
 
 
 def _guarded_convert_layout(convert):
-    """``convert`` on modules that have a conv2d; the module unchanged when there is none or it fails.
+    """``convert`` on modules that have a conv2d, applied to as much of the module as TVM can convert.
 
     ``ConvertLayout`` walks every op's layout inference even where no conv2d is
-    present, and in TVM 0.27 some of them abort (magika: "Invalid SLayout: can't
-    find S in source layout ABC"). NCHW is slower but correct, so a failure
-    keeps the imported layout instead of failing the lowering.
+    present, and in TVM 0.27 some of them abort the whole pass (magika: "Invalid
+    SLayout: can't find S in source layout ABC", from ``stack`` then ``max``).
+    :func:`graphopt.targets.layout.robust_convert_layout` hides the ops that
+    cannot gain from the conversion, and any op whose inference still aborts,
+    so the convolutions are converted anyway; only when even that fails is the
+    imported layout (NCHW: slower, correct) kept. Uniform constants are made
+    scalars first (:func:`~graphopt.targets.layout.scalarize_uniform_constants`),
+    so they do not pin the ops that read them to the original layout.
     """
     import tvm
     from tvm import relax
+
+    from ..layout import robust_convert_layout, scalarize_uniform_constants
 
     conv = tvm.ir.Op.get("relax.nn.conv2d")
 
@@ -81,7 +88,7 @@ def _guarded_convert_layout(convert):
         if not has_conv2d(mod):
             return mod
         try:
-            return convert(mod)
+            return robust_convert_layout(scalarize_uniform_constants(mod), convert)[0]
         except Exception:  # noqa: BLE001 - see the docstring: the imported layout is a correct fallback
             return mod
 
@@ -362,7 +369,8 @@ class WindowReduction(CPUScheduleRule):
         producers = [blocks[i] for i in range(ci)]
         consumers = [blocks[i] for i in range(ci + 1, len(blocks))]
         return {"conv": conv, "n_s": n_s, "producers": producers, "consumers": consumers,
-                "out_buffer": w.source, "dtype": w.source.dtype, "channels_first": channels_first}
+                "out_buffer": w.source, "dtype": w.source.dtype, "channels_first": channels_first,
+                "window": window}
 
     # ------------------------------------------------------------------ schedule
 
@@ -388,6 +396,21 @@ class WindowReduction(CPUScheduleRule):
                     pass
             kept.append(b)
 
+        # Producers of a column reduction (an element-wise chain fused before a global pooling,
+        # magika's GELU before its max over time) are inlined into it: one pass over memory,
+        # not one parallel pass per op. A window reduction would recompute an inlined producer
+        # once per tap, and padding would put a branch in its inner loop: those stay materialized.
+        producers = []
+        for p in reversed(plan["producers"]):
+            if not plan["window"] and not _is_guarded(sch, p):
+                try:
+                    sch.compute_inline(p)
+                    continue
+                except Exception:  # noqa: BLE001 - kept as a pass of its own
+                    pass
+            producers.insert(0, p)
+        plan = dict(plan, producers=producers)
+
         loops = sch.get_loops(conv)
         s_loops, r_loops = loops[:n_s], loops[n_s:]
         # Trailing unit axes (NCHW with W = 1, keepdims pooling) do not count: the vector
@@ -396,14 +419,19 @@ class WindowReduction(CPUScheduleRule):
         while k > 1 and _int(sch.get(s_loops[k]).extent) == 1:
             k -= 1
         units = s_loops[k + 1:]
+        # The row axis likewise skips unit axes between it and the vector axis (NHWC with
+        # W = 1, a 1-D conv imported as 2-D: rows over H, not one row of W).
+        j = k - 1
+        while j > 0 and _int(sch.get(s_loops[j]).extent) == 1:
+            j -= 1
         v_ext = _int(sch.get(s_loops[k]).extent)
-        r_ext = _int(sch.get(s_loops[k - 1]).extent)
+        r_ext = _int(sch.get(s_loops[j]).extent)
         vt = _pick_vector_tile(v_ext, lanes)
         nvec = -(-vt // lanes)
         rows = _pick_rows(r_ext, max(1, min(8, acc_regs // nvec)))
         vo, vi = sch.split(s_loops[k], factors=[None, vt])
-        ro, ri = sch.split(s_loops[k - 1], factors=[None, rows])
-        outer = s_loops[:k - 1]
+        ro, ri = sch.split(s_loops[j], factors=[None, rows])
+        outer = s_loops[:j] + s_loops[j + 1:k]
         if plan["channels_first"]:
             sch.reorder(vo, *outer, ro, *r_loops, ri, vi, *units)
             par = sch.fuse(vo, *outer, ro)
@@ -446,6 +474,21 @@ class WindowReduction(CPUScheduleRule):
                 sch.parallel(sch.fuse(*pl[:-1]))
             elif pl:
                 sch.parallel(pl[0])
+
+
+def _is_guarded(sch, block) -> bool:
+    """Whether the block's value has a branch (padding, dilation: ``if_then_else`` / ``Select``)."""
+    import tvm_ffi
+    from tvm import ir, tirx
+
+    found = []
+
+    def visit_call(call):
+        if str(getattr(call.op, "name", "")).rsplit(".", 1)[-1] == "if_then_else":
+            found.append(call)
+
+    tvm_ffi.structural_walk(sch.get(block).body, [(ir.Call, visit_call), (tirx.Select, found.append)], order="post")
+    return bool(found)
 
 
 def _has_root(sch) -> bool:
