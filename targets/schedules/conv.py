@@ -143,6 +143,60 @@ def pack_conv_weights(target):
             name="conv2d_nhwc_packed",
         )
 
+    def te_conv_transpose(data, wp, strides, padding, output_padding, out_dtype, nchw_in):
+        """Transposed conv as a gather over the taps that reach each output; NCHW out, NCHW or NHWC in.
+
+        Output row ``Y`` gets input row ``y`` through tap ``ky`` when ``Y + pt = y*s + ky``:
+        with ``q, r = divmod(Y + pt, s)`` the taps are ``ky = r + t*s`` (``t < ceil(k/s)``)
+        and ``y = q - t``. The input is padded so ``y`` out of range reads zeros, so the
+        reduction has no branch; taps past the kernel (``k`` not a multiple of ``s``)
+        are masked. Nothing multiplies the zeros TOPI's dilate-then-convolve inserts.
+        The reduction is NHWC (vectorized over output channels); a last injective
+        stage writes NCHW, which the schedule does per register tile, so the
+        epilogues fused after it (bias, activation) need no transpose pass.
+        """
+        if nchw_in:
+            n, c, h, w = data.shape
+        else:
+            n, h, w, c = data.shape
+        fo, kh, kw, _, fi = wp.shape
+        pt, pl, pb, pr = padding
+        sh, sw = strides
+        oph, opw = output_padding
+        oh = (h - 1) * sh - pt - pb + kh + oph
+        ow = (w - 1) * sw - pl - pr + kw + opw
+        th, tw = -(-int(kh) // sh), -(-int(kw) // sw)
+        hp = max(int(h) + th - 1, (int(oh) - 1 + pt) // sh + th)
+        wpad = max(int(w) + tw - 1, (int(ow) - 1 + pl) // sw + tw)
+        before = [0, th - 1, tw - 1, 0]
+        after = [0, hp - (int(h) + th - 1), wpad - (int(w) + tw - 1), 0]
+        if nchw_in:
+            before, after = [before[i] for i in (0, 3, 1, 2)], [after[i] for i in (0, 3, 1, 2)]
+        padded = topi.nn.pad(data, before, after, name="pad_temp") if any(before + after) else data
+
+        def read(b, yy, xx, cc):
+            return padded[b, cc, yy, xx] if nchw_in else padded[b, yy, xx, cc]
+        ty = te.reduce_axis((0, th), name="ty")
+        tx = te.reduce_axis((0, tw), name="tx")
+        rc = te.reduce_axis((0, c), name="rc")
+        masked = int(kh) % sh or int(kw) % sw
+
+        def body(b, y, x, f):
+            ky = (y + pt) % sh + ty * sh
+            kx = (x + pl) % sw + tx * sw
+            v = read(b, (y + pt) // sh - ty + (th - 1), (x + pl) // sw - tx + (tw - 1), rc).astype(out_dtype)
+            if masked:
+                wv = wp[f // fi, te.min(ky, kh - 1), te.min(kx, kw - 1), rc, f % fi].astype(out_dtype)
+                wv = wv * tvm.tirx.Cast(out_dtype, tvm.tirx.all(ky < kh, kx < kw))
+            else:
+                wv = wp[f // fi, ky, kx, rc, f % fi].astype(out_dtype)
+            return te.sum(v * wv, axis=[ty, tx, rc])
+
+        conv = te.compute((n, oh, ow, fo * fi), body, name="conv2d_transpose_nhwc")
+        return te.compute((n, fo * fi, oh, ow), lambda b, f, y, x: conv[b, y, x, f], name="conv2d_transpose_nchw")
+
+    convt_op = tvm.ir.Op.get("relax.nn.conv2d_transpose")
+
     @mutator
     class _Packer(PyExprMutator):
         def __init__(self, mod):
@@ -157,6 +211,8 @@ def pack_conv_weights(target):
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.same_as(convt_op):
+                return self.conv_transpose(call)
             if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(conv_op)):
                 return call
             a = call.attrs
@@ -180,6 +236,36 @@ def pack_conv_weights(target):
             return self.builder_.call_te(
                 te_conv, data, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
                 [int(v) for v in a.dilation], dtype, primfunc_name_hint="conv2d_nhwc_packed")
+
+        def conv_transpose(self, call):
+            """NCHW/IOHW conv2d_transpose (groups 1, no dilation, static H/W/kernel) -> NHWC gather TE."""
+            a = call.attrs
+            if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "IOHW", "NCHW") or int(a.groups) != 1 \
+                    or any(int(d) != 1 for d in a.dilation):
+                return call
+            data, weight = call.args
+            dtype = str(call.ty.dtype)
+            wdims = [_int(d) for d in getattr(weight.ty.shape, "values", [None])]
+            ddims = [_int(d) for d in getattr(data.ty.shape, "values", [None])]
+            if not dtype.startswith("float") or len(wdims) != 4 or any(d is None for d in wdims) \
+                    or len(ddims) != 4 or any(d is None for d in ddims[1:]):
+                return call
+            _i, f, kh, kw = wdims
+            t = _pick_vector_tile(f, vector_lanes(target, tvm.DataType(dtype).bits))
+            t = t if f % t == 0 else 1
+            packed = self.builder_.emit(relax.op.layout_transform(
+                weight, index_map=lambda i, o, ky, kx: (o // t, ky, kx, i, o % t)))
+            # ConvertLayout hands an NHWC chain to the (NCHW-pinned) transposed conv through a
+            # permute_dims: read the NHWC tensor before it instead of permuting twice.
+            src = data
+            if isinstance(data, relax.Var):
+                bound = self.lookup_binding(data)
+                if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.permute_dims" \
+                        and bound.attrs.axes is not None and [int(x) for x in bound.attrs.axes] == [0, 3, 1, 2]:
+                    src = bound.args[0]
+            return self.builder_.call_te(
+                te_conv_transpose, src, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
+                [int(v) for v in a.output_padding], dtype, src is data, primfunc_name_hint="conv2d_transpose")
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.PackConvWeights")
     def _pass(mod, _ctx):
