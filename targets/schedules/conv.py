@@ -19,7 +19,7 @@ Two halves:
 
 from __future__ import annotations
 
-from .common import vector_bits, vector_lanes  # noqa: F401 - also this module's public names
+from .common import num_cores, vector_bits, vector_lanes, vectorize_inner, work_size, write_dtype_bits  # noqa: F401
 
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
@@ -52,15 +52,22 @@ def conv_layout_passes(target) -> list:
 
 
 def _guarded_convert_layout(convert):
-    """``convert`` on modules that have a conv2d; the module unchanged when there is none or it fails.
+    """``convert`` on modules that have a conv2d, applied to as much of the module as TVM can convert.
 
     ``ConvertLayout`` walks every op's layout inference even where no conv2d is
-    present, and in TVM 0.27 some of them abort (magika: "Invalid SLayout: can't
-    find S in source layout ABC"). NCHW is slower but correct, so a failure
-    keeps the imported layout instead of failing the lowering.
+    present, and in TVM 0.27 some of them abort the whole pass (magika: "Invalid
+    SLayout: can't find S in source layout ABC", from ``stack`` then ``max``).
+    :func:`graphopt.targets.layout.robust_convert_layout` hides the ops that
+    cannot gain from the conversion, and any op whose inference still aborts,
+    so the convolutions are converted anyway; only when even that fails is the
+    imported layout (NCHW: slower, correct) kept. Uniform constants are made
+    scalars first (:func:`~graphopt.targets.layout.scalarize_uniform_constants`),
+    so they do not pin the ops that read them to the original layout.
     """
     import tvm
     from tvm import relax
+
+    from ..layout import robust_convert_layout, scalarize_uniform_constants
 
     conv = tvm.ir.Op.get("relax.nn.conv2d")
 
@@ -81,7 +88,7 @@ def _guarded_convert_layout(convert):
         if not has_conv2d(mod):
             return mod
         try:
-            return convert(mod)
+            return robust_convert_layout(scalarize_uniform_constants(mod), convert)[0]
         except Exception:  # noqa: BLE001 - see the docstring: the imported layout is a correct fallback
             return mod
 
@@ -136,6 +143,60 @@ def pack_conv_weights(target):
             name="conv2d_nhwc_packed",
         )
 
+    def te_conv_transpose(data, wp, strides, padding, output_padding, out_dtype, nchw_in):
+        """Transposed conv as a gather over the taps that reach each output; NCHW out, NCHW or NHWC in.
+
+        Output row ``Y`` gets input row ``y`` through tap ``ky`` when ``Y + pt = y*s + ky``:
+        with ``q, r = divmod(Y + pt, s)`` the taps are ``ky = r + t*s`` (``t < ceil(k/s)``)
+        and ``y = q - t``. The input is padded so ``y`` out of range reads zeros, so the
+        reduction has no branch; taps past the kernel (``k`` not a multiple of ``s``)
+        are masked. Nothing multiplies the zeros TOPI's dilate-then-convolve inserts.
+        The reduction is NHWC (vectorized over output channels); a last injective
+        stage writes NCHW, which the schedule does per register tile, so the
+        epilogues fused after it (bias, activation) need no transpose pass.
+        """
+        if nchw_in:
+            n, c, h, w = data.shape
+        else:
+            n, h, w, c = data.shape
+        fo, kh, kw, _, fi = wp.shape
+        pt, pl, pb, pr = padding
+        sh, sw = strides
+        oph, opw = output_padding
+        oh = (h - 1) * sh - pt - pb + kh + oph
+        ow = (w - 1) * sw - pl - pr + kw + opw
+        th, tw = -(-int(kh) // sh), -(-int(kw) // sw)
+        hp = max(int(h) + th - 1, (int(oh) - 1 + pt) // sh + th)
+        wpad = max(int(w) + tw - 1, (int(ow) - 1 + pl) // sw + tw)
+        before = [0, th - 1, tw - 1, 0]
+        after = [0, hp - (int(h) + th - 1), wpad - (int(w) + tw - 1), 0]
+        if nchw_in:
+            before, after = [before[i] for i in (0, 3, 1, 2)], [after[i] for i in (0, 3, 1, 2)]
+        padded = topi.nn.pad(data, before, after, name="pad_temp") if any(before + after) else data
+
+        def read(b, yy, xx, cc):
+            return padded[b, cc, yy, xx] if nchw_in else padded[b, yy, xx, cc]
+        ty = te.reduce_axis((0, th), name="ty")
+        tx = te.reduce_axis((0, tw), name="tx")
+        rc = te.reduce_axis((0, c), name="rc")
+        masked = int(kh) % sh or int(kw) % sw
+
+        def body(b, y, x, f):
+            ky = (y + pt) % sh + ty * sh
+            kx = (x + pl) % sw + tx * sw
+            v = read(b, (y + pt) // sh - ty + (th - 1), (x + pl) // sw - tx + (tw - 1), rc).astype(out_dtype)
+            if masked:
+                wv = wp[f // fi, te.min(ky, kh - 1), te.min(kx, kw - 1), rc, f % fi].astype(out_dtype)
+                wv = wv * tvm.tirx.Cast(out_dtype, tvm.tirx.all(ky < kh, kx < kw))
+            else:
+                wv = wp[f // fi, ky, kx, rc, f % fi].astype(out_dtype)
+            return te.sum(v * wv, axis=[ty, tx, rc])
+
+        conv = te.compute((n, oh, ow, fo * fi), body, name="conv2d_transpose_nhwc")
+        return te.compute((n, fo * fi, oh, ow), lambda b, f, y, x: conv[b, y, x, f], name="conv2d_transpose_nchw")
+
+    convt_op = tvm.ir.Op.get("relax.nn.conv2d_transpose")
+
     @mutator
     class _Packer(PyExprMutator):
         def __init__(self, mod):
@@ -150,6 +211,8 @@ def pack_conv_weights(target):
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.same_as(convt_op):
+                return self.conv_transpose(call)
             if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(conv_op)):
                 return call
             a = call.attrs
@@ -173,6 +236,36 @@ def pack_conv_weights(target):
             return self.builder_.call_te(
                 te_conv, data, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
                 [int(v) for v in a.dilation], dtype, primfunc_name_hint="conv2d_nhwc_packed")
+
+        def conv_transpose(self, call):
+            """NCHW/IOHW conv2d_transpose (groups 1, no dilation, static H/W/kernel) -> NHWC gather TE."""
+            a = call.attrs
+            if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "IOHW", "NCHW") or int(a.groups) != 1 \
+                    or any(int(d) != 1 for d in a.dilation):
+                return call
+            data, weight = call.args
+            dtype = str(call.ty.dtype)
+            wdims = [_int(d) for d in getattr(weight.ty.shape, "values", [None])]
+            ddims = [_int(d) for d in getattr(data.ty.shape, "values", [None])]
+            if not dtype.startswith("float") or len(wdims) != 4 or any(d is None for d in wdims) \
+                    or len(ddims) != 4 or any(d is None for d in ddims[1:]):
+                return call
+            _i, f, kh, kw = wdims
+            t = _pick_vector_tile(f, vector_lanes(target, tvm.DataType(dtype).bits))
+            t = t if f % t == 0 else 1
+            packed = self.builder_.emit(relax.op.layout_transform(
+                weight, index_map=lambda i, o, ky, kx: (o // t, ky, kx, i, o % t)))
+            # ConvertLayout hands an NHWC chain to the (NCHW-pinned) transposed conv through a
+            # permute_dims: read the NHWC tensor before it instead of permuting twice.
+            src = data
+            if isinstance(data, relax.Var):
+                bound = self.lookup_binding(data)
+                if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.permute_dims" \
+                        and bound.attrs.axes is not None and [int(x) for x in bound.attrs.axes] == [0, 3, 1, 2]:
+                    src = bound.args[0]
+            return self.builder_.call_te(
+                te_conv_transpose, src, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
+                [int(v) for v in a.output_padding], dtype, src is data, primfunc_name_hint="conv2d_transpose")
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.PackConvWeights")
     def _pass(mod, _ctx):
@@ -362,7 +455,8 @@ class WindowReduction(CPUScheduleRule):
         producers = [blocks[i] for i in range(ci)]
         consumers = [blocks[i] for i in range(ci + 1, len(blocks))]
         return {"conv": conv, "n_s": n_s, "producers": producers, "consumers": consumers,
-                "out_buffer": w.source, "dtype": w.source.dtype, "channels_first": channels_first}
+                "out_buffer": w.source, "dtype": w.source.dtype, "channels_first": channels_first,
+                "window": window}
 
     # ------------------------------------------------------------------ schedule
 
@@ -388,29 +482,54 @@ class WindowReduction(CPUScheduleRule):
                     pass
             kept.append(b)
 
+        # Producers of a column reduction (an element-wise chain fused before a global pooling,
+        # magika's GELU before its max over time) are inlined into it: one pass over memory,
+        # not one parallel pass per op. A window reduction would recompute an inlined producer
+        # once per tap, and padding would put a branch in its inner loop: those stay materialized.
+        producers = []
+        for p in reversed(plan["producers"]):
+            if not plan["window"] and not _is_guarded(sch, p):
+                try:
+                    sch.compute_inline(p)
+                    continue
+                except Exception:  # noqa: BLE001 - kept as a pass of its own
+                    pass
+            producers.insert(0, p)
+        plan = dict(plan, producers=producers)
+
         loops = sch.get_loops(conv)
         s_loops, r_loops = loops[:n_s], loops[n_s:]
+        # A small reduction (a 32x32 CNN's convs) runs on one thread: waking the pool twice
+        # (padding, then the conv) costs more than the few microseconds of work it shares.
+        macs = work_size(sch, loops)
+        threads = num_cores(target) > 1 and (macs is None or macs >= CONV_PARALLEL_MIN_MACS)
         # Trailing unit axes (NCHW with W = 1, keepdims pooling) do not count: the vector
         # axis is the innermost spatial axis longer than 1, the row axis the one before.
         k = n_s - 1
         while k > 1 and _int(sch.get(s_loops[k]).extent) == 1:
             k -= 1
         units = s_loops[k + 1:]
+        # The row axis likewise skips unit axes between it and the vector axis (NHWC with
+        # W = 1, a 1-D conv imported as 2-D: rows over H, not one row of W).
+        j = k - 1
+        while j > 0 and _int(sch.get(s_loops[j]).extent) == 1:
+            j -= 1
         v_ext = _int(sch.get(s_loops[k]).extent)
-        r_ext = _int(sch.get(s_loops[k - 1]).extent)
+        r_ext = _int(sch.get(s_loops[j]).extent)
         vt = _pick_vector_tile(v_ext, lanes)
         nvec = -(-vt // lanes)
         rows = _pick_rows(r_ext, max(1, min(8, acc_regs // nvec)))
         vo, vi = sch.split(s_loops[k], factors=[None, vt])
-        ro, ri = sch.split(s_loops[k - 1], factors=[None, rows])
-        outer = s_loops[:k - 1]
+        ro, ri = sch.split(s_loops[j], factors=[None, rows])
+        outer = s_loops[:j] + s_loops[j + 1:k]
         if plan["channels_first"]:
             sch.reorder(vo, *outer, ro, *r_loops, ri, vi, *units)
             par = sch.fuse(vo, *outer, ro)
         else:
             sch.reorder(*outer, vo, ro, *r_loops, ri, vi, *units)
             par = sch.fuse(*outer, vo, ro)
-        sch.parallel(par)
+        if threads:
+            sch.parallel(par)
         if units:
             vi = sch.fuse(vi, *units)
 
@@ -439,13 +558,36 @@ class WindowReduction(CPUScheduleRule):
         if sch.get(il[-1]).kind != 2:  # ForKind.VECTORIZED
             sch.vectorize(il[-1])
 
-        # Producers (padding, dilation): one pass, parallel over the outer axes.
+        # Producers (padding, dilation): one pass, parallel over the outer axes, the innermost
+        # axis (channels in NHWC) vectorized when it splits into whole vectors.
         for p in plan["producers"]:
             pl = sch.get_loops(p)
             if len(pl) > 1:
-                sch.parallel(sch.fuse(*pl[:-1]))
-            elif pl:
+                vectorize_inner(sch, pl[-1], vector_lanes(target, write_dtype_bits(sch, p)))
+                if threads:
+                    sch.parallel(sch.fuse(*pl[:-1]))
+            elif pl and threads:
                 sch.parallel(pl[0])
+
+
+#: Multiply-adds below which a conv / pooling kernel runs on one thread (see WindowReduction).
+#: The 32x32 test CNN's convs (0.4-0.6 M) measured 2x faster serial than on 2 threads (loaded machine).
+CONV_PARALLEL_MIN_MACS = 1 << 20
+
+
+def _is_guarded(sch, block) -> bool:
+    """Whether the block's value has a branch (padding, dilation: ``if_then_else`` / ``Select``)."""
+    import tvm_ffi
+    from tvm import ir, tirx
+
+    found = []
+
+    def visit_call(call):
+        if str(getattr(call.op, "name", "")).rsplit(".", 1)[-1] == "if_then_else":
+            found.append(call)
+
+    tvm_ffi.structural_walk(sch.get(block).body, [(ir.Call, visit_call), (tirx.Select, found.append)], order="post")
+    return bool(found)
 
 
 def _has_root(sch) -> bool:
