@@ -294,7 +294,9 @@ def relax_passes(target, fast_math: bool = True) -> list:
     from .layout import normalize_squeeze_axes_pass
     from .schedules.conv import conv_layout_passes
 
-    return [normalize_squeeze_axes_pass(), *([fast_math_pass()] if fast_math else []), *conv_layout_passes(target)]
+    # Fast math last: its kernels are call_tir, which ConvertLayout cannot see through (it would
+    # wrap them in transposes that split a convolution from its epilogue).
+    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target), *([fast_math_pass()] if fast_math else [])]
 
 
 def cpu_pipeline(target, tuner=None):

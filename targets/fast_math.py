@@ -108,6 +108,17 @@ def _horner(x, coeffs):
     return acc
 
 
+def _let(value, body, name="v"):
+    """``body(v)`` with ``v`` bound once to ``value`` (a ``Let``): a value used many times (the
+    producer's expression, once inlined into an epilogue) is computed once, not once per use."""
+    from tvm import tirx
+
+    if isinstance(value, (tirx.Var, tirx.FloatImm, tirx.IntImm)):
+        return body(value)
+    v = tirx.Var(name, value.ty.dtype)
+    return tirx.Let(v, value, body(v))
+
+
 def _keep_nan(x, y):
     """``y``, but ``x`` where ``x`` is NaN (the clamps inside ``y`` map NaN to a number)."""
     from tvm import tirx
@@ -120,51 +131,74 @@ def _scale_pow2(p, n):
     exponent bits, applied one after the other (2^128 alone would overflow)."""
     from tvm import tirx
 
-    ni = tirx.Cast("int32", n)
-    half = tirx.shift_right(ni, tirx.const(1, "int32"))  # floor(n / 2): arithmetic shift
-    rest = ni - half
+    def scaled(ni):
+        half = tirx.shift_right(ni, tirx.const(1, "int32"))  # floor(n / 2): arithmetic shift
 
-    def scale(k):
-        bits = tirx.shift_left(k + tirx.const(127, "int32"), tirx.const(23, "int32"))
-        return tirx.reinterpret("float32", bits)
+        def scale(k):
+            bits = tirx.shift_left(k + tirx.const(127, "int32"), tirx.const(23, "int32"))
+            return tirx.reinterpret("float32", bits)
 
-    return (p * scale(half)) * scale(rest)
+        return (p * scale(half)) * scale(ni - half)
+
+    return _let(tirx.Cast("int32", n), scaled, "n_i")
 
 
 def exp(x):
     """e^x for a float32 expression (see the module docstring for its accuracy)."""
     from tvm import tirx
 
-    xc = tirx.max(tirx.min(x, _f(EXP_HI)), _f(EXP_LO))
-    n = tirx.floor(xc * _f(_LOG2E) + _f(0.5))
-    r = xc - n * _f(_LN2_HI) - n * _f(_LN2_LO)
-    p = _horner(r, _EXP_POLY) * r * r + r + _f(1.0)
-    y = _scale_pow2(p, n)
-    y = tirx.Select(x > _f(EXP_HI), _f(math.inf), tirx.Select(x < _f(EXP_LO), _f(0.0), y))
-    return _keep_nan(x, y)
+    def body(x):
+        def reduced(xc):
+            def with_n(n):
+                def poly(r):
+                    return _scale_pow2(_horner(r, _EXP_POLY) * r * r + r + _f(1.0), n)
+
+                return _let(xc - n * _f(_LN2_HI) - n * _f(_LN2_LO), poly, "r")
+
+            return _let(tirx.floor(xc * _f(_LOG2E) + _f(0.5)), with_n, "n")
+
+        y = _let(tirx.max(tirx.min(x, _f(EXP_HI)), _f(EXP_LO)), reduced, "xc")
+        y = tirx.Select(x > _f(EXP_HI), _f(math.inf), tirx.Select(x < _f(EXP_LO), _f(0.0), y))
+        return _keep_nan(x, y)
+
+    return _let(x, body, "x")
 
 
 def erf(x):
     """erf(x) for a float32 expression."""
     from tvm import tirx
 
-    xc = tirx.max(tirx.min(x, _f(ERF_CLAMP)), _f(-ERF_CLAMP))
-    x2 = xc * xc
-    y = xc * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
-    y = tirx.max(tirx.min(y, _f(1.0)), _f(-1.0))  # the rational reaches 1 + 3.6e-7 near |x| = 4
-    return _keep_nan(x, y)
+    def body(x):
+        def rational(xc):
+            def with_x2(x2):
+                return xc * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
+
+            return _let(xc * xc, with_x2, "x2")
+
+        y = _let(tirx.max(tirx.min(x, _f(ERF_CLAMP)), _f(-ERF_CLAMP)), rational, "xc")
+        y = tirx.max(tirx.min(y, _f(1.0)), _f(-1.0))  # the rational reaches 1 + 3.6e-7 near |x| = 4
+        return _keep_nan(x, y)
+
+    return _let(x, body, "x")
 
 
 def tanh(x):
     """tanh(x) for a float32 expression."""
     from tvm import tirx
 
-    xc = tirx.max(tirx.min(x, _f(TANH_CLAMP)), _f(-TANH_CLAMP))
-    x2 = xc * xc
-    y = xc * _horner(x2, _TANH_P) / _horner(x2, _TANH_Q)
-    y = tirx.max(tirx.min(y, _f(1.0)), _f(-1.0))
-    y = tirx.Select(tirx.abs(x) < _f(TANH_TINY), x, y)
-    return _keep_nan(x, y)
+    def body(x):
+        def rational(xc):
+            def with_x2(x2):
+                return xc * _horner(x2, _TANH_P) / _horner(x2, _TANH_Q)
+
+            return _let(xc * xc, with_x2, "x2")
+
+        y = _let(tirx.max(tirx.min(x, _f(TANH_CLAMP)), _f(-TANH_CLAMP)), rational, "xc")
+        y = tirx.max(tirx.min(y, _f(1.0)), _f(-1.0))
+        y = tirx.Select(tirx.abs(x) < _f(TANH_TINY), x, y)
+        return _keep_nan(x, y)
+
+    return _let(x, body, "x")
 
 
 def sigmoid(x):
@@ -181,18 +215,22 @@ def _finite_factor(x):
 
 def gelu(x):
     """x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), the form TVM's legalization and ONNX use."""
-    return _finite_factor(x) * (_f(0.5) + erf(x * _f(_SQRT1_2)) * _f(0.5))
+    return _let(x, lambda x: _finite_factor(x) * (_f(0.5) + erf(x * _f(_SQRT1_2)) * _f(0.5)), "x")
 
 
 def gelu_tanh(x):
     """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), ONNX's ``approximate="tanh"``."""
-    inner = _f(_SQRT_2_PI) * (x + _f(0.044715) * x * x * x)
-    return _finite_factor(x) * (_f(0.5) + tanh(inner) * _f(0.5))
+
+    def body(x):
+        inner = _f(_SQRT_2_PI) * (x + _f(0.044715) * x * x * x)
+        return _finite_factor(x) * (_f(0.5) + tanh(inner) * _f(0.5))
+
+    return _let(x, body, "x")
 
 
 def silu(x):
     """x * sigmoid(x)."""
-    return _finite_factor(x) * sigmoid(x)
+    return _let(x, lambda x: _finite_factor(x) * sigmoid(x), "x")
 
 
 _ELEMENTWISE = {"relax.exp": exp, "relax.erf": erf, "relax.tanh": tanh, "relax.sigmoid": sigmoid,
