@@ -329,3 +329,36 @@ def test_pass_leaves_other_dtypes_alone():
     text = out.script()
     assert "R.exp(a)" in text and "R.nn.softmax(b" in text and "R.nn.gelu" not in text
     assert [gv.name_hint for gv, f in out.functions_items() if not isinstance(f, relax.Function)] == ["fast_gelu"]
+
+
+@pytest.mark.parametrize("mcpu", ["x86-64-v3", "portable"])
+def test_avx2_and_portable_builds_verify(mcpu, tmp_path):
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86 CPU names")
+    for name in ("gelu", "softmax_tanh"):
+        model, feed, _ = MODELS[name]
+        graphopt.lower(Graph(model), "cpu", tmp_path / name, threads=2, verify=True,
+                       target_options={"mcpu": mcpu})
+        got = graphopt.load(tmp_path / name).run(feed)
+        for out, want in zip(got.values(), ort_run(Graph(model), feed)):
+            np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_symbolic_batch(tmp_path):
+    """A dynamic batch: the kernels take symbolic shapes (GELU in a GEMM epilogue, softmax over rows)."""
+    k, n = 32, 48
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Gelu", ["h"], ["g"]),
+         helper.make_node("Softmax", ["g"], ["y"], axis=-1)],
+        [vi("x", ["N", k])], [vi("y", ["N", n])], [init("W", (RNG.standard_normal((k, n)) * 0.3).astype(np.float32))],
+        opset=20)
+    names, asm = _compiled_asm(model)
+    assert any("fast_gelu" in s for s in names) and any("fast_softmax" in s for s in names), names
+    assert not LIBM.search(asm)
+    graphopt.lower(Graph(model), "cpu", tmp_path / "dyn", threads=2)
+    art = graphopt.load(tmp_path / "dyn")
+    for b in (1, 5):
+        feed = {"x": (RNG.standard_normal((b, k)) * 3).astype(np.float32)}
+        np.testing.assert_allclose(art.run(feed)["y"], ort_run(Graph(model), feed)[0], atol=1e-6, rtol=1e-5)
