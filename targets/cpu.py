@@ -85,6 +85,9 @@ class CpuTarget(Target):
     options = (
         Option("mcpu", str, "host", "LLVM cpu to build for: 'host' (detected), 'portable', or a name such as znver3"),
         Option("opt_level", int, 3, "TVM optimization level", min=0, max=3),
+        Option("fast_math", bool, True,
+               "float32 exp/erf/tanh/sigmoid/GELU/SiLU/softmax as vectorized polynomials (see targets/fast_math.py) "
+               "instead of scalar libm calls"),
     )
 
     def resolve_mcpu(self) -> str:
@@ -131,7 +134,7 @@ class CpuTarget(Target):
         try:
             with step(ctx.progress, "prepack weights"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
-                    mod, plan = lift_weight_transforms(mod, target, relax_passes(target), n_weights=len(ctx.params))
+                    mod, plan = lift_weight_transforms(mod, target, relax_passes(target, fast_math=self.opts.fast_math), n_weights=len(ctx.params))
                     weights, params = self._pack(plan, out_dir, ctx, target)
                 if plan.note:
                     ctx.native_log.append(f"note: {plan.note}")
@@ -332,16 +335,22 @@ def _nbytes(t) -> int:
     return int(t.numel()) * np.dtype(str(t.dtype)).itemsize
 
 
-def relax_passes(target) -> list:
+def relax_passes(target, fast_math: bool = True) -> list:
     """Relax passes on high-level ops before legalization (layout choices the schedules rely on).
 
     They run before weight transforms are lifted, so any layout change they
-    make to a weight is done once at lower time (see :mod:`.prepack`).
+    make to a weight is done once at lower time (see :mod:`.prepack`). With
+    ``fast_math`` (the target option, default on), float32 transcendental ops
+    become vectorizable polynomial kernels (:mod:`.fast_math`) that fuse into
+    their producers' epilogues as the ops they replace did.
     """
+    from .fast_math import fast_math_pass
     from .layout import normalize_squeeze_axes_pass
     from .schedules.conv import conv_layout_passes
 
-    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target)]
+    # Fast math last: its kernels are call_tir, which ConvertLayout cannot see through (it would
+    # wrap them in transposes that split a convolution from its epilogue).
+    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target), *([fast_math_pass()] if fast_math else [])]
 
 
 def cpu_pipeline(target, tuner=None):

@@ -147,9 +147,10 @@ def vectorize_inner(sch, loop, lanes: int):
 # block (exp, tanh, erf, log, pow, sigmoid...) becomes a scalar libm call per
 # lane when the loop is vectorized in TIR, which is slower than leaving the
 # loop to LLVM (that only adds the lane extracts and inserts around the calls).
+# ``isnan`` is a self-comparison (the fast-math kernels of ..fast_math use it).
 VECTOR_FRIENDLY_CALLS = frozenset({
     "if_then_else", "likely", "fabs", "floor", "ceil", "trunc", "round", "nearbyint", "sqrt", "fma",
-    "copysign", "reinterpret",
+    "copysign", "reinterpret", "isnan",
 })
 
 
