@@ -10,8 +10,9 @@ For each model (builders in ``benchmarks/models.py``) this script
    TRIALS`` lowers it a second time with ``tune=TRIALS, tuning_db=--tuning-db`` (otherwise the
    tuned column says "not run");
 3. per batch, runs ``graphopt.bench.measure``: every runtime in a worker process of its own
-   (graphopt default, graphopt tuned, ONNX Runtime on the default artifact's ``model.onnx`` with its
-   default graph optimizations, torch eager under ``inference_mode`` for torch models), all on the
+   (graphopt default, graphopt tuned, ONNX Runtime on the model as given (the original file or the
+   captured graph, not graphopt's rewritten ``model.onnx``) with its default graph optimizations, torch
+   eager under ``inference_mode`` for torch models), all on the
    same inputs and ``--threads`` threads; outputs are checked against ONNX Runtime first (a runtime
    that disagrees is reported, never timed); then warm-up and interleaved rounds (graphopt, tuned,
    ORT, torch, graphopt, ...) for ``--seconds``;
@@ -183,13 +184,19 @@ def bench_model(model, args, workdir: Path) -> list[dict]:
 
     art = graphopt.load(default["path"], threads=args.threads)  # reads the manifest: input/output names
     names = [o.name for o in art.outputs]
+    # ONNX Runtime runs the model as the user has it (not graphopt's cleaned-up, unrolled model.onnx),
+    # with the values graphopt fixed (--input-value) fed as inputs.
+    original = workdir / f"{model.name}.original.onnx"
+    graph.save(original)
+    dtypes = {s.name: s.dtype for s in graph.inputs}
+    fixed = {k: np.asarray(v, dtype=dtypes[k]) for k, v in (values or {}).items()}
     rows = []
     for batch in model.batches:
-        feed = bench_models.feed(model, batch)
+        feed = {**bench_models.feed(model, batch), **fixed}
         runners = {"graphopt": ("graphopt", default["path"])}
         if tuned:
             runners["tuned"] = ("graphopt", tuned["path"])
-        runners["ort"] = ("ort", str(Path(default["path"]) / "model.onnx"))
+        runners["ort"] = ("ort", str(original))
         if model.kind == "torch":
             runners["torch"] = ("python", f"{HERE / 'models.py'}:torch_runner", model.name)
         # graphopt first: it fixes the thread count every other runtime gets.
