@@ -201,7 +201,14 @@ def measure(
                 # The check call was the first warm-up; a runtime slower than the whole timing budget per
                 # call gets one more warm-up call, not ``warmup`` of them.
                 n_warm = max(warmup, 1) if first[label] * warmup <= seconds else 1
-                per_call[label] = float(np.median(workers[label].ask(op="run", n=n_warm)["times"]))
+                warm = workers[label].ask(op="run", n=n_warm)["times"]
+                # A fast model keeps warming up until a chunk's worth of calls has run: its first calls
+                # after loading (lazy set-up, cold caches, sleeping pool threads) can be 100x its steady
+                # state, and a chunk sized from them would be a few calls, each timed cold after the
+                # settle pause, so the median would measure wake-up, not the model.
+                while sum(warm) < CHUNK_SECONDS and len(warm) < MAX_CHUNK:
+                    warm += workers[label].ask(op="run", n=min(MAX_CHUNK, 2 * len(warm)))["times"]
+                per_call[label] = float(np.median(warm[len(warm) // 2:]))  # the later half: settled
             chunk = {k: int(min(MAX_CHUNK, max(1, round(CHUNK_SECONDS / max(v, 1e-9))))) for k, v in per_call.items()}
             times: dict[str, list[float]] = {k: [] for k in timed}
             rounds = 0

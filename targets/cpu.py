@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import platform
+from bisect import bisect_right
 from pathlib import Path
+
+import numpy as np
 
 from graphopt.console import step
 from graphopt.artifact import program_weights
@@ -22,6 +25,8 @@ from graphopt.target import LowerContext, Target
 
 from .prepack import lift_weight_transforms, run_weight_transforms
 from .relax_import import build_pipeline, import_graph, output_specs, raise_if_unsupported, select_params
+
+_INF = float("inf")
 
 PORTABLE_CPU = {"x86_64": "x86-64-v2", "aarch64": "generic"}
 
@@ -281,32 +286,32 @@ class _Runner:
 
     def _tensor(self, slot: int, a):
         """``(TVM tensor, its data pointer)`` holding input ``a`` for input number ``slot``."""
-        import numpy as np
-        import tvm
-
         if a.nbytes <= self.STAGE_MAX_BYTES:
-            stages = self._local.__dict__.setdefault("stages", {})
-            key = (slot, a.shape, a.dtype.str)
+            try:
+                stages = self._local.stages
+            except AttributeError:
+                stages = self._local.stages = {}
+            key = (slot, a.shape, a.dtype)
             hit = stages.get(key)
             if hit is None:
+                import tvm
+
                 buf = self._aligned_empty(a.shape, a.dtype.newbyteorder("="))
                 t = tvm.runtime.from_dlpack(buf)
                 hit = stages[key] = (buf, t, t.data_ptr())
             np.copyto(hit[0], a)
             return hit[1], hit[2]
+        import tvm
+
         t = tvm.runtime.from_dlpack(self._aligned(a))
         return t, t.data_ptr()
 
     @staticmethod
     def _inside(ptr: int, spans) -> bool:
-        import bisect
-
-        i = bisect.bisect_right(spans, (ptr, float("inf"))) - 1
+        i = bisect_right(spans, (ptr, _INF)) - 1
         return i >= 0 and spans[i][0] <= ptr < spans[i][1]
 
     def __call__(self, arrays):
-        import numpy as np
-
         tensors, in_spans = [], []
         for slot, a in enumerate(arrays):
             a = np.asarray(a)
