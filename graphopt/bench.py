@@ -11,10 +11,12 @@ Runtime on the artifact's ``model.onnx`` in the other. The parent
    :class:`~graphopt.errors.VerificationError`, never timed);
 3. warms each up, then times them in interleaved rounds (graphopt, ONNX Runtime,
    graphopt, ...) until ``seconds`` are spent (at least ``MIN_ROUNDS``
-   rounds); a round runs a chunk of calls per runtime (about 20 ms worth), each
-   call timed on its own inside its worker, so the pipe between processes is
-   never inside a timed call, after a short idle pause (``SETTLE_SECONDS``) so
-   the previous runtime's spinning threads are not timed against the next one;
+   rounds); a round runs a chunk of calls per runtime (about 100 ms worth, so
+   the first call after a pause weighs little in the median), each call timed
+   on its own inside its worker, so the pipe between processes is never inside
+   a timed call. Before each turn the other workers must have gone quiet
+   (``_wait_quiet``): a runtime's threads that keep spinning after its calls
+   would otherwise take the next runtime's cores;
 4. reports per runtime median/p10/p90 latency, throughput (batch / median, batch
    = leading dim of the first input), and memory: the worker's peak resident set
    (Linux ``VmHWM``, native allocations included; see :func:`_peak_rss_bytes`) and its
@@ -46,12 +48,21 @@ from .errors import ArtifactError, DataError, GraphoptError, OptionError, Verifi
 
 #: Fewest interleaved rounds, whatever ``seconds`` says.
 MIN_ROUNDS = 5
-#: A round runs about this long per runtime (several calls of a fast model), so the pipe costs little.
-CHUNK_SECONDS = 0.02
-#: Idle time before each runtime's turn: the runtime that ran last may still have threads spinning
-#: for work (ONNX Runtime's spin by default, TVM's for TVM_THREAD_POOL_SPIN_COUNT yields), and on few
-#: cores they would take the next runtime's cores during its first calls.
+#: A round runs about this long per runtime: the pipe costs little, and a model of a few ms still runs
+#: several calls, so the first call after the pause before its turn (threads asleep, caches cold) is not
+#: most of what is timed.
+CHUNK_SECONDS = 0.1
+#: Idle time before each runtime's turn, at least: the runtime that ran last may still have threads
+#: spinning for work, and on few cores they would take the next runtime's cores. Where the workers'
+#: CPU time can be read (Linux), the wait goes on until they are quiet (:func:`_wait_quiet`): ONNX
+#: Runtime's pool keeps a thread spinning for ~40 ms after a call (measured on 2 Zen 4 cores), which
+#: made a 14 ms parallel model take 41 ms whenever it ran right after ONNX Runtime.
 SETTLE_SECONDS = 0.01
+#: A worker is quiet once it burns less than this share of one core over a poll interval.
+QUIET_SHARE = 0.05
+QUIET_POLL_SECONDS = 0.005
+#: Longest wait for the workers to go quiet (a runtime that never idles must not stall the benchmark).
+QUIET_MAX_SECONDS = 0.5
 #: Most calls one runtime makes in one round.
 MAX_CHUNK = 1000
 #: Seconds a worker may take to start and load its model before it is given up on.
@@ -101,6 +112,52 @@ class _Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time process ``pid`` has used, every thread, or None where it cannot be read.
+
+    Linux's per-thread ``schedstat`` counts nanoseconds on the CPU; the clock-tick
+    figures of ``/proc/PID/stat`` are too coarse (10 ms) to see a thread spinning
+    for a few milliseconds.
+    """
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:  # the thread ended between listing and reading
+                continue
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / 1e9
+
+
+def _wait_quiet(pids: list[int]) -> float:
+    """Sleep until the processes ``pids`` have stopped using the CPU (see :data:`SETTLE_SECONDS`); seconds waited.
+
+    Waits :data:`SETTLE_SECONDS` at least, then polls every
+    :data:`QUIET_POLL_SECONDS` until every process used under
+    :data:`QUIET_SHARE` of a core in the last interval, or
+    :data:`QUIET_MAX_SECONDS` have passed.
+    """
+    start = time.perf_counter()
+    time.sleep(SETTLE_SECONDS)
+    before = {pid: _cpu_seconds(pid) for pid in pids}
+    if any(v is None for v in before.values()):
+        return time.perf_counter() - start  # no /proc: the fixed pause is all there is
+    since = time.perf_counter()
+    while time.perf_counter() - start < QUIET_MAX_SECONDS:
+        time.sleep(QUIET_POLL_SECONDS)
+        now = time.perf_counter()
+        after = {pid: _cpu_seconds(pid) for pid in pids}
+        if any(v is None for v in after.values()):
+            break
+        if max(after[p] - before[p] for p in pids) <= QUIET_SHARE * (now - since):
+            break
+        before, since = after, now
+    return time.perf_counter() - start
 
 
 def _start(label: str, spec: tuple, feed_path: Path, threads: int | None, tmp: Path) -> _Worker:
@@ -216,8 +273,7 @@ def measure(
             settled = 0.0
             while timed and (rounds < MIN_ROUNDS or time.perf_counter() - start - settled < seconds):
                 for label in timed:
-                    time.sleep(SETTLE_SECONDS)
-                    settled += SETTLE_SECONDS
+                    settled += _wait_quiet([w.proc.pid for w in workers.values()])
                     times[label] += workers[label].ask(op="run", n=chunk[label])["times"]
                 rounds += 1
             measured = time.perf_counter() - start - settled

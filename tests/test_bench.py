@@ -142,3 +142,32 @@ def test_bench_keeps_scalar_inputs_scalar(tmp_path, capsys):
     assert run_cli("bench", tmp_path / "art", "--inputs", tmp_path / "in.npz", "--json", *QUICK) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] and doc["inputs"]["s"]["shape"] == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads per-thread CPU time from Linux /proc")
+def test_next_runtime_waits_until_the_last_ones_threads_stop_spinning():
+    """A worker still burning CPU after its turn (ONNX Runtime spins ~40 ms) delays the next turn until it stops."""
+    import subprocess
+    import sys
+    import time
+
+    from graphopt import bench
+
+    spin = subprocess.Popen([sys.executable, "-c",
+                             "import sys, time\n"
+                             "sys.stdout.write('go\\n'); sys.stdout.flush()\n"
+                             "t = time.perf_counter()\n"
+                             "while time.perf_counter() - t < 0.25: pass\n"
+                             "time.sleep(30)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert spin.stdout.readline() == "go\n"
+        started = time.perf_counter()
+        waited = bench._wait_quiet([spin.pid])
+        # It spins for 0.25 s from 'go': the wait ends after that, and well before the cap.
+        assert time.perf_counter() - started >= 0.2
+        assert waited < bench.QUIET_MAX_SECONDS
+        # Once it sleeps, the wait is the short fixed pause and little more.
+        assert bench._wait_quiet([spin.pid]) < bench.SETTLE_SECONDS + 0.1
+    finally:
+        spin.kill()
+        spin.wait()
