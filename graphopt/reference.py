@@ -237,7 +237,7 @@ def compare_outputs(
             exact = r.dtype.kind in "iub"
             rf = r.astype(np.float64)
             gf = g.astype(np.float64)
-            if not (np.all(np.isfinite(rf) == np.isfinite(gf)) and np.array_equal(rf[~np.isfinite(rf)], gf[~np.isfinite(gf)])):
+            if not (np.all(np.isfinite(rf) == np.isfinite(gf)) and np.array_equal(rf[~np.isfinite(rf)], gf[~np.isfinite(gf)], equal_nan=True)):
                 return Comparison(float("inf"), float("inf"), float("nan"), float("-inf"), name, atol, rtol, False)
             fin = np.isfinite(rf)
             diff = np.abs(rf[fin] - gf[fin])

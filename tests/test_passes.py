@@ -223,3 +223,24 @@ def test_wrong_artifact_from_an_unchecked_lying_pass_is_caught_by_verify(tmp_pat
     assert code == 1, err
     assert "does not match ONNX Runtime" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cli").exists()
+
+
+def test_nan_outputs_in_the_same_places_verify(tmp_path):
+    """A model whose outputs are NaN on some inputs (log of a negative) still verifies a lossless pass.
+
+    Generated inputs made tashkeel's logits NaN; identical NaNs failed the
+    comparison, so every lossless pass on that model was reported as breaking it.
+    """
+    from graphopt.reference import compare_outputs
+
+    nodes = [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Log", ["i"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 4])], [vi("y", [1, 4])])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    res = graphopt.optimize(path, "eliminate-identity", data=None)
+    assert res.records[0].verification["ok"] and "Identity" not in ops(res.graph)
+
+    ref = [[np.array([np.nan, 1.0, -np.inf], np.float32)]]
+    assert compare_outputs(ref, [[np.array([np.nan, 1.0, -np.inf], np.float32)]], ["y"]).ok
+    assert not compare_outputs(ref, [[np.array([0.0, 1.0, -np.inf], np.float32)]], ["y"]).ok
+    assert not compare_outputs(ref, [[np.array([np.nan, np.nan, -np.inf], np.float32)]], ["y"]).ok
