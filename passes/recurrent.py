@@ -300,7 +300,7 @@ def _unroll(g: gs.Graph, node: gs.Node, namer: Namer, max_steps: int) -> None:
             if seq is not None:
                 m = b.gather(seq, t, 0)  # [B, 1] bool
                 zero = b.const(np.zeros((), dtype))
-                y_t[t] = b.op("Where", [m, h_new, zero])
+                y_t[t] = h_new  # masked once, after the steps are stacked (below)
                 h = b.op("Where", [m, h_new, zero if h is None else h])
                 if c_new is not None:
                     c = b.op("Where", [m, c_new, zero if c is None else c])
@@ -310,6 +310,11 @@ def _unroll(g: gs.Graph, node: gs.Node, namer: Namer, max_steps: int) -> None:
                 c = c_new
         if outs[0].name:
             cat = b.op("Concat", y_t, {"axis": 0}) if steps > 1 else y_t[0]  # [T*B, H]
+            if seq is not None:
+                # Outputs past a sequence's length are zero: one Where over all steps, not one per step
+                # (a Where per step fused with the Concat into one kernel of a hundred-odd ops, which took
+                # LLVM minutes to compile).
+                cat = b.op("Where", [seq, b.reshape(cat, [steps, -1, H]), b.const(np.zeros((), dtype))])
             y_dirs.append(b.reshape(cat, [steps, 1, -1, H]))
         h_dirs.append(h)
         c_dirs.append(c)

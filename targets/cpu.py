@@ -28,6 +28,17 @@ from .relax_import import build_pipeline, import_graph, output_specs, raise_if_u
 
 _INF = float("inf")
 
+#: Most Relax ops fused into one kernel (TVM's default is 256). The kernels the schedules are written
+#: for fuse a handful (a convolution, its bias, activation and residual add: 4-8; a GELU as fast-math
+#: ops: ~8); a group of a hundred-odd injective ops (an unrolled recurrence's 64 steps stacked by one
+#: Concat) made one kernel that took LLVM minutes to compile and ran no faster for it.
+MAX_FUSED_OPS = 32
+
+
+def pass_config() -> dict:
+    """TVM PassContext settings the CPU target compiles with."""
+    return {"relax.FuseOps.max_depth": MAX_FUSED_OPS}
+
 PORTABLE_CPU = {"x86_64": "x86-64-v2", "aarch64": "generic"}
 
 # LLVM feature name -> Linux /proc/cpuinfo flag, for the ISA extensions that
@@ -144,7 +155,7 @@ class CpuTarget(Target):
                 if plan.note:
                     ctx.native_log.append(f"note: {plan.note}")
             with step(ctx.progress, f"compile for {mcpu} (llvm)"):
-                with tvm.transform.PassContext(opt_level=self.opts.opt_level):
+                with tvm.transform.PassContext(opt_level=self.opts.opt_level, config=pass_config()):
                     ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, tuner))
                 ex.export_library(str(out_dir / "main.so"))
         except GraphoptError:

@@ -170,6 +170,93 @@ def _shape_hint(graph: Graph) -> str:
             f"fix them, e.g. {examples}")
 
 
+def _gather_converter():
+    """TVM's ONNX ``Gather`` converter, made cheap to compile and memory-safe (see :func:`_graphopt_converters`).
+
+    - A constant index (every per-step Gather of an unrolled recurrence) is
+      checked against the axis extent and normalized here: the importer's
+      generic path emits six ops per Gather (shape_of, shape_to_tensor, take,
+      less, add, where) that Relax's FoldConstant then evaluates one by one,
+      building a kernel each time: 200 s of tashkeel's 250 s compile.
+    - A runtime index gathers with ``mode="clip"``, not the importer's
+      ``"fast"`` (no bounds check): an out-of-range id in the user's input
+      (a token, a character) would read outside the table, or crash. ONNX
+      Runtime rejects such an index; the artifact cannot raise from a kernel,
+      so it clamps it instead (negative indices are normalized first, as ONNX
+      defines them).
+    """
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    class Gather(onnx_frontend.Gather):
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            data, indices = inputs[0], inputs[1]
+            const = tvm.ir.GenericConst
+            if isinstance(indices, const) and not isinstance(data, (const, relax.ShapeExpr)):
+                extent = _static_dim(data, attr.get("axis", 0))
+                if extent is not None:
+                    idx = indices.value.numpy()
+                    if idx.size and (idx.min() < -extent or idx.max() >= extent):
+                        raise ValueError(f"Gather index out of range [-{extent}, {extent - 1}]: {idx.min()}..{idx.max()}")
+                    idx = np.where(idx < 0, idx + extent, idx).astype(idx.dtype)
+                    return relax.op.take(data, relax.const(idx, str(idx.dtype)), attr.get("axis", 0), mode="fast")
+            out = super()._impl_v13(bb, inputs, attr, params)
+            if isinstance(out, relax.Call) and getattr(out.op, "name", "") == "relax.take" and out.attrs.mode == "fast":
+                out = relax.op.take(out.args[0], out.args[1], out.attrs.axis, mode="clip")
+            return out
+
+    return Gather
+
+
+def _static_dim(expr, axis: int) -> int | None:
+    """``expr``'s extent along ``axis`` when it is a known integer, else None."""
+    values = getattr(getattr(getattr(expr, "ty", None), "shape", None), "values", None)
+    if values is None:
+        return None
+    if axis < 0:
+        axis += len(values)
+    if not 0 <= axis < len(values):
+        return None
+    try:
+        return int(values[axis])
+    except (TypeError, ValueError):
+        return None
+
+
+_CONVERTERS_LOCK = __import__("threading").Lock()
+
+
+class _graphopt_converters:
+    """While active, TVM's ONNX importer uses graphopt's converters where it has one (:func:`_gather_converter`).
+
+    The importer reads its op table from ``onnx_frontend._get_convert_map()``
+    on every conversion and offers no argument to extend it, so the function
+    is swapped for the duration of one import (under a lock) and restored.
+    """
+
+    def __enter__(self):
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        _CONVERTERS_LOCK.acquire()
+        self._module = onnx_frontend
+        self._original = original = onnx_frontend._get_convert_map
+        overrides = {"Gather": _gather_converter()}
+
+        def convert_map():
+            return {**original(), **overrides}
+
+        onnx_frontend._get_convert_map = convert_map
+        return self
+
+    def __exit__(self, *exc):
+        self._module._get_convert_map = self._original
+        _CONVERTERS_LOCK.release()
+        return False
+
+
 def import_graph(graph: Graph, params: list[str]):
     """The Relax IRModule of ``graph`` whose ``main`` takes (inputs..., params...)."""
 
@@ -179,7 +266,8 @@ def import_graph(graph: Graph, params: list[str]):
     model = _importable_model(graph, params)
     failure = None
     try:
-        mod = from_onnx(model, opset=graph.opset, keep_params_in_input=True)
+        with _graphopt_converters():
+            mod = from_onnx(model, opset=graph.opset, keep_params_in_input=True)
     except Exception as e:
         failure = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     if failure is not None:
