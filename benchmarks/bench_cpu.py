@@ -165,8 +165,11 @@ def lower_model(model, graph, shapes, values, out_dir: Path, args, tune: int = 0
     graphopt.lower(graph, "cpu", out_dir, input_shapes=shapes or None, input_values=values or None,
                    progress=steps, threads=args.threads, tune=tune,
                    tuning_db=args.tuning_db if tune else None)
-    return {"lower_s": time.perf_counter() - t0, "steps_s": steps.times, "tune_s": tuning_seconds(steps.times),
-            "artifact_bytes": dir_bytes(out_dir), "path": str(out_dir)}
+    out = {"lower_s": time.perf_counter() - t0, "steps_s": steps.times, "tune_s": tuning_seconds(steps.times),
+           "artifact_bytes": dir_bytes(out_dir), "path": str(out_dir)}
+    if tune:  # what the tuner did: kernels tuned, and those it could not measure (symbolic shapes)
+        out["tuning"] = json.loads((out_dir / "manifest.json").read_text()).get("tuning")
+    return out
 
 
 def bench_model(model, args, workdir: Path) -> list[dict]:
@@ -267,6 +270,12 @@ def render_table(rows: list[dict], args) -> str:
             "not run" if not tl else (f"{tune_s:.0f}" if tune_s is not None else f"({tl['lower_s']:.0f})"),
             rss, f"{row['lower']['artifact_bytes'] / (1 << 20):.1f}",
         ]) + " |")
+        tuning = tl.get("tuning") or {}
+        if tuning and row["batch"] == min(r["batch"] for r in rows if r["model"] == row["model"]):
+            notes.append(f"{row['model']} tuned: {tuning.get('tuned_tasks', 0)}/{tuning.get('tasks', 0)} kernels use "
+                         f"tuned records" + (f"; {tuning['symbolic_tasks']} with symbolic shapes (dynamic batch) "
+                                             "could not be tuned and kept the default schedules"
+                                             if tuning.get("symbolic_tasks") else ""))
         for r, why in row.get("disagree", {}).items():
             notes.append(f"{row['model']} batch {row['batch']}: {r} output differs from ONNX Runtime ({why}); not timed")
     ratios = [row["ratio_vs_ort"]["graphopt"] for row in rows if "graphopt" in row.get("ratio_vs_ort", {})]

@@ -364,7 +364,7 @@ class Tuner:
         """Tune ``mod``'s fused functions and return it with the winning records applied."""
         from tvm.s_tir import meta_schedule as ms
 
-        tasks = []
+        tasks, symbolic = [], 0
         for t in ms.relax_integration.extract_tasks(mod, self.target):
             func = t.dispatched[0]["main"]
             if func.attrs.get("tirx.is_scheduled", False):
@@ -373,6 +373,7 @@ class Tuner:
                 # MetaSchedule measures on concrete arguments: a symbolic (dynamic batch)
                 # kernel cannot be timed, so it keeps the default rules' schedule.
                 self.log.append(f"tune: {t.task_name} has symbolic shapes; kept on the default schedule")
+                symbolic += 1
                 continue
             tasks.append(t)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -436,9 +437,13 @@ class Tuner:
             "database_digest": f"sha256:{digest}",
             "tasks": len(tasks),
             "tuned_tasks": len(records),
+            "symbolic_tasks": symbolic,
         }
         line = (f"tune: {measured} trial(s) measured in {elapsed:.0f}s, {len(records)}/{len(tasks)} kernel(s) "
                 f"use tuned records (database {self.folder})")
+        if symbolic:
+            line += (f"; {symbolic} kernel(s) with symbolic shapes (a dynamic batch) cannot be measured and keep "
+                     "the default schedules: fix the shapes with --input-shape to tune them")
         self.log.append(line)
         if bar is not None:
             bar.close(line)
