@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import threading
 
 import numpy as np
 import onnx
@@ -226,35 +228,27 @@ def _static_dim(expr, axis: int) -> int | None:
         return None
 
 
-_CONVERTERS_LOCK = __import__("threading").Lock()
+_CONVERTERS_LOCK = threading.Lock()
 
 
-class _graphopt_converters:
+@contextlib.contextmanager
+def _graphopt_converters():
     """While active, TVM's ONNX importer uses graphopt's converters where it has one (:func:`_gather_converter`).
 
     The importer reads its op table from ``onnx_frontend._get_convert_map()``
     on every conversion and offers no argument to extend it, so the function
     is swapped for the duration of one import (under a lock) and restored.
     """
+    from tvm.relax.frontend.onnx import onnx_frontend
 
-    def __enter__(self):
-        from tvm.relax.frontend.onnx import onnx_frontend
-
-        _CONVERTERS_LOCK.acquire()
-        self._module = onnx_frontend
-        self._original = original = onnx_frontend._get_convert_map
+    with _CONVERTERS_LOCK:
+        original = onnx_frontend._get_convert_map
         overrides = {"Gather": _gather_converter()}
-
-        def convert_map():
-            return {**original(), **overrides}
-
-        onnx_frontend._get_convert_map = convert_map
-        return self
-
-    def __exit__(self, *exc):
-        self._module._get_convert_map = self._original
-        _CONVERTERS_LOCK.release()
-        return False
+        onnx_frontend._get_convert_map = lambda: {**original(), **overrides}
+        try:
+            yield
+        finally:
+            onnx_frontend._get_convert_map = original
 
 
 def import_graph(graph: Graph, params: list[str]):

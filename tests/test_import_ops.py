@@ -10,7 +10,6 @@ index never reads outside the table; no fused kernel exceeds the cap.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 import graphopt
@@ -39,8 +38,6 @@ def _gather_graph(indices_input: bool):
 
 
 def test_constant_index_gathers_import_as_one_take_each_and_match_onnx_runtime(tmp_path):
-    from tvm import relax  # noqa: F401
-
     from graphopt.targets.relax_import import import_graph
 
     g = _gather_graph(indices_input=False)
