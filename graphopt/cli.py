@@ -67,6 +67,13 @@ def _pipeline_args(p: argparse.ArgumentParser, default_help: str) -> None:
                         "e.g. sr=16000, so what depends on it folds (repeatable)")
     p.add_argument("--data", metavar="PATH", help="inputs for calibration/verification: .npz/.npy or a folder of them")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs (default 0)")
+    p.add_argument("--eval", metavar="EVAL.npz",
+                   help="labelled evaluation data: the model's inputs plus a 'labels' array (one per sample); "
+                        "top-1 accuracy is measured before and after every lossy pass")
+    p.add_argument("--budget", type=float, metavar="POINTS",
+                   help="largest accuracy drop allowed, in points of the --eval metric (without --eval: of top-1 "
+                        "agreement with the float model); quantize keeps its most sensitive layers in float to "
+                        "stay within it, and a pipeline that still exceeds it fails (exit 1)")
     p.add_argument("--report", metavar="FILE.json",
                    help="write the per-pass JSON record here (also on failure: \"ok\": false and the error)")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
@@ -237,6 +244,25 @@ def _record_lines(records):
                f"FLOPs {human_count(b['flops'])}→{human_count(a['flops'])}{check}")
 
 
+def _accuracy_lines(acc):
+    """What a lossy pipeline cost, against the float model: output error, task metric, the artifact's error."""
+    from .accuracy import OutputError
+
+    if not acc:
+        return
+    def err(d):
+        if not d or "skipped" in d:
+            return "not measured" + (f" ({d['skipped']})" if d and "skipped" in d else "")
+        fl = {k: (float(v) if isinstance(v, str) else v) for k, v in d.items()}
+        return OutputError(fl["cosine"], fl["snr_db"], fl["max_abs"], fl["top1_agreement"], fl["samples"]).summary()
+    yield f"vs the float model: {err(acc.get('vs_float'))}"
+    if "drop" in acc:
+        yield (f"{acc['metric']} on {acc['eval_data']}: {acc['float']:.2f} → {acc['final']:.2f} "
+               f"({-acc['drop']:+.2f} points" + (f", budget {acc['budget']:g})" if "budget" in acc else ")"))
+    if "artifact_vs_float" in acc:
+        yield f"artifact vs the float model: {err(acc['artifact_vs_float'])}"
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_lower(args, out: _Out, debug_log: list) -> int:
     from . import api
@@ -255,12 +281,14 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
         input_values=input_values,
         data=data, verify=args.verify, verify_passes=not args.no_verify_passes,
         dump_after=args.dump_after, report=args.report, progress=_progress(args), atol=args.atol, rtol=args.rtol,
-        threads=args.threads, tune=args.tune, tuning_db=args.tuning_db,
+        threads=args.threads, tune=args.tune, tuning_db=args.tuning_db, eval=args.eval, budget=args.budget,
     )
     debug_log.append(res.native_log)
     out.say(f"lowered {args.model} → {res.artifact} (target {args.target}, {res.manifest['target'].get('mcpu', '')})")
     out.say(f"pipeline: {res.pipeline}")
     for line in _record_lines(res.records):
+        out.say(line)
+    for line in _accuracy_lines(res.report.get("accuracy")):
         out.say(line)
     if res.verification:
         out.say(f"verified against ONNX Runtime: {res.verification.summary()}")
@@ -281,11 +309,13 @@ def cmd_optimize(args, out: _Out, debug_log: list) -> int:
         input_values=input_values,
         data=data, verify=not args.no_verify_passes, dump_after=args.dump_after,
         dump_dir=str(Path(args.output).parent), report=args.report, progress=_progress(args),
-        atol=args.atol, rtol=args.rtol,
+        atol=args.atol, rtol=args.rtol, eval=args.eval, budget=args.budget,
     )
     out.say(f"optimized {args.model} → {args.output}")
     out.say(f"pipeline: {res.pipeline}")
     for line in _record_lines(res.records):
+        out.say(line)
+    for line in _accuracy_lines(res.report.get("accuracy")):
         out.say(line)
     out.emit(res.report)
     return EXIT_OK

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .console import step
-from .errors import GraphoptError, ModelError, OptionError, PluginError, VerificationError
+from .errors import DataError, GraphoptError, ModelError, OptionError, PluginError, VerificationError
 from .graph import Graph
 from .passbase import PassContext, PassRecord
 from .options import check_tolerance
@@ -23,18 +23,24 @@ from .reference import compare_outputs, reference_session, run_reference
 from .stats import graph_stats
 
 
+#: Samples of the data the error of lossy passes against the float model is measured on.
+LOSSY_SAMPLES = 32
+
+
 class _Reference:
     """Reference outputs of the current graph, recomputed only when it changes."""
 
-    def __init__(self, ctx: PassContext):
+    def __init__(self, ctx: PassContext, samples: int = 2):
         self.ctx = ctx
+        self.samples = samples
         self.feeds = None
         self.outputs = None
+        self.original = None  # the input model's outputs: what lossy passes are measured against
         self.skipped: str | None = None
 
     def outputs_of(self, graph: Graph):
         if self.feeds is None:
-            self.feeds = self.ctx.data.samples(graph, limit=2)
+            self.feeds = self.ctx.data.samples(graph, limit=self.samples)
         return run_reference(graph, self.feeds, reference_session(graph))
 
     def prime(self, graph: Graph) -> None:
@@ -50,8 +56,9 @@ class _Reference:
         except ModelError as e:
             self.skipped = f"reference runtime unavailable for the input: {e}"
             return
-        self.feeds = self.ctx.data.samples(graph, limit=2)
+        self.feeds = self.ctx.data.samples(graph, limit=self.samples)
         self.outputs = self.ctx.data.reference_outputs(graph, self.feeds, session)
+        self.original = self.outputs
 
 
 class PassManager:
@@ -76,12 +83,28 @@ class PassManager:
                 f"dump after {', '.join(repr(d) for d in unknown)}: not a pass in the pipeline "
                 f"'{pipeline}' (choose from: {', '.join(sorted({p.name for p in pipeline})) or 'none'})"
             )
+        if self.ctx.budget is not None and (not isinstance(self.ctx.budget, (int, float)) or isinstance(self.ctx.budget, bool)
+                                            or not 0 <= self.ctx.budget < float("inf")):
+            raise OptionError(f"budget {self.ctx.budget!r}: the accuracy drop allowed must be a number of points >= 0")
+        if self.ctx.data.generated:
+            needy = [str(p) for p in pipeline if p.requires_data()]
+            if needy:
+                how = f"{self.ctx.data.option} FILE.npz" if self.ctx.data.option else "data=graphopt.DataSource('FILE.npz')"
+                raise DataError(f"pass '{needy[0]}' needs calibration data (real inputs of the model): give {how}, "
+                                "one array per input name; generated inputs would calibrate it to noise")
+        #: The whole pipeline's accuracy against the float model, filled by :meth:`run` (the report's "accuracy").
+        self.accuracy: dict = {}
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassRecord]]:
         ctx = self.ctx
-        ref = _Reference(ctx)
-        if ctx.verify and len(self.pipeline):
+        lossy = any(not p.lossless for p in self.pipeline)
+        # Lossless checks need a couple of samples; what a lossy pipeline costs is measured on more.
+        ref = _Reference(ctx, samples=LOSSY_SAMPLES if lossy and not ctx.data.generated else 2)
+        if (ctx.verify or lossy) and len(self.pipeline):
             ref.prime(graph)
+        if ctx.eval is not None:
+            ctx.eval.check(graph)
+            float_score = score = ctx.eval.score(graph)
         stats = graph_stats(graph).to_json()
         records: list[PassRecord] = []
         for index, p in enumerate(self.pipeline):
@@ -114,6 +137,13 @@ class PassManager:
             record.after = stats
             if ctx.verify:
                 record.verification = self._verify(p, out, ref)
+            if not p.lossless:
+                record.accuracy = {"vs_float": self._measure_lossy(out, ref)}
+                if ctx.eval is not None:
+                    after = ctx.eval.score(out)
+                    record.accuracy.update(metric=ctx.eval.metric_name, before=score, after=after,
+                                           drop=round(score - after, 6))
+                    score = after
             if p.name in ctx.dump_after or str(p) in ctx.dump_after:
                 dump = Path(ctx.dump_dir) / f"{index + 1:02d}-{p.name}.onnx"
                 out.save(dump)
@@ -121,7 +151,43 @@ class PassManager:
             self.registry.call_instrument("graphopt_pass_end", pass_=p, graph=out, record=record, context=ctx)
             records.append(record)
             graph = out
+        if lossy:
+            self.accuracy = {"vs_float": self._measure_lossy(graph, ref)} if ref.original is not None else {}
+            if ctx.eval is not None:
+                self.accuracy.update(metric=ctx.eval.metric_name, eval_data=ctx.eval.source, float=float_score,
+                                     final=score, drop=round(float_score - score, 6))
+            self._check_budget()
         return graph, records
+
+    def _measure_lossy(self, out: Graph, ref: _Reference) -> dict:
+        """The error of ``out`` against the input (float) model on the verification feeds."""
+        from .accuracy import output_error
+
+        if ref.original is None:
+            return {"skipped": ref.skipped or "no reference outputs"}
+        try:
+            got = ref.outputs_of(out)
+        except ModelError as e:
+            return {"skipped": str(e)}
+        return output_error(ref.original, got, [o.name for o in out.outputs]).to_json()
+
+    def _check_budget(self) -> None:
+        """With a budget: the pipeline's drop (task metric, else top-1 disagreement) must stay within it."""
+        budget = self.ctx.budget
+        if budget is None:
+            return
+        acc = self.accuracy
+        if "drop" in acc:
+            drop, what = acc["drop"], f"{acc['metric']} dropped {acc['drop']:.2f} points ({acc['float']:.2f} → {acc['final']:.2f})"
+        else:
+            agree = acc.get("vs_float", {}).get("top1_agreement")
+            if agree is None:
+                return
+            drop, what = 100.0 - agree, f"top-1 agreement with the float model is {agree:.2f}%"
+        acc["budget"] = budget
+        if drop > budget + 1e-9:
+            raise VerificationError(f"accuracy budget exceeded: {what}, over the budget of {budget:g} points; "
+                                    "raise --budget or use a milder pipeline")
 
     def _verify(self, p, out: Graph, ref: _Reference) -> dict:
         if ref.outputs is None:

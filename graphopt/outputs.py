@@ -75,8 +75,8 @@ def external_data_files(model_path: str | os.PathLike) -> list[Path]:
     return sorted(files)
 
 
-def model_inputs(model, data=None, pipeline=None) -> list[tuple[str, Path]]:
-    """The input files of an optimize/lower run, labelled: model, data, pipeline file.
+def model_inputs(model, data=None, pipeline=None, eval_data=None) -> list[tuple[str, Path]]:
+    """The input files of an optimize/lower run, labelled: model, data, pipeline file, evaluation data.
 
     ``model`` may be a path or a :class:`~graphopt.graph.Graph` (its ``source``
     counts when it is a file); ``data`` a path or a DataSource; ``pipeline`` a
@@ -92,6 +92,8 @@ def model_inputs(model, data=None, pipeline=None) -> list[tuple[str, Path]]:
     if (isinstance(pipeline, os.PathLike) and not isinstance(pipeline, str)) or \
             (isinstance(pipeline, str) and pipeline.endswith(".toml")):
         out.append(("pipeline file", Path(pipeline)))
+    if isinstance(eval_data, (str, os.PathLike)):
+        out.append(("evaluation data", Path(eval_data)))
     return out
 
 

@@ -39,6 +39,36 @@ class PassContext:
     dump_dir: str = "."
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
     progress: Any = None
+    #: Labelled evaluation data (``--eval``; :class:`~graphopt.accuracy.EvalSet`), None when not given.
+    eval: Any = None
+    #: Largest drop of the task metric (points) lossy passes may cost (``--budget``), None for no bound.
+    budget: float | None = None
+
+    def calibration(self, graph: Graph, who: str) -> list:
+        """The calibration feeds for ``graph``; a :class:`DataError` when the data are generated.
+
+        Generated inputs are noise: a pass that learns ranges or Hessians from
+        them would calibrate the model to noise, so it is refused, naming ``who``.
+        """
+        from .errors import DataError
+
+        if self.data.generated:
+            how = f"{self.data.option} FILE.npz" if self.data.option else "data=graphopt.DataSource('FILE.npz')"
+            raise DataError(f"{who} needs calibration data (real inputs of the model): give {how}, one array per "
+                            "input name; generated inputs would calibrate it to noise")
+        feeds = self.data.samples(graph)
+        if not feeds:
+            raise DataError(f"{who}: the calibration data {self.data.describe()} hold no samples")
+        for f in feeds:
+            if any(v.ndim and v.shape[0] == 0 for v in f.values()):
+                raise DataError(f"{who}: the calibration data {self.data.describe()} hold an empty batch")
+        return feeds
+
+    def activations(self, graph: Graph, who: str):
+        """Intermediate values of ``graph`` on the calibration feeds (see :mod:`graphopt.activations`)."""
+        from .activations import Activations
+
+        return Activations(graph, self.calibration(graph, who))
 
 
 @dataclass
@@ -54,6 +84,8 @@ class PassRecord:
     after: dict = field(default_factory=dict)
     verification: dict | None = None
     details: dict = field(default_factory=dict)
+    #: Lossy passes: error against the float model (``vs_float``) and the task metric before/after (with eval data).
+    accuracy: dict | None = None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -85,6 +117,14 @@ class Pass:
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
+
+    def requires_data(self) -> bool:
+        """Whether this configured pass needs real calibration data (refused before any pass runs if generated).
+
+        Defaults to the class's ``needs_data``; passes whose need depends on
+        their options override it.
+        """
+        return self.needs_data
 
     def note(self, key: str, value: Any) -> None:
         self.notes[key] = value

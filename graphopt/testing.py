@@ -287,3 +287,56 @@ def hostile_constant_model(elements: int = 1 << 28, value: float = 0.0):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
+
+
+def digits_models(seed: int = 0, epochs: int = 60) -> dict:
+    """A small CNN and an MLP trained here on scikit-learn's digits; what the quantization tests and
+    benchmark measure accuracy on.
+
+    Returns ``{"data": {...}, "cnn": Graph, "mlp": Graph}`` where ``data`` holds ``calib`` (a feed of 256
+    training images), ``eval`` (the 450 held-out images) and ``labels`` (theirs). Both graphs take ``image``
+    float32 [batch, 1, 8, 8] and output ``logits`` [batch, 10]. Seeded and deterministic (torch on CPU,
+    one thread while training). Needs torch and scikit-learn.
+    """
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from torch import nn
+
+    from .torch_capture import capture
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    x_tr, x_te, y_tr, y_te = train_test_split(x, digits.target, test_size=0.25, random_state=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        cnn = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+        mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                            nn.Linear(64, 10))
+        xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()
+        for model in (cnn, mlp):
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(epochs):
+                perm = torch.randperm(len(xt), generator=gen)
+                for i in range(0, len(xt), 64):
+                    idx = perm[i:i + 64]
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+                    opt.step()
+        out = {"data": {"calib": {"image": x_tr[:256]}, "eval": {"image": x_te}, "labels": y_te.astype(np.int64)}}
+        for name, model in (("cnn", cnn), ("mlp", mlp)):
+            g = capture(model.eval(), (torch.from_numpy(x_tr[:2]),), dynamic_batch=True, input_names=["image"],
+                        output_names=["logits"])
+            g.source = f"digits-{name}.onnx"
+            out[name] = g
+        return out
+    finally:
+        torch.set_num_threads(threads)

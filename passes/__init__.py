@@ -15,6 +15,7 @@ def graphopt_register_passes():
     from .eliminate_identity import EliminateIdentity
     from .fold_constants import FoldConstants
     from .control_flow import UnrollLoops
+    from .quantize import Quantize
     from .recurrent import LowerRecurrent
 
-    return [Cleanup, FoldConstants, EliminateIdentity, EliminateDead, DedupInitializers, FoldBatchNorm, LowerRecurrent, UnrollLoops]
+    return [Cleanup, FoldConstants, EliminateIdentity, EliminateDead, DedupInitializers, FoldBatchNorm, LowerRecurrent, UnrollLoops, Quantize]

@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""Quantization benchmark: what each quantize pipeline costs in accuracy and buys in size and speed.
+
+1. Trains a small CNN and an MLP on scikit-learn's digits here (``graphopt.testing.digits_models``,
+   seeded), calibrates on 256 training images and evaluates on the 450 held-out ones.
+2. Per model and pipeline (float, ``quantize(mode=static)``, ``quantize(mode=dynamic)``, weight-only 8/4/3/2
+   bits): ``graphopt.lower`` with ``--data``/``--eval``/``--verify`` (the artifact is checked against the
+   graph it compiled), then the weight bytes ratio (the pass's record), the held-out accuracy and its
+   change, top-1 agreement with the float model, the artifact's size, and its batch-1 latency next to
+   ONNX Runtime fp32 (the float model) and ONNX Runtime int8 (its own quantizer: ``quantize_static``,
+   QDQ, per-channel, U8S8, same calibration images), all timed in one interleaved run
+   (``graphopt.bench.measure``, worker processes, same threads).
+3. Latency rows for the ResNet-18-style CNN and the 4-layer encoder of ``bench_cpu.py``
+   (``quantize(mode=static)`` calibrated on 8 seeded inputs, batch 1) against the same two baselines.
+4. Top-1 agreement of ``quantize(mode=static)`` with the float model on a real corpus model fed real
+   inputs: magika on the bytes of files of this Python installation (calibrated on 64 files, tested on
+   256 others).
+
+Usage::
+
+    python benchmarks/bench_quant.py                    # everything
+    python benchmarks/bench_quant.py --models cnn --seconds 1 --no-large --no-magika
+    python benchmarks/bench_quant.py --json out.json
+
+Absolute times depend on the machine and its load; compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PIPELINES = {
+    "float": "",
+    "static": "quantize(mode=static)",
+    "dynamic": "quantize(mode=dynamic)",
+    "w8": "quantize(mode=weight-only,bits=8)",
+    "w4": "quantize(mode=weight-only,bits=4)",
+    "w3": "quantize(mode=weight-only,bits=3)",
+    "w2": "quantize(mode=weight-only,bits=2)",
+    "w2-nearest": "quantize(mode=weight-only,bits=2,rounding=nearest)",
+}
+
+
+def ort_int8(src: Path, dst: Path, calib: list[dict]) -> Path:
+    """ONNX Runtime's own static int8 (QDQ, per-channel weights, U8S8), calibrated on ``calib``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return dst
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def latency(runners: dict, feed: dict, names, args) -> dict:
+    """Median ms per runner, timed together (no output agreement check: the runners differ on purpose)."""
+    from graphopt.bench import measure
+
+    m = measure(runners, feed, names, threads=args.threads, seconds=args.seconds, warmup=3)
+    return {k: v.get("median_ms") for k, v in m["runtimes"].items()} | {"threads": m["threads"]}
+
+
+def digits_rows(args, work: Path) -> list[dict]:
+    import graphopt
+    from graphopt.accuracy import EvalSet, top1_accuracy, top1_agreement
+    from graphopt.data import DataSource
+    from graphopt.testing import digits_models
+
+    t0 = time.perf_counter()
+    m = digits_models()
+    print(f"trained the digits CNN and MLP in {time.perf_counter() - t0:.1f} s", flush=True)
+    d = m["data"]
+    calib, ev = d["calib"], EvalSet([d["eval"]], d["labels"], source="digits held-out (450)")
+    rows = []
+    for name in args.models:
+        g = m[name]
+        original = work / f"{name}.onnx"
+        g.save(original)
+        ort_q = ort_int8(original, work / f"{name}.ort-int8.onnx", [{"image": calib["image"][i:i + 1]}
+                                                                     for i in range(len(calib["image"]))])
+        float_pred = ev.predictions(g)
+        ort_pred = ev.predictions(graphopt.Graph.load(ort_q))
+        ort_acc = top1_accuracy(ort_pred, d["labels"])
+        float_acc = top1_accuracy(float_pred, d["labels"])
+        feed1 = {"image": d["eval"]["image"][:1]}
+        for label in args.pipelines:
+            text = PIPELINES[label]
+            out = work / f"{name}-{label}"
+            t0 = time.perf_counter()
+            res = graphopt.lower(g, "cpu", out, pipeline=("cleanup," + text + ",cleanup") if text else "cleanup",
+                                 data=DataSource(feeds=[calib]), eval=ev, verify=True, threads=args.threads)
+            lower_s = time.perf_counter() - t0
+            q_pred = ev.predictions(res.graph)
+            rec = next((r for r in res.records if r.name == "quantize"), None)
+            wb = rec.details.get("weight_bytes", {}) if rec else {}
+            lat = latency({"graphopt": ("graphopt", str(out)), "ort-fp32": ("ort", str(original)),
+                           "ort-int8": ("ort", str(ort_q))}, feed1, ["logits"], args)
+            row = {"model": f"digits-{name}", "pipeline": text or "(float)", "label": label,
+                   "weight_ratio": wb.get("ratio", 1.0), "accuracy": top1_accuracy(q_pred, d["labels"]),
+                   "float_accuracy": float_acc, "agreement": top1_agreement([float_pred], [q_pred]),
+                   "artifact_bytes": dir_bytes(out), "lower_s": lower_s, "latency_ms": lat,
+                   "ort_int8_accuracy": ort_acc, "ort_int8_agreement": top1_agreement([float_pred], [ort_pred])}
+            rows.append(row)
+            print(f"[digits-{name} {label}] acc {row['accuracy']:.2f} ({row['accuracy'] - float_acc:+.2f}) "
+                  f"agree {row['agreement']:.2f}% weights {row['weight_ratio']:.2f}x smaller; "
+                  f"graphopt {lat['graphopt']:.4f} ms, ORT fp32 {lat['ort-fp32']:.4f} ms, ORT int8 "
+                  f"{lat['ort-int8']:.4f} ms", flush=True)
+    return rows
+
+
+def large_rows(args, work: Path) -> list[dict]:
+    import graphopt
+    from graphopt.data import DataSource
+
+    import models as bench_models
+
+    rows = []
+    cat = bench_models.catalog()
+    for name in ("resnet18", "encoder"):
+        model = cat[name]
+        graph, _, _ = bench_models.build(model)
+        original = work / f"{name}.onnx"
+        graph.save(original)
+        calib = [bench_models.feed(model, 1) for _ in range(1)]
+        rng = np.random.default_rng(0)
+        calib = [{k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in calib[0].items()} for _ in range(8)]
+        ort_q = ort_int8(original, work / f"{name}.ort-int8.onnx", calib)
+        rows_here = {}
+        for label in ("float", "static"):
+            out = work / f"{name}-{label}"
+            t0 = time.perf_counter()
+            text = PIPELINES[label]
+            graphopt.lower(graph, "cpu", out, pipeline=("cleanup," + text + ",cleanup") if text else None,
+                           data=DataSource(feeds=calib), threads=args.threads, verify_passes=False)
+            rows_here[label] = (out, time.perf_counter() - t0)
+        feed = bench_models.feed(model, 1)
+        names = [o.name for o in graph.outputs]
+        lat = latency({"graphopt-int8": ("graphopt", str(rows_here["static"][0])),
+                       "graphopt-fp32": ("graphopt", str(rows_here["float"][0])),
+                       "ort-fp32": ("ort", str(original)), "ort-int8": ("ort", str(ort_q))}, feed, names, args)
+        rows.append({"model": name, "latency_ms": lat, "lower_s": {k: v[1] for k, v in rows_here.items()}})
+        print(f"[{name} b1] " + ", ".join(f"{k} {v:.3f} ms" for k, v in lat.items() if k != "threads"), flush=True)
+    return rows
+
+
+def magika_files(count: int, seed: int) -> list[bytes]:
+    """Contents of ``count`` distinct files of this Python installation (sources, binaries, data), seeded."""
+    roots = [Path(sys.prefix), Path(os.__file__).parent]
+    files = sorted({p for r in roots for p in r.rglob("*") if p.is_file() and not p.is_symlink()
+                    and 64 < p.stat().st_size})
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(files), size=min(count, len(files)), replace=False)
+    return [files[i].read_bytes()[:1 << 20] for i in sorted(picked)]
+
+
+def magika_features(content: bytes) -> np.ndarray:
+    """magika standard_v3_3 input: the first and last 1024 bytes (whitespace stripped), padded with 256."""
+    beg = np.frombuffer(content.lstrip()[:1024], np.uint8).astype(np.int32)
+    end = np.frombuffer(content.rstrip()[-1024:], np.uint8).astype(np.int32)
+    out = np.full((1, 2048), 256, np.int32)
+    out[0, :beg.size] = beg
+    out[0, 2048 - end.size:] = end
+    return out
+
+
+def magika_row(args, work: Path) -> dict:
+    import graphopt
+    from graphopt.accuracy import output_error
+    from graphopt.data import DataSource
+    from graphopt.reference import run_reference
+    from graphopt.testing import fetch_real_model
+
+    g = graphopt.Graph.load(fetch_real_model("magika")).with_input_shapes({"bytes": [1, 2048]})
+    contents = magika_files(320, seed=0)
+    feeds = [{"bytes": magika_features(c)} for c in contents]
+    calib, test = feeds[:64], feeds[64:]
+    res = graphopt.optimize(g, "quantize(mode=static)", data=DataSource(feeds=calib))
+    err = output_error(run_reference(g, test), run_reference(res.graph, test), [o.name for o in g.outputs])
+    row = {"model": "magika", "files": len(test), "pipeline": "quantize(mode=static)", **err.to_json(),
+           "weight_ratio": res.records[0].details["weight_bytes"]["ratio"]}
+    print(f"[magika] quantize(mode=static) on {len(test)} real files: {err.summary()}", flush=True)
+    return row
+
+
+def render(digits: list[dict], large: list[dict], magika: dict | None, env: dict) -> str:
+    lines = [f"graphopt quantization benchmark — {env['date']}, {env['cpu']}, {env['threads']} threads", ""]
+    if digits:
+        lines += ["| model | pipeline | weights smaller | accuracy (Δ pt) | top-1 agreement | graphopt ms | "
+                  "vs ORT fp32 | vs ORT int8 | artifact |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in digits:
+            lat = r["latency_ms"]
+            lines.append(f"| {r['model']} | `{r['pipeline']}` | {r['weight_ratio']:.2f}× | {r['accuracy']:.2f} "
+                         f"({r['accuracy'] - r['float_accuracy']:+.2f}) | {r['agreement']:.2f}% | "
+                         f"{lat['graphopt']:.4f} | {lat['graphopt'] / lat['ort-fp32']:.2f}× | "
+                         f"{lat['graphopt'] / lat['ort-int8']:.2f}× | {r['artifact_bytes'] / 1024:.0f} KiB |")
+        seen = set()
+        for r in digits:
+            if r["model"] not in seen:
+                seen.add(r["model"])
+                lines.append(f"\nONNX Runtime int8 (its quantizer) on {r['model']}: accuracy "
+                             f"{r['ort_int8_accuracy']:.2f} ({r['ort_int8_accuracy'] - r['float_accuracy']:+.2f}), "
+                             f"top-1 agreement {r['ort_int8_agreement']:.2f}%")
+    if large:
+        lines += ["", "| model (batch 1) | graphopt int8 ms | graphopt fp32 ms | ORT fp32 ms | ORT int8 ms | "
+                  "int8 vs ORT fp32 | int8 vs ORT int8 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in large:
+            t = r["latency_ms"]
+            lines.append(f"| {r['model']} | {t['graphopt-int8']:.3f} | {t['graphopt-fp32']:.3f} | {t['ort-fp32']:.3f} | "
+                         f"{t['ort-int8']:.3f} | {t['graphopt-int8'] / t['ort-fp32']:.2f}× | "
+                         f"{t['graphopt-int8'] / t['ort-int8']:.2f}× |")
+    if magika:
+        lines += ["", f"magika, `{magika['pipeline']}`, {magika['files']} real files: top-1 agreement "
+                  f"{magika['top1_agreement']:.2f}%, cosine {float(magika['cosine']):.5f}, weights "
+                  f"{magika['weight_ratio']:.2f}× smaller"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="cnn,mlp", help="digits models (cnn, mlp)")
+    p.add_argument("--pipelines", default=",".join(PIPELINES), help="labels of PIPELINES to run")
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per latency measurement")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-large", action="store_true", help="skip the ResNet-18 and encoder latency rows")
+    p.add_argument("--no-magika", action="store_true", help="skip the real-model agreement row")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.pipelines = [m for m in args.pipelines.split(",") if m]
+    from bench_cpu import cpu_model_name, isa_summary
+
+    env = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "cpu": f"{cpu_model_name()} ({isa_summary()})",
+           "threads": args.threads or os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-quant-") as tmp:
+        work = Path(tmp)
+        digits = digits_rows(args, work) if args.models else []
+        large = [] if args.no_large else large_rows(args, work)
+        magika = None if args.no_magika else magika_row(args, work)
+    print()
+    print(render(digits, large, magika, env))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "digits": digits, "large": large, "magika": magika},
+                                              indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

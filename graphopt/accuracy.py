@@ -1,0 +1,165 @@
+"""Evaluation data with labels, the task metric, and how far a lossy graph's outputs are from the float model's.
+
+Data roles of a pipeline run (see :class:`~graphopt.passbase.PassContext`):
+
+* **calibration** data (``--data``, a :class:`~graphopt.data.DataSource`) feeds passes that learn from
+  activations (ranges, Hessians) and the numerical checks;
+* **evaluation** data with labels (``--eval eval.npz``: the model's inputs plus a ``labels`` array whose
+  first dim is the inputs' first dim; in Python an :class:`EvalSet` from any iterable of
+  ``(inputs, labels)`` and a metric callable) measures the task metric before and after lossy passes.
+
+The default metric is top-1 accuracy of the first output (argmax over its last axis), in points (0-100);
+a metric callable gets ``(predictions, labels)`` (the first output and the labels, concatenated over all
+batches) and returns a number where higher is better, in the unit ``--budget`` is given in.
+
+:func:`output_error` is the report's error of a lossy graph against the float one: cosine, SNR, max error
+(via :func:`graphopt.reference.compare_outputs`) and top-1 agreement of the first output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .data import Feed, check_feed
+from .errors import DataError
+from .graph import Graph
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+def top1_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Percent of rows whose argmax over the last axis equals the label."""
+    pred = np.asarray(predictions)
+    pred = pred.reshape(-1, pred.shape[-1]) if pred.ndim > 1 else pred.reshape(-1, 1)
+    lab = np.asarray(labels).reshape(-1)
+    if pred.shape[0] != lab.shape[0]:
+        raise DataError(f"top-1 accuracy: {pred.shape[0]} predictions but {lab.shape[0]} labels")
+    return float(100.0 * np.mean(np.argmax(pred, axis=-1) == lab)) if lab.size else 0.0
+
+
+def top1_agreement(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float | None:
+    """Percent of rows where both outputs pick the same class (argmax of the last axis); None if no classes."""
+    same = total = 0
+    for r, g in zip(ref, got):
+        r, g = np.asarray(r), np.asarray(g)
+        if r.dtype.kind != "f" or r.ndim == 0 or r.shape[-1] < 2 or r.shape != g.shape:
+            return None
+        a = np.argmax(r.reshape(-1, r.shape[-1]), axis=-1)
+        b = np.argmax(g.reshape(-1, g.shape[-1]), axis=-1)
+        same += int(np.sum(a == b))
+        total += a.size
+    return 100.0 * same / total if total else None
+
+
+@dataclass
+class EvalSet:
+    """Labelled evaluation data: feeds, their labels (first dims add up to the labels'), and a metric."""
+
+    feeds: list[Feed]
+    labels: np.ndarray
+    metric: Metric = top1_accuracy
+    metric_name: str = "top-1 accuracy"
+    source: str = "in-memory"
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[tuple[Feed, np.ndarray]], metric: Metric | None = None,
+                     metric_name: str | None = None) -> "EvalSet":
+        """From any iterable of ``(inputs, labels)`` pairs (Python API)."""
+        feeds, labels = [], []
+        for i, item in enumerate(batches):
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise DataError(f"evaluation data: item {i} must be an (inputs, labels) pair")
+            feeds.append(dict(item[0]))
+            labels.append(np.asarray(item[1]).reshape(-1))
+        if not feeds:
+            raise DataError("evaluation data: empty (no (inputs, labels) pairs)")
+        name = metric_name or (getattr(metric, "__name__", "metric") if metric else "top-1 accuracy")
+        return cls(feeds, np.concatenate(labels), metric or top1_accuracy, name)
+
+    def check(self, graph: Graph) -> "EvalSet":
+        """Check the feeds against ``graph``'s inputs and the labels' length against the samples; returns self."""
+        where = f"evaluation data ({self.source})"
+        self.feeds = [check_feed(f, graph.inputs, where) for f in self.feeds]
+        samples = 0
+        for f in self.feeds:
+            firsts = {v.shape[0] for v in f.values() if v.ndim}
+            if len(firsts) != 1:
+                raise DataError(f"{where}: the inputs do not share a first (sample) dim: {sorted(firsts)}")
+            samples += firsts.pop()
+        if self.labels.ndim == 0 or self.labels.shape[0] != samples:
+            n = 0 if self.labels.ndim == 0 else self.labels.shape[0]
+            raise DataError(f"{where}: 'labels' has {n} entries but the inputs hold {samples} samples; "
+                            "give one label per sample")
+        return self
+
+    def predictions(self, graph: Graph, session=None) -> np.ndarray:
+        """The first output of ``graph`` on every feed (ONNX Runtime), concatenated along axis 0."""
+        from .reference import reference_session, run_reference
+
+        outs = run_reference(graph, self.feeds, session or reference_session(graph))
+        return np.concatenate([np.atleast_1d(np.asarray(o[0])) for o in outs], axis=0)
+
+    def score(self, graph: Graph) -> float:
+        value = self.metric(self.predictions(graph), self.labels)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"evaluation metric {self.metric_name}: returned {value!r}, not a number") from None
+
+
+def read_eval(path: str | os.PathLike, graph: Graph) -> EvalSet:
+    """An :class:`EvalSet` from an .npz holding the model's inputs and a ``labels`` array."""
+    from .graph import TensorSpec
+
+    specs = list(graph.inputs) + [TensorSpec("labels", "int64", ["n"])]
+    from .data import _read_one
+
+    path = Path(path)
+    raw = _read_one(path, specs)  # names and dtypes are checked below, once 'labels' is taken out
+    if "labels" not in raw:
+        raise DataError(f"{path}: holds no 'labels' array; --eval needs the model's inputs plus 'labels' "
+                        "(one label per sample)")
+    labels = np.asarray(raw.pop("labels"))
+    if labels.dtype.kind not in "iub":
+        raise DataError(f"{path}: 'labels' has dtype {labels.dtype}; class indices (integers) expected")
+    return EvalSet([raw], labels.reshape(-1) if labels.ndim > 1 and labels.size == labels.shape[0] else labels,
+                   source=str(path)).check(graph)
+
+
+@dataclass
+class OutputError:
+    """How far a graph's outputs are from the float model's on the same inputs."""
+
+    cosine: float
+    snr_db: float
+    max_abs: float
+    top1_agreement: float | None
+    samples: int
+
+    def to_json(self) -> dict:
+        def clean(v):
+            if v is None:
+                return None
+            return v if np.isfinite(v) else ("inf" if v > 0 else "-inf")
+        return {"cosine": clean(self.cosine), "snr_db": clean(self.snr_db), "max_abs": clean(self.max_abs),
+                "top1_agreement": self.top1_agreement, "samples": self.samples}
+
+    def summary(self) -> str:
+        top = f", top-1 agreement {self.top1_agreement:.2f}%" if self.top1_agreement is not None else ""
+        return f"cosine {self.cosine:.5f}, SNR {self.snr_db:.1f} dB, max|Δ| {self.max_abs:.3g}{top}"
+
+
+def output_error(ref: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]],
+                 names: Sequence[str]) -> OutputError:
+    """Error of ``got`` against ``ref`` (lists per feed of outputs): the report's figures for a lossy pass."""
+    from .reference import compare_outputs
+
+    cmp = compare_outputs(ref, got, names)
+    first_ref = [r[0] for r in ref]
+    first_got = [g[0] for g in got]
+    return OutputError(cmp.cosine, cmp.snr_db, cmp.max_abs, top1_agreement(first_ref, first_got), len(ref))

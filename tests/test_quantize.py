@@ -1,0 +1,315 @@
+"""The quantize pass, its numerics, the data roles (calibration, evaluation, budget) and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.accuracy import EvalSet, output_error, top1_agreement
+from graphopt.data import DataSource
+from graphopt.reference import run_reference
+from graphopt.passes import _quant_math as qm
+
+from .conftest import make_model, run_cli, vi
+
+
+# ------------------------------------------------------------------------------------------ numerics
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000])
+def test_bitplanes_round_trip(bits, n):
+    codes = np.random.default_rng(bits * n).integers(0, 1 << bits, n).astype(np.uint8)
+    packed = qm.pack_bitplanes(codes, bits)
+    assert packed.shape == (-(-n // 8), bits) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(qm.unpack_bitplanes(packed, n), codes)
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    """GPTQ minimizes the layer's output error ||X (W - Wq)^T|| on the calibration inputs, not the weights'."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 64)) @ rng.standard_normal((64, 64)) * 0.3 + rng.standard_normal(64)
+    w = rng.standard_normal((32, 64))
+    for bits in (2, 3, 4):
+        out = {}
+        for how in ("nearest", "gptq"):
+            codes, s, m = (qm.round_nearest(w, bits, 0) if how == "nearest" else qm.gptq(w, x.T @ x / len(x), bits, 0))
+            wq = qm.dequantize(codes, s, m, w.shape[1])
+            out[how] = np.linalg.norm(x @ (w - wq).T)
+        assert out["gptq"] < 0.8 * out["nearest"], (bits, out)
+
+
+def test_gptq_groups_and_padding():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((512, 50))
+    w = rng.standard_normal((8, 50))
+    codes, s, m = qm.gptq(w, x.T @ x, 4, 16)
+    assert codes.shape == (8, 64) and s.shape == (8, 4)
+    assert codes.max() <= 15 and codes.min() >= 0
+    wq = qm.dequantize(codes, s, m, 50)
+    assert np.abs(wq - w).max() < 0.6
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_params_cover_zero_and_bound_the_error(method, signed):
+    x = np.random.default_rng(2).standard_normal(100_000).astype(np.float32)
+    x[:5] = 40.0  # outliers: every method but minmax may clip them
+    obs = qm.Observer()
+    obs.see_range(x)
+    obs.see_values(x)
+    scale, zero = qm.activation_params(obs, method, signed)
+    qmin, qmax = (-127, 127) if signed else (0, 255)
+    assert scale > 0 and qmin <= zero <= qmax
+    q = np.clip(np.round(x / scale) + zero, qmin, qmax)
+    err = np.mean(((q - zero) * scale - x) ** 2)
+    assert np.mean(((q - zero) * scale - x)[5:] ** 2) < 0.01  # the bulk of the values is represented well
+    if method == "mse":  # the least squared error over all values, outliers included
+        s0, z0 = qm.activation_params(obs, "minmax", signed)
+        q0 = np.clip(np.round(x / s0) + z0, qmin, qmax)
+        assert err <= np.mean(((q0 - z0) * s0 - x) ** 2)
+
+
+# ------------------------------------------------------------------------------- hand-built graphs
+def _layers_model(opset=17):
+    """Conv (grouped, SAME padding) -> Conv 1x1 -> Flatten -> Gemm(transB) -> MatMul, every layer kind."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w1", rng.standard_normal((8, 2, 3, 3))), ("b1", rng.standard_normal(8)),
+        ("w2", rng.standard_normal((4, 8, 1, 1))),
+        ("w3", rng.standard_normal((16, 4 * 4 * 4)) * 0.2), ("b3", rng.standard_normal(16)),
+        ("w4", rng.standard_normal((16, 10)) * 0.3))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv_grouped", group=2, auto_pad="SAME_UPPER",
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv_1x1"),
+        helper.make_node("Flatten", ["c2"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["g"], name="gemm", transB=1),
+        helper.make_node("MatMul", ["g", "w4"], ["y"], name="matmul"),
+    ]
+    return graphopt.Graph(make_model(nodes, [vi("x", ["n", 4, 8, 8])],
+                                     [vi("y", ["n", 10])], inits, opset=opset))
+
+
+def _feeds(count=8, seed=4):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, 4, 8, 8)).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("pipeline,ops", [
+    ("quantize", {"QuantizeLinear", "DequantizeLinear"}),
+    ("quantize(symmetric=true,calibrate=percentile)", {"QuantizeLinear", "DequantizeLinear"}),
+    ("quantize(mode=dynamic)", {"DynamicQuantizeLinear", "DequantizeLinear"}),
+    ("quantize(mode=weight-only,bits=4,group=16)", {"Floor", "Cast"}),
+    ("quantize(mode=weight-only,bits=3,rounding=nearest)", {"Floor", "Cast"}),
+    ("quantize(mode=weight-only,bits=8)", {"Cast"}),
+])
+def test_every_layer_kind_quantizes_to_valid_onnx(pipeline, ops):
+    g = _layers_model()
+    res = graphopt.optimize(g, pipeline, data=DataSource(feeds=_feeds()))
+    out = res.graph
+    onnx.checker.check_model(out.model)
+    assert ops <= {n.op_type for n in out.graph.node}
+    details = res.records[0].details
+    assert details["quantized"] == 4, details
+    test = _feeds(4, seed=9)
+    err = output_error(run_reference(g, test), run_reference(out, test), ["y"])
+    assert err.cosine > (0.95 if "bits=3" in pipeline else 0.98 if "bits=4" in pipeline else 0.99), (pipeline, err)
+    ratio = details["weight_bytes"]["ratio"]
+    # 8-bit: 4x less the scales; 4-bit in groups of 16: 4 bits + 2 float16 per 16 weights; 3-bit per channel
+    assert ratio > (3.0 if "bits=8" in pipeline or "weight-only" not in pipeline else 4.0 if "group=16" in pipeline
+                    else 7.0), details
+    # the float weights are gone from the file
+    names = {t.name for t in out.graph.initializer}
+    assert not names & {"w1", "w2", "w3", "w4"}
+
+
+def test_static_qdq_form_is_what_onnx_runtime_expects():
+    """Weights int8 per output channel, activations uint8 with one scale, biases int32 at s_x * s_w."""
+    res = graphopt.optimize(_layers_model(), "quantize", data=DataSource(feeds=_feeds()))
+    g = res.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
+    producers = {o: n for n in g.graph.node for o in n.output}
+    conv = next(n for n in g.graph.node if n.name == "conv_grouped")
+    x_dq, w_dq, b_dq = (producers[i] for i in conv.input)
+    assert w_dq.op_type == x_dq.op_type == b_dq.op_type == "DequantizeLinear"
+    assert inits[w_dq.input[0]].dtype == np.int8 and inits[w_dq.input[1]].shape == (8,)
+    assert producers[x_dq.input[0]].op_type == "QuantizeLinear" and inits[x_dq.input[2]].dtype == np.uint8
+    assert inits[b_dq.input[0]].dtype == np.int32
+    np.testing.assert_allclose(inits[b_dq.input[1]], inits[x_dq.input[1]] * inits[w_dq.input[1]], rtol=1e-6)
+
+
+def test_old_opset_gets_per_tensor_weights_and_opset_9_is_refused():
+    res = graphopt.optimize(_layers_model(opset=11), "quantize", data=DataSource(feeds=_feeds()))
+    onnx.checker.check_model(res.graph.model)
+    assert res.records[0].details["quantized"] == 4
+    with pytest.raises(graphopt.ModelError, match="opset 10 or newer"):
+        graphopt.optimize(_layers_model(opset=9), "quantize", data=DataSource(feeds=_feeds()))
+
+
+def test_exclude_and_skip_reasons():
+    g = _layers_model()
+    res = graphopt.optimize(g, "quantize(mode=dynamic,exclude='gemm,matmul')")
+    d = res.records[0].details
+    assert d["quantized"] == 2 and d["not_quantized"] == {"gemm": "excluded", "matmul": "excluded"}
+
+
+def test_weight_only_without_data_rounds_to_nearest_and_needs_no_data():
+    res = graphopt.optimize(_layers_model(), "quantize(mode=weight-only,bits=4,rounding=nearest)")
+    assert res.records[0].details["quantized"] == 4
+
+
+def test_activations_facility_reads_intermediate_values():
+    from graphopt.activations import Activations
+
+    g = _layers_model()
+    feeds = _feeds(3)
+    acts = Activations(g, feeds).collect(["r1", "g"])
+    assert acts["r1"].shape == (12, 8, 4, 4) and acts["g"].shape == (12, 16)
+    assert acts["r1"].min() >= 0
+    # the MatMul's output equals g @ w4
+    y = np.concatenate([o[0] for o in run_reference(g, feeds)])
+    np.testing.assert_allclose(acts["g"] @ numpy_helper.to_array(g.initializers()["w4"]), y, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ budget
+def test_budget_keeps_the_most_sensitive_layers_in_float():
+    g = _layers_model()
+    res = graphopt.optimize(g, "quantize(mode=weight-only,bits=2,rounding=nearest)",
+                            data=DataSource(feeds=_feeds(16)), budget=0.0)
+    d = res.records[0].details
+    assert d["budget"]["drop_all_quantized"] > 0  # 2-bit costs something on this model
+    assert d["kept_float"] and all("points quantized alone" in v for v in d["kept_float"].values())
+    assert d["budget"]["drop"] <= 0.0
+    assert res.report["accuracy"]["vs_float"]["top1_agreement"] == 100.0
+
+
+# ------------------------------------------------------------------------------------ digits models
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from graphopt.testing import digits_models
+
+    m = digits_models()
+    d = tmp_path_factory.mktemp("digits")
+    for name in ("cnn", "mlp"):
+        m[name].save(d / f"{name}.onnx")
+    np.savez(d / "calib.npz", **m["data"]["calib"])
+    np.savez(d / "eval.npz", labels=m["data"]["labels"], **m["data"]["eval"])
+    m["dir"] = d
+    return m
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("pipeline,max_drop,min_ratio", [
+    ("quantize(mode=static)", 0.5, 3.5),
+    ("quantize(mode=weight-only,bits=4)", 1.0, 6.0),
+    ("quantize(mode=weight-only,bits=2)", 2.0, 12.0),
+])
+def test_digits_cnn_accuracy_targets(digits, pipeline, max_drop, min_ratio):
+    d = digits["data"]
+    ev = EvalSet([d["eval"]], d["labels"], source="digits held-out")
+    res = graphopt.optimize(digits["cnn"], pipeline, data=DataSource(feeds=[d["calib"]]), eval=ev)
+    acc = res.report["accuracy"]
+    assert acc["float"] > 95 and acc["drop"] <= max_drop, acc
+    assert res.records[0].details["weight_bytes"]["ratio"] >= min_ratio, res.records[0].details
+    assert res.records[0].accuracy["drop"] == acc["drop"]
+
+
+@pytest.mark.torch
+def test_quantized_digits_model_lowers_and_verifies_against_the_graph_it_compiled(digits, tmp_path, capsys):
+    d = digits["dir"]
+    code = run_cli("lower", d / "mlp.onnx", "--passes", "cleanup,quantize,cleanup", "--data", d / "calib.npz",
+                   "--eval", d / "eval.npz", "-o", tmp_path / "art", "--verify", "--report", tmp_path / "r.json")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "artifact vs the float model" in out and "top-1 accuracy on" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["accuracy"]["artifact_vs_float"]["top1_agreement"] >= 99.0
+    # the default pipeline kept it quantized
+    model = onnx.load(tmp_path / "art" / "model.onnx")
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+# --------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def mlp_files(tmp_path):
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [vi("x", ["n", 8])], [vi("y", ["n", 4])], [w])
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 8)).astype(np.float32))
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--passes", "quantize"], "needs calibration data"),
+    (["--passes", "quantize(mode=weight-only,bits=2)"], "needs calibration data"),
+    (["--passes", "quantize(bits=4)", "--data", "{d}/calib.npz"], "applies to mode=weight-only"),
+    (["--passes", "quantize(mode=weight-only,bits=5)", "--data", "{d}/calib.npz"], "must be one of 8, 4, 3, 2"),
+    (["--passes", "quantize(mode=int8)"], "must be one of static"),
+    (["--passes", "quantize(mode=weight-only,group=-1)"], "must be >= 0"),
+    (["--passes", "quantize", "--data", "{d}/wrong_name.npz"], "missing ['x']"),
+    (["--passes", "quantize", "--data", "{d}/wrong_shape.npz"], "has shape"),
+    (["--passes", "quantize", "--data", "{d}/wrong_dtype.npz"], "has dtype float64"),
+    (["--passes", "quantize", "--data", "{d}/empty.npz"], "empty batch"),
+    (["--passes", "quantize", "--data", "{d}/calib.npz", "--eval", "{d}/calib.npz"], "holds no 'labels'"),
+    (["--passes", "quantize", "--data", "{d}/calib.npz", "--eval", "{d}/short.npz"], "'labels' has 3 entries"),
+    (["--passes", "quantize", "--data", "{d}/calib.npz", "--budget", "-1"], "budget"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(mlp_files, capsys, extra, message):
+    d = mlp_files
+    rng = np.random.default_rng(6)
+    np.savez(d / "wrong_name.npz", z=rng.standard_normal((4, 8)).astype(np.float32))
+    np.savez(d / "wrong_shape.npz", x=rng.standard_normal((4, 9)).astype(np.float32))
+    np.savez(d / "wrong_dtype.npz", x=rng.standard_normal((4, 8)))
+    np.savez(d / "empty.npz", x=np.zeros((0, 8), np.float32))
+    np.savez(d / "short.npz", x=rng.standard_normal((4, 8)).astype(np.float32), labels=np.arange(3))
+    args = [a.format(d=d) for a in extra]
+    code = run_cli("optimize", d / "m.onnx", "-o", d / "out.onnx", *args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (d / "out.onnx").exists()
+
+
+def test_budget_exceeded_fails_with_exit_1(mlp_files, tmp_path):
+    """A lossy pipeline whose measured drop is over --budget fails (VerificationError: exit 1), nothing written."""
+    from graphopt.errors import VerificationError
+    from graphopt.pipeline import Pipeline
+
+    class Negate(graphopt.Pass):
+        """A lossy pass that flips the weight's sign: top-1 collapses."""
+
+        name = "negate"
+        lossless = False
+
+        def run(self, graph, ctx):
+            w = graph.initializers()["w"]
+            w.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(w), "w"))
+            return graph
+
+    d = mlp_files
+    g = graphopt.Graph.load(d / "m.onnx")
+    x = np.random.default_rng(7).standard_normal((64, 8)).astype(np.float32)
+    labels = np.argmax(run_reference(g, [{"x": x}])[0][0], axis=1)
+    ev = EvalSet([{"x": x}], labels)
+    with pytest.raises(VerificationError, match="accuracy budget exceeded: top-1 accuracy dropped"):
+        graphopt.optimize(g, Pipeline([Negate()]), eval=ev, budget=1.0, output=tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+    res = graphopt.optimize(g, Pipeline([Negate()]), eval=ev)  # no budget: measured, not judged
+    assert res.report["accuracy"]["float"] == 100.0 and res.report["accuracy"]["drop"] > 50
+
+
+def test_top1_agreement_helper():
+    a = np.array([[0.1, 0.9], [0.8, 0.2]])
+    b = np.array([[0.2, 0.8], [0.1, 0.9]])
+    assert top1_agreement([a], [b]) == 50.0
+    assert top1_agreement([np.zeros((2,), np.int64)], [np.zeros((2,), np.int64)]) is None
