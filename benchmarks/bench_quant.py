@@ -183,7 +183,7 @@ def magika_features(content: bytes) -> np.ndarray:
     return out
 
 
-def magika_row(args, work: Path) -> dict:
+def magika_rows(args, work: Path) -> list[dict]:
     import graphopt
     from graphopt.accuracy import output_error
     from graphopt.data import DataSource
@@ -194,15 +194,21 @@ def magika_row(args, work: Path) -> dict:
     contents = magika_files(320, seed=0)
     feeds = [{"bytes": magika_features(c)} for c in contents]
     calib, test = feeds[:64], feeds[64:]
-    res = graphopt.optimize(g, "quantize(mode=static)", data=DataSource(feeds=calib))
-    err = output_error(run_reference(g, test), run_reference(res.graph, test), [o.name for o in g.outputs])
-    row = {"model": "magika", "files": len(test), "pipeline": "quantize(mode=static)", **err.to_json(),
-           "weight_ratio": res.records[0].details["weight_bytes"]["ratio"]}
-    print(f"[magika] quantize(mode=static) on {len(test)} real files: {err.summary()}", flush=True)
-    return row
+    ref = run_reference(g, test)
+    rows = []
+    for budget in (None, 0.5):
+        res = graphopt.optimize(g, "quantize(mode=static)", data=DataSource(feeds=calib), budget=budget)
+        err = output_error(ref, run_reference(res.graph, test), [o.name for o in g.outputs])
+        d = res.records[0].details
+        rows.append({"model": "magika", "files": len(test), "pipeline": "quantize(mode=static)", "budget": budget,
+                     **err.to_json(), "weight_ratio": d["weight_bytes"]["ratio"],
+                     "quantized": d["quantized"], "kept_float": list(d.get("kept_float", {}))})
+        print(f"[magika] quantize(mode=static), budget {budget}, on {len(test)} real files: {err.summary()}; "
+              f"{d['quantized']} layers quantized", flush=True)
+    return rows
 
 
-def render(digits: list[dict], large: list[dict], magika: dict | None, env: dict) -> str:
+def render(digits: list[dict], large: list[dict], magika: list[dict], env: dict) -> str:
     lines = [f"graphopt quantization benchmark — {env['date']}, {env['cpu']}, {env['threads']} threads", ""]
     if digits:
         lines += ["| model | pipeline | weights smaller | accuracy (Δ pt) | top-1 agreement | graphopt ms | "
@@ -229,10 +235,13 @@ def render(digits: list[dict], large: list[dict], magika: dict | None, env: dict
             lines.append(f"| {r['model']} | {t['graphopt-int8']:.3f} | {t['graphopt-fp32']:.3f} | {t['ort-fp32']:.3f} | "
                          f"{t['ort-int8']:.3f} | {t['graphopt-int8'] / t['ort-fp32']:.2f}× | "
                          f"{t['graphopt-int8'] / t['ort-int8']:.2f}× |")
-    if magika:
-        lines += ["", f"magika, `{magika['pipeline']}`, {magika['files']} real files: top-1 agreement "
-                  f"{magika['top1_agreement']:.2f}%, cosine {float(magika['cosine']):.5f}, weights "
-                  f"{magika['weight_ratio']:.2f}× smaller"]
+    for m in magika:
+        budget = f" with `--budget {m['budget']}` ({m['quantized']} layers quantized, kept in float: " \
+                 f"{', '.join(k.rsplit('/', 2)[-2] for k in m['kept_float'])})" if m["budget"] is not None else \
+                 f" ({m['quantized']} layers quantized)"
+        lines += ["", f"magika, `{m['pipeline']}`{budget}, on {m['files']} real files of this Python "
+                  f"installation: top-1 agreement {m['top1_agreement']:.2f}%, cosine {float(m['cosine']):.5f}, "
+                  f"quantized weights {m['weight_ratio']:.2f}× smaller"]
     return "\n".join(lines)
 
 
@@ -256,7 +265,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         digits = digits_rows(args, work) if args.models else []
         large = [] if args.no_large else large_rows(args, work)
-        magika = None if args.no_magika else magika_row(args, work)
+        magika = [] if args.no_magika else magika_rows(args, work)
     print()
     print(render(digits, large, magika, env))
     if args.json:
