@@ -202,8 +202,14 @@ def lower(
     tuning_db: str | os.PathLike | None = None,
     eval: Any = None,
     budget: float | None = None,
+    keep_if_faster: bool = False,
 ) -> RunResult:
     """Optimize then lower a model to an artifact directory at ``output``.
+
+    A pipeline with lossy passes is also lowered without them, and both
+    artifacts are timed in one run: the report's ``payoff`` gives their
+    latency and size; with ``keep_if_faster`` the artifact without the lossy
+    passes is kept when the lossy one was not faster (and the report says so).
 
     ``threads`` caps the threads the artifact runs with (default
     ``$GRAPHOPT_THREADS``, else every core; recorded in the manifest).
@@ -252,30 +258,18 @@ def lower(
         lctx = LowerContext(progress=progress, threads=resolve_threads(threads), tune_trials=tune,
                             tuning_db=Path(tuning_db) if tuning_db is not None else None)
         comparison = None
-        native = ""
+        lossy = any(not p.lossless for p in pipe)
         with atomic_directory(output, replace_if=is_artifact) as tmp:
-            with private_tempdir(tmp / SCRATCH_DIR):
-                lctx.params = tgt.select_params(graph)
-                weights = write_graph_and_weights(graph, lctx.params, tmp)
-                lctx.weights = weights
-                with capture_native_output() as nlog:
-                    lowered = tgt.lower(graph, tmp, lctx)
-                native = nlog.text + "".join(s + "\n" for s in lctx.native_log)
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "source": {"name": Path(original.source).name if original.source else None, "sha256": _source_digest(original)},
-                "pipeline": str(pipe),
-                "inputs": [s.to_json() for s in graph.inputs],
-                "outputs": [s.to_json() for s in graph.outputs],
-                "weights": weights,  # a target that packs weights returns a longer list
-                "versions": versions(),
-                **lowered,
-            }
-            write_manifest(tmp, manifest)
+            manifest, native = _build_artifact(graph, original, pipe, tgt, tmp, lctx)
+            payoff = None
+            if lossy:
+                graph, manifest, payoff, native = _payoff(graph, original, pipe, tgt, tmp, lctx, manifest, native,
+                                                          data, registry, progress, keep_if_faster)
+                if payoff["kept"] == "without":
+                    pipe = Pipeline([p for p in pipe if p.lossless])
             artifact_vs_float = None
+            lossy = any(not p.lossless for p in pipe)
             if verify:
-                lossy = any(not p.lossless for p in pipe)
                 with progress.step("verify against ONNX Runtime"):
                     # A lossy pipeline changed the model on purpose: the artifact must match the graph it
                     # compiled; how far it is from the original is measured, not judged.
@@ -290,9 +284,93 @@ def lower(
                 manager.accuracy["artifact_vs_float"] = artifact_vs_float
             doc = rep.success(_report(original, graph, pipe, records, ctx, artifact=str(output),
                                       **({"accuracy": manager.accuracy} if manager.accuracy else {}),
+                                      **({"payoff": payoff} if payoff else {}),
                                       target=manifest["target"],
                                       verification=comparison.to_json() if comparison else None))
         return RunResult(graph, records, str(pipe), output, comparison, manifest, native, doc)
+
+
+def _build_artifact(graph: Graph, original: Graph, pipe: Pipeline, tgt: Target, dest: Path,
+                    lctx: LowerContext) -> tuple[dict, str]:
+    """Write ``graph`` lowered by ``tgt`` into the folder ``dest`` (weights, code, manifest); returns
+    (manifest, native log). TVM's and the C compiler's temporary files live in ``dest``'s scratch folder."""
+    with private_tempdir(dest / SCRATCH_DIR):
+        lctx.params = tgt.select_params(graph)
+        weights = write_graph_and_weights(graph, lctx.params, dest)
+        lctx.weights = weights
+        lctx.native_log = []
+        with capture_native_output() as nlog:
+            lowered = tgt.lower(graph, dest, lctx)
+        native = nlog.text + "".join(s + "\n" for s in lctx.native_log)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": {"name": Path(original.source).name if original.source else None, "sha256": _source_digest(original)},
+        "pipeline": str(pipe),
+        "inputs": [s.to_json() for s in graph.inputs],
+        "outputs": [s.to_json() for s in graph.outputs],
+        "weights": weights,  # a target that packs weights returns a longer list
+        "versions": versions(),
+        **lowered,
+    }
+    write_manifest(dest, manifest)
+    return manifest, native
+
+
+#: Inside an artifact's temporary folder: the artifact built without the lossy passes, to compare with.
+WITHOUT_LOSSY_DIR = ".without-lossy"
+#: Seconds spent timing the two artifacts against each other.
+PAYOFF_SECONDS = 2.0
+
+
+def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data, registry, progress,
+            keep_if_faster: bool):
+    """Did the lossy passes pay off? Lower the pipeline without them, time both artifacts in one run.
+
+    Returns (graph, manifest, payoff, native) of the artifact kept in ``tmp``: the lossy one, unless
+    ``keep_if_faster`` and it was not faster, in which case the other one's files replace it.
+    """
+    import shutil
+
+    from .bench import measure
+
+    plain_pipe = Pipeline([p for p in pipe if p.lossless])
+    plain_dir = tmp / WITHOUT_LOSSY_DIR
+    with progress.step("lower without the lossy passes (did they pay off?)"):
+        plain_graph, _ = PassManager(plain_pipe, PassContext(data=data, verify=False, progress=progress),
+                                     registry).run(original)
+        plain_dir.mkdir()
+        plain_manifest, plain_native = _build_artifact(plain_graph, original, plain_pipe, tgt, plain_dir, lctx)
+    with progress.step("time both artifacts"):
+        feed = data.samples(original, limit=1)[0]
+        m = measure({"with": ("graphopt", str(tmp)), "without": ("graphopt", str(plain_dir))}, feed,
+                    [o.name for o in graph.outputs], threads=lctx.threads, seconds=PAYOFF_SECONDS, warmup=3)
+    rt = m["runtimes"]
+    lat = {k: rt[k].get("median_ms") for k in ("with", "without")}
+    size = {"with": _dir_bytes(tmp, skip=plain_dir), "without": _dir_bytes(plain_dir)}
+    faster = lat["with"] is not None and lat["without"] is not None and lat["with"] < lat["without"]
+    payoff = {"latency_ms": lat, "size_bytes": size, "threads": m["threads"],
+              "speedup": round(lat["without"] / lat["with"], 4) if lat["with"] and lat["without"] else None,
+              "size_ratio": round(size["without"] / size["with"], 4) if size["with"] else None,
+              "pipeline_without": str(plain_pipe), "kept": "with"}
+    if keep_if_faster and not faster:
+        payoff["kept"] = "without"
+        payoff["note"] = (f"the lossy passes made the artifact slower ({lat['with']:.3f} ms vs {lat['without']:.3f} ms "
+                          "without them): --keep-if-faster kept the artifact without them")
+        for entry in list(tmp.iterdir()):
+            if entry != plain_dir:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in list(plain_dir.iterdir()):
+            entry.rename(tmp / entry.name)
+        plain_dir.rmdir()
+        return plain_graph, plain_manifest, payoff, plain_native
+    shutil.rmtree(plain_dir)
+    return graph, manifest, payoff, native
+
+
+def _dir_bytes(path: Path, skip: Path | None = None) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*")
+               if p.is_file() and (skip is None or skip not in p.parents))
 
 
 def _artifact_vs_float(artifact: Artifact, original: Graph, data: DataSource):

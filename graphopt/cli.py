@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "by FLOPs; results are kept in the tuning database and reused, so a second run with the "
                         "same TRIALS measures nothing (default 0: default schedules, no tuning; needs "
                         "pip install 'graphopt[tune]')")
+    p.add_argument("--keep-if-faster", action="store_true",
+                   help="with lossy passes (quantize): keep the artifact built without them when the lossy one "
+                        "did not run faster (both are always built and timed; the report's 'payoff' says which)")
     p.add_argument("--tuning-db", metavar="DIR",
                    help="tuning database folder, one database per target CPU inside "
                         "(default: $XDG_CACHE_HOME/graphopt/tuning, else ~/.cache/graphopt/tuning)")
@@ -282,6 +285,7 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
         data=data, verify=args.verify, verify_passes=not args.no_verify_passes,
         dump_after=args.dump_after, report=args.report, progress=_progress(args), atol=args.atol, rtol=args.rtol,
         threads=args.threads, tune=args.tune, tuning_db=args.tuning_db, eval=args.eval, budget=args.budget,
+        keep_if_faster=args.keep_if_faster,
     )
     debug_log.append(res.native_log)
     out.say(f"lowered {args.model} → {res.artifact} (target {args.target}, {res.manifest['target'].get('mcpu', '')})")
@@ -290,6 +294,14 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
         out.say(line)
     for line in _accuracy_lines(res.report.get("accuracy")):
         out.say(line)
+    pay = res.report.get("payoff")
+    if pay:
+        from .stats import human_bytes
+
+        lat, size = pay["latency_ms"], pay["size_bytes"]
+        out.say(f"did the lossy passes pay off: {lat['with']:.4g} ms vs {lat['without']:.4g} ms without them "
+                f"(speed-up {pay['speedup']:.2f}x; below 1 is slower), {human_bytes(size['with'])} vs {human_bytes(size['without'])}"
+                + (f"; {pay['note']}" if pay.get("note") else ""))
     if res.verification:
         out.say(f"verified against ONNX Runtime: {res.verification.summary()}")
     out.emit({"ok": True, "artifact": str(res.artifact), "manifest": res.manifest, "report": res.report})

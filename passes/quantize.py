@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import DataError, ModelError, OptionError
 from graphopt.graph import Graph
-from graphopt.ir import IR, array, toposort
+from graphopt.ir import IR, all_graphs, array, toposort
 from graphopt.options import Option
 from graphopt.passbase import Pass, PassContext
 
@@ -139,6 +139,11 @@ class Quantize(Pass):
             for t in n.inputs:
                 readers[id(t)] = readers.get(id(t), 0) + 1
         layers, skipped = [], {}
+        for sub in all_graphs(ir.g):
+            if sub is not ir.g:
+                for node in sub.nodes:
+                    if node.op in self.ops:
+                        skipped[_key(node)] = "inside an If/Loop/Scan body: only the main graph is quantized"
         for node in ir.g.nodes:
             if node.op not in self.ops or (node.domain or "") not in ("", "ai.onnx"):
                 continue

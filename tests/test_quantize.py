@@ -158,6 +158,18 @@ def test_exclude_and_skip_reasons():
     assert d["quantized"] == 2 and d["not_quantized"] == {"gemm": "excluded", "matmul": "excluded"}
 
 
+def test_layers_inside_subgraphs_are_listed_not_quantized():
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["b"], name="inner_mm")], "then", [],
+                               [vi("b", ["n", 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["c"], name="id")], "else", [], [vi("c", ["n", 4])])
+    m = make_model([helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=other)],
+                   [vi("x", ["n", 4]), vi("cond", [], TensorProto.BOOL)], [vi("y", ["n", 4])], [w])
+    res = graphopt.optimize(graphopt.Graph(m), "quantize(mode=dynamic)")
+    d = res.records[0].details
+    assert d["quantized"] == 0 and "If/Loop/Scan body" in d["not_quantized"]["inner_mm"]
+
+
 def test_weight_only_without_data_rounds_to_nearest_and_needs_no_data():
     res = graphopt.optimize(_layers_model(), "quantize(mode=weight-only,bits=4,rounding=nearest)")
     assert res.records[0].details["quantized"] == 4
@@ -234,6 +246,31 @@ def test_quantized_digits_model_lowers_and_verifies_against_the_graph_it_compile
     # the default pipeline kept it quantized
     model = onnx.load(tmp_path / "art" / "model.onnx")
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    # did it pay off: both artifacts measured in one run, the lossy one kept (no --keep-if-faster)
+    pay = report["payoff"]
+    assert pay["kept"] == "with" and pay["latency_ms"]["with"] > 0 and pay["latency_ms"]["without"] > 0
+    assert pay["size_bytes"]["with"] < pay["size_bytes"]["without"] and "did the lossy passes pay off" in out
+    assert not (tmp_path / "art" / ".without-lossy").exists()
+
+
+@pytest.mark.torch
+def test_keep_if_faster_keeps_a_consistent_artifact(digits, tmp_path, capsys):
+    d = digits["dir"]
+    code = run_cli("lower", d / "mlp.onnx", "--passes", "quantize", "--data", d / "calib.npz", "--keep-if-faster",
+                   "-o", tmp_path / "art", "--verify", "--report", tmp_path / "r.json")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    pay = report["payoff"]
+    faster = pay["latency_ms"]["with"] < pay["latency_ms"]["without"]
+    assert pay["kept"] == ("with" if faster else "without")
+    model = onnx.load(tmp_path / "art" / "model.onnx")
+    quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert quantized == faster
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert ("quantize" in manifest["pipeline"]) == faster
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["main.so", "manifest.json", "model.onnx",
+                                                                      "weights.bin"]
+    graphopt.load(tmp_path / "art").run({"image": digits["data"]["eval"]["image"][:2]})
 
 
 # --------------------------------------------------------------------------------------- bad input
