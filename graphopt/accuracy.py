@@ -163,3 +163,59 @@ def output_error(ref: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.
     first_ref = [r[0] for r in ref]
     first_got = [g[0] for g in got]
     return OutputError(cmp.cosine, cmp.snr_db, cmp.max_abs, top1_agreement(first_ref, first_got), len(ref))
+
+
+#: A layer whose output's SNR against the float model falls below this diverges (``--verify-layers``).
+DIVERGENCE_SNR_DB = 20.0
+
+
+def compare_layers(reference: Graph, graph: Graph, feeds, *, threshold_db: float = DIVERGENCE_SNR_DB) -> dict:
+    """Intermediate values of ``graph`` against ``reference`` (the float model), layer by layer.
+
+    Every float value that a node of ``reference``'s main graph computes and
+    that ``graph`` still has under the same name (passes keep the names of the
+    values they do not remove) is compared on ``feeds`` (both run by ONNX
+    Runtime, streamed feed by feed): cosine and SNR per value, in the
+    reference's node order. ``first_divergent`` is the first whose SNR is
+    below ``threshold_db`` (None when none is): where the error starts, not
+    where it is largest.
+    """
+    from .activations import Activations
+
+    ref_values = [(o, n.op_type, n.name or o) for n in reference.graph.node for o in n.output if o]
+    have = {o for n in graph.graph.node for o in n.output if o}
+    specs = reference.infer_shapes().value_specs()
+    names = [(o, op, node) for o, op, node in ref_values if o in have and specs.get(o) is not None
+             and specs[o].dtype.startswith("float")]
+    if not names:
+        return {"layers": [], "first_divergent": None, "threshold_db": threshold_db}
+    wanted = [o for o, _, _ in names]
+    acc = {o: [0.0, 0.0, 0.0, 0.0] for o in wanted}  # sum r*r, sum g*g, sum r*g, sum (r-g)^2
+    for rv, gv in zip(Activations(reference, feeds).stream(wanted), Activations(graph, feeds).stream(wanted)):
+        for o in wanted:
+            r = rv[o].astype(np.float64).ravel()
+            g = gv[o].astype(np.float64).ravel()
+            if r.shape != g.shape:
+                acc[o] = None
+                continue
+            if acc[o] is None:
+                continue
+            fin = np.isfinite(r) & np.isfinite(g)
+            r, g = r[fin], g[fin]
+            a = acc[o]
+            a[0] += float(r @ r)
+            a[1] += float(g @ g)
+            a[2] += float(r @ g)
+            a[3] += float((r - g) @ (r - g))
+    layers, first = [], None
+    for o, op, node in names:
+        a = acc[o]
+        if a is None:
+            continue
+        cos = a[2] / np.sqrt(a[0] * a[1]) if a[0] > 0 and a[1] > 0 else (1.0 if a[3] == 0 else 0.0)
+        snr = float("inf") if a[3] == 0 else 10 * np.log10(max(a[0], 1e-300) / a[3])
+        layers.append({"value": o, "op": op, "node": node, "cosine": float(cos),
+                       "snr_db": snr if np.isfinite(snr) else "inf"})
+        if first is None and snr < threshold_db:
+            first = layers[-1]
+    return {"layers": layers, "first_divergent": first, "threshold_db": threshold_db}

@@ -125,8 +125,13 @@ def optimize(
     rtol: float = 1e-3,
     eval: Any = None,
     budget: float | None = None,
+    verify_layers: bool = False,
 ) -> RunResult:
     """Run a pass pipeline over a model; optionally save the result and a JSON report.
+
+    With ``verify_layers`` the report's ``layers`` compares every intermediate
+    value of the result with the input model's (see
+    :func:`graphopt.accuracy.compare_layers`) and names the first that diverges.
 
     ``data`` is the calibration data of data-aware passes (and the inputs of
     the numerical checks); ``eval`` labelled evaluation data (an
@@ -166,8 +171,10 @@ def optimize(
         )
         manager = PassManager(pipe, ctx, registry)
         out, records = manager.run(graph)
+        layers = _layers(graph, out, data) if verify_layers else None
         doc = rep.success(_report(graph, out, pipe, records, ctx, output=_opt_str(output),
-                                  **({"accuracy": manager.accuracy} if manager.accuracy else {})))
+                                  **({"accuracy": manager.accuracy} if manager.accuracy else {}),
+                                  **({"layers": layers} if layers else {})))
         if output:
             out.save(output)
         return RunResult(out, records, str(pipe), report=doc)
@@ -203,6 +210,7 @@ def lower(
     eval: Any = None,
     budget: float | None = None,
     keep_if_faster: bool = False,
+    verify_layers: bool = False,
 ) -> RunResult:
     """Optimize then lower a model to an artifact directory at ``output``.
 
@@ -253,6 +261,7 @@ def lower(
                           eval=_eval_set(eval, original), budget=budget)
         manager = PassManager(pipe, ctx, registry)
         graph, records = manager.run(original)
+        layers = _layers(original, graph, data) if verify_layers else None
         tgt.check(graph)
         check_value_sizes(graph)  # the importer evaluates constant subgraphs: no unbounded values
         lctx = LowerContext(progress=progress, threads=resolve_threads(threads), tune_trials=tune,
@@ -285,6 +294,7 @@ def lower(
             doc = rep.success(_report(original, graph, pipe, records, ctx, artifact=str(output),
                                       **({"accuracy": manager.accuracy} if manager.accuracy else {}),
                                       **({"payoff": payoff} if payoff else {}),
+                                      **({"layers": layers} if layers else {}),
                                       target=manifest["target"],
                                       verification=comparison.to_json() if comparison else None))
         return RunResult(graph, records, str(pipe), output, comparison, manifest, native, doc)
@@ -366,6 +376,13 @@ def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data,
         return plain_graph, plain_manifest, payoff, plain_native
     shutil.rmtree(plain_dir)
     return graph, manifest, payoff, native
+
+
+def _layers(original: Graph, graph: Graph, data: DataSource) -> dict:
+    """``--verify-layers``: the optimized graph's intermediate values against the original's, per layer."""
+    from .accuracy import compare_layers
+
+    return compare_layers(original, graph, data.samples(original, limit=8))
 
 
 def _dir_bytes(path: Path, skip: Path | None = None) -> int:

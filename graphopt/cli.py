@@ -74,6 +74,9 @@ def _pipeline_args(p: argparse.ArgumentParser, default_help: str) -> None:
                    help="largest accuracy drop allowed, in points of the --eval metric (without --eval: of top-1 "
                         "agreement with the float model); quantize keeps its most sensitive layers in float to "
                         "stay within it, and a pipeline that still exceeds it fails (exit 1)")
+    p.add_argument("--verify-layers", action="store_true",
+                   help="compare every intermediate value of the optimized graph with the input model's "
+                        "(ONNX Runtime, on --data) and name the first layer whose SNR falls below 20 dB")
     p.add_argument("--report", metavar="FILE.json",
                    help="write the per-pass JSON record here (also on failure: \"ok\": false and the error)")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
@@ -247,6 +250,22 @@ def _record_lines(records):
                f"FLOPs {human_count(b['flops'])}→{human_count(a['flops'])}{check}")
 
 
+def _layer_lines(layers):
+    """``--verify-layers``: where the error starts, and the worst layers."""
+    if not layers:
+        return
+    rows = layers["layers"]
+    first = layers["first_divergent"]
+    if first is None:
+        yield f"layers: {len(rows)} values compared with the input model, none below {layers['threshold_db']:g} dB SNR"
+    else:
+        yield (f"layers: first to diverge (SNR below {layers['threshold_db']:g} dB) is {first['op']} '{first['node']}' "
+               f"(value '{first['value']}': SNR {float(first['snr_db']):.1f} dB, cosine {first['cosine']:.5f})")
+    worst = sorted((r for r in rows if r["snr_db"] != "inf"), key=lambda r: float(r["snr_db"]))[:5]
+    for r in worst:
+        yield f"  {r['op']:<12} {r['node'][:60]:<60} SNR {float(r['snr_db']):6.1f} dB  cosine {r['cosine']:.5f}"
+
+
 def _accuracy_lines(acc):
     """What a lossy pipeline cost, against the float model: output error, task metric, the artifact's error."""
     from .accuracy import OutputError
@@ -285,7 +304,7 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
         data=data, verify=args.verify, verify_passes=not args.no_verify_passes,
         dump_after=args.dump_after, report=args.report, progress=_progress(args), atol=args.atol, rtol=args.rtol,
         threads=args.threads, tune=args.tune, tuning_db=args.tuning_db, eval=args.eval, budget=args.budget,
-        keep_if_faster=args.keep_if_faster,
+        keep_if_faster=args.keep_if_faster, verify_layers=args.verify_layers,
     )
     debug_log.append(res.native_log)
     out.say(f"lowered {args.model} → {res.artifact} (target {args.target}, {res.manifest['target'].get('mcpu', '')})")
@@ -293,6 +312,8 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
     for line in _record_lines(res.records):
         out.say(line)
     for line in _accuracy_lines(res.report.get("accuracy")):
+        out.say(line)
+    for line in _layer_lines(res.report.get("layers")):
         out.say(line)
     pay = res.report.get("payoff")
     if pay:
@@ -321,13 +342,15 @@ def cmd_optimize(args, out: _Out, debug_log: list) -> int:
         input_values=input_values,
         data=data, verify=not args.no_verify_passes, dump_after=args.dump_after,
         dump_dir=str(Path(args.output).parent), report=args.report, progress=_progress(args),
-        atol=args.atol, rtol=args.rtol, eval=args.eval, budget=args.budget,
+        atol=args.atol, rtol=args.rtol, eval=args.eval, budget=args.budget, verify_layers=args.verify_layers,
     )
     out.say(f"optimized {args.model} → {args.output}")
     out.say(f"pipeline: {res.pipeline}")
     for line in _record_lines(res.records):
         out.say(line)
     for line in _accuracy_lines(res.report.get("accuracy")):
+        out.say(line)
+    for line in _layer_lines(res.report.get("layers")):
         out.say(line)
     out.emit(res.report)
     return EXIT_OK

@@ -350,3 +350,22 @@ def test_top1_agreement_helper():
     b = np.array([[0.2, 0.8], [0.1, 0.9]])
     assert top1_agreement([a], [b]) == 50.0
     assert top1_agreement([np.zeros((2,), np.int64)], [np.zeros((2,), np.int64)]) is None
+
+
+def test_verify_layers_names_where_the_error_starts(capsys, tmp_path):
+    from graphopt.accuracy import compare_layers
+
+    g = _layers_model()
+    same = compare_layers(g, g, _feeds(2))
+    assert same["first_divergent"] is None and all(r["snr_db"] == "inf" for r in same["layers"])
+    assert [r["value"] for r in same["layers"]] == ["c1", "r1", "c2", "f", "g", "y"]
+    # Only the MatMul at the end is quantized, to 2 bits: everything before it is exact, so it is the first.
+    res = graphopt.optimize(g, "quantize(mode=weight-only,bits=2,rounding=nearest,ops=MatMul)", verify_layers=True)
+    layers = res.report["layers"]
+    assert layers["first_divergent"]["node"] == "matmul", layers
+    assert all(r["snr_db"] == "inf" for r in layers["layers"] if r["value"] != "y")
+    g.save(tmp_path / "m.onnx")
+    code = run_cli("optimize", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--passes",
+                   "quantize(mode=weight-only,bits=2,rounding=nearest,ops=MatMul)", "--verify-layers")
+    assert code == 0
+    assert "first to diverge (SNR below 20 dB) is MatMul 'matmul'" in capsys.readouterr().out
