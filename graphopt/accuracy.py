@@ -132,7 +132,7 @@ def read_eval(path: str | os.PathLike, graph: Graph) -> EvalSet:
 
 
 @dataclass
-class OutputError:
+class ErrorVsFloat:
     """How far a graph's outputs are from the float model's on the same inputs."""
 
     cosine: float
@@ -155,14 +155,14 @@ class OutputError:
 
 
 def output_error(ref: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]],
-                 names: Sequence[str]) -> OutputError:
+                 names: Sequence[str]) -> ErrorVsFloat:
     """Error of ``got`` against ``ref`` (lists per feed of outputs): the report's figures for a lossy pass."""
     from .reference import compare_outputs
 
     cmp = compare_outputs(ref, got, names)
     first_ref = [r[0] for r in ref]
     first_got = [g[0] for g in got]
-    return OutputError(cmp.cosine, cmp.snr_db, cmp.max_abs, top1_agreement(first_ref, first_got), len(ref))
+    return ErrorVsFloat(cmp.cosine, cmp.snr_db, cmp.max_abs, top1_agreement(first_ref, first_got), len(ref))
 
 
 #: A layer whose output's SNR against the float model falls below this diverges (``--verify-layers``).

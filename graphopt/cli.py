@@ -268,7 +268,7 @@ def _layer_lines(layers):
 
 def _accuracy_lines(acc):
     """What a lossy pipeline cost, against the float model: output error, task metric, the artifact's error."""
-    from .accuracy import OutputError
+    from .accuracy import ErrorVsFloat
 
     if not acc:
         return
@@ -276,7 +276,7 @@ def _accuracy_lines(acc):
         if not d or "skipped" in d:
             return "not measured" + (f" ({d['skipped']})" if d and "skipped" in d else "")
         fl = {k: (float(v) if isinstance(v, str) else v) for k, v in d.items()}
-        return OutputError(fl["cosine"], fl["snr_db"], fl["max_abs"], fl["top1_agreement"], fl["samples"]).summary()
+        return ErrorVsFloat(fl["cosine"], fl["snr_db"], fl["max_abs"], fl["top1_agreement"], fl["samples"]).summary()
     yield f"vs the float model: {err(acc.get('vs_float'))}"
     if "drop" in acc:
         yield (f"{acc['metric']} on {acc['eval_data']}: {acc['float']:.2f} → {acc['final']:.2f} "

@@ -86,6 +86,10 @@ class PassManager:
         if self.ctx.budget is not None and (not isinstance(self.ctx.budget, (int, float)) or isinstance(self.ctx.budget, bool)
                                             or not 0 <= self.ctx.budget < float("inf")):
             raise OptionError(f"budget {self.ctx.budget!r}: the accuracy drop allowed must be a number of points >= 0")
+        if self.ctx.data.generated and self.ctx.budget is not None and self.ctx.eval is None \
+                and any(not p.lossless for p in pipeline):
+            raise DataError("--budget needs data to measure accuracy on: give --eval EVAL.npz (inputs and labels) "
+                            "or --data FILE.npz (top-1 agreement with the float model); generated inputs have none")
         if self.ctx.data.generated:
             needy = [str(p) for p in pipeline if p.requires_data()]
             if needy:

@@ -299,6 +299,7 @@ def mlp_files(tmp_path):
     (["--passes", "quantize", "--data", "{d}/calib.npz", "--eval", "{d}/calib.npz"], "holds no 'labels'"),
     (["--passes", "quantize", "--data", "{d}/calib.npz", "--eval", "{d}/short.npz"], "'labels' has 3 entries"),
     (["--passes", "quantize", "--data", "{d}/calib.npz", "--budget", "-1"], "budget"),
+    (["--passes", "quantize(mode=dynamic)", "--budget", "1"], "--budget needs data"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(mlp_files, capsys, extra, message):
     d = mlp_files
