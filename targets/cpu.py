@@ -101,6 +101,9 @@ class CpuTarget(Target):
     options = (
         Option("mcpu", str, "host", "LLVM cpu to build for: 'host' (detected), 'portable', or a name such as znver3"),
         Option("opt_level", int, 3, "TVM optimization level", min=0, max=3),
+        Option("int8_kernels", bool, True,
+               "quantized (QDQ) matmuls as int8 x int8 -> int32 VNNI kernels where the CPU has AVX-512 VNNI "
+               "(see targets/int8.py); false: float arithmetic with the quantization rounding"),
         Option("fast_math", bool, True,
                "float32 exp/erf/tanh/sigmoid/GELU/SiLU/softmax as vectorized polynomials (see targets/fast_math.py) "
                "instead of scalar libm calls"),
@@ -144,20 +147,33 @@ class CpuTarget(Target):
 
             tuner = Tuner(ctx.tune_trials, ctx.tuning_db, target, threads=ctx.threads, progress=ctx.progress,
                           log=ctx.native_log, default_rules=default_rules)
+        from . import int8
+
+        int8_used: list = []
+        use_int8 = self.opts.int8_kernels and int8.supported(features)
         with step(ctx.progress, "import into TVM Relax"):
             mod = import_graph(graph, ctx.params)
         outputs = output_specs(mod, graph)  # what the program returns, not what the model declared
         try:
             with step(ctx.progress, "prepack weights"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
-                    mod, plan = lift_weight_transforms(mod, target, relax_passes(target, fast_math=self.opts.fast_math), n_weights=len(ctx.params))
+                    passes = relax_passes(target, fast_math=self.opts.fast_math)
+                    if use_int8:  # before the layout passes' float view of the graph, after nothing else
+                        passes = [int8.int8_matmul_pass(int8_used), *passes]
+                    mod, plan = lift_weight_transforms(mod, target, passes, n_weights=len(ctx.params))
                     weights, params = self._pack(plan, out_dir, ctx, target)
                 if plan.note:
                     ctx.native_log.append(f"note: {plan.note}")
             with step(ctx.progress, f"compile for {mcpu} (llvm)"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level, config=pass_config()):
                     ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, tuner))
-                ex.export_library(str(out_dir / "main.so"))
+                addons = []
+                if int8_used:
+                    scratch = out_dir / ".scratch"
+                    addons = [str(int8.kernel_object(scratch if scratch.is_dir() else out_dir))]
+                ex.export_library(str(out_dir / "main.so"), addons=addons)
+                for a in addons:
+                    Path(a).unlink(missing_ok=True)
         except GraphoptError:
             raise
         except Exception as e:
@@ -174,6 +190,7 @@ class CpuTarget(Target):
                 "mcpu": mcpu,
                 "isa_features": features,
                 "machine": platform.machine(),
+                "int8_matmuls": len(int8_used),
             },
             "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu", "params": params}],
             "weights": weights,

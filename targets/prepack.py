@@ -112,8 +112,10 @@ def lift_weight_transforms(mod, target, passes=(), *, n_weights: int):
     # main keeps its weight parameters in the order of the transform's outputs.
     main_mod = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != name},
                             attrs=lifted.attrs)
-    # The transform may call functions of the module (an importer's TE kernels, e.g. einsum): keep them all.
+    # The transform may call functions of the module (an importer's TE kernels, e.g. einsum): keep those it
+    # reaches, and only those (main's kernels may call symbols that only main.so links, such as int8's).
     tf_mod = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != "main"}, attrs=lifted.attrs)
+    tf_mod = relax.transform.DeadCodeElimination([name])(tf_mod)
     return main_mod, PackPlan(sources=sources, transform=tf_mod, packed=packed)
 
 

@@ -1,0 +1,204 @@
+"""Integer lowering of quantized matmuls: QDQ in, int8 x int8 -> int32 kernels out (AVX-512 VNNI).
+
+ONNX QDQ graphs import into Relax as float arithmetic with the quantization
+rounding kept: ``matmul(dequantize(q_x), dequantize(q_w))``. On a CPU with
+AVX-512 VNNI, :func:`int8_matmul_pass` rewrites each such matmul whose
+activation is quantized per tensor (uint8 or int8) and whose weight is int8
+(per tensor or per output channel, any zero point) into
+
+    acc  = q_x (uint8) x W (int8)  ->  int32, exact      # targets/qgemm_vnni.c, vpdpbusd
+    y    = float(acc - zx*colsum(W) - zw*rowsum(q_x) + K*zx*zw) * (sx*sw)
+
+where everything that depends on weights alone (the packed ``[N/16, K/4, 16,
+4]`` weight, column sums, the per-channel constants) is a weight transform
+that the prepack step runs once at lower time, and the epilogue fuses into one
+element-wise kernel. int8 activations are shifted by 128 into uint8 (their zero
+point too). The integer sum is exact; it differs from ONNX Runtime's float
+QDQ arithmetic only by float rounding (~1e-6 relative).
+
+The kernel is a C micro-kernel (register-resident 4 x 64 tiles, ``vpdpbusd``)
+called from a TIR function that parallelizes over tiles; TIR scheduling in
+this TVM kept the accumulators in memory (a workspace allocation per tile), 5x
+slower. Its object file is compiled with the system C compiler (the one
+``export_library`` links with) and linked into ``main.so``. Matmuls whose K is
+not a multiple of 4, other dtypes, per-axis activation scales, or CPUs without
+VNNI keep the float lowering.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+KERNEL_SOURCE = Path(__file__).with_name("qgemm_vnni.c")
+KERNEL_SYMBOL = "graphopt_qgemm_u8s8_avx512vnni"
+#: Rows and 16-column blocks of one kernel tile (the C file's MR and NB).
+TILE_ROWS, TILE_BLOCKS = 4, 4
+#: CPU features the kernel needs.
+REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
+
+
+def supported(features) -> bool:
+    return all(f in features for f in REQUIRED_FEATURES)
+
+
+def kernel_object(scratch: Path) -> Path:
+    """Compile the C micro-kernel into ``scratch``; returns the object file (deterministic bytes)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        from graphopt.errors import LoweringError
+
+        raise LoweringError("the int8 kernels need a C compiler (cc, gcc or clang; or $CC), as linking main.so does")
+    out = scratch / "qgemm_vnni.o"
+    subprocess.run([cc, "-O3", "-fPIC", "-c", str(KERNEL_SOURCE), "-o", str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+def _kernel_primfunc(k: int, n16: int):
+    """TIR function ``(a [m, k] uint8, w [n16/16, k/4, 16, 4] int8) -> c [m, n16] int32`` over kernel tiles."""
+    import tvm
+    from tvm.script import parser
+
+    T = __import__("tvm.script.tirx", fromlist=["tirx"])
+    kb, nb = k // 4, n16 // 16
+    mr, nbt = TILE_ROWS, TILE_BLOCKS
+    rows = f"((m + {mr - 1}) // {mr})"
+    src = f'''
+@T.prim_func(private=True)
+def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, 16, 4), "int8"), c: T.handle):
+    T.func_attr({{"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8}})
+    m = T.int64()
+    A = T.match_buffer(a, (m, {k}), "uint8")
+    C = T.match_buffer(c, (m, {n16}), "int32")
+    for t in T.parallel({rows} * {(nb + nbt - 1) // nbt}):
+        T.evaluate(T.call_extern("int32", "{KERNEL_SYMBOL}", A.data, w.data, C.data, T.int64({k}), T.int64({n16}),
+            t % {rows} * {mr}, T.min(m - t % {rows} * {mr}, {mr}),
+            t // {rows} * {nbt}, T.min(T.int64({nb}) - t // {rows} * {nbt}, {nbt})))
+'''
+    del tvm
+    return parser.parse(src, extra_vars={"T": T})
+
+
+def _static_shape(expr):
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    values = getattr(shape, "values", None)
+    return None if values is None else list(values)
+
+
+def _int(v):
+    try:
+        return int(v)
+    except TypeError:
+        return None
+
+
+def int8_matmul_pass(used: list):
+    """The Relax module pass (see the module docstring); appends to ``used`` one entry per matmul rewritten."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    R = relax.op
+
+    kernels: dict[tuple[int, int], object] = {}  # (k, n16) -> GlobalVar of its TIR function
+
+    @mutator
+    class _Rewriter(PyExprMutator):
+        def _producer(self, expr, name):
+            if not isinstance(expr, relax.Var):
+                return expr if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == name else None
+            bound = self.lookup_binding(expr)
+            return bound if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == name else None
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", "") != "relax.matmul" or len(call.args) != 2:
+                return call
+            try:
+                out = self._rewrite(call)
+            except Exception:  # noqa: BLE001 - any shape this rewrite does not know keeps the float lowering
+                return call
+            return call if out is None else out
+
+        def _rewrite(self, call):
+            x_dq = self._producer(call.args[0], "relax.dequantize")
+            if x_dq is None:
+                return None
+            w_expr = call.args[1]
+            perm = self._producer(w_expr, "relax.permute_dims")
+            transposed = perm is not None
+            w_dq = self._producer(perm.args[0] if transposed else w_expr, "relax.dequantize")
+            if w_dq is None:
+                return None
+            qx, sx, zx = x_dq.args
+            qw, sw, zw = w_dq.args
+            x_dtype, w_dtype = str(qx.ty.dtype), str(qw.ty.dtype)
+            if x_dtype not in ("uint8", "int8") or w_dtype != "int8":
+                return None
+            if _static_shape(sx) != [] or _static_shape(zx) != []:
+                return None  # per-axis activation scales: not a GEMM epilogue
+            wshape = [_int(d) for d in (_static_shape(qw) or [])]
+            xshape = _static_shape(qx)
+            if len(wshape) != 2 or None in wshape or not xshape or len(xshape) < 1:
+                return None
+            if transposed and [int(a) for a in perm.attrs.axes] != [1, 0]:
+                return None
+            k, n = (wshape[1], wshape[0]) if transposed else wshape
+            if _int(xshape[-1]) != k or k % 4:
+                return None
+            # Per-channel weight parameters must run along N: axis 0 of a stored [N, K], axis 1 of a [K, N].
+            w_axis, n_axis = int(w_dq.attrs.axis) % 2, 0 if transposed else 1
+            for p in (sw, zw):
+                ps = _static_shape(p)
+                if not (ps == [] or (ps is not None and [_int(d) for d in ps] == [n] and w_axis == n_axis)):
+                    return None
+            n16 = -(-n // 16) * 16
+            bb = self.builder_
+            wkn = bb.emit(R.permute_dims(qw, [1, 0])) if transposed else qw
+            wpad = bb.emit(R.nn.pad(wkn, [0, 0, 0, n16 - n])) if n16 != n else wkn
+            packed = bb.emit(R.permute_dims(R.reshape(wpad, [k // 4, 4, n16 // 16, 16]), [2, 0, 3, 1]))
+            colsum = bb.emit(R.sum(R.astype(wkn, "int32"), axis=[0]))
+            zx32 = R.astype(zx, "int32")
+            xu = qx
+            if x_dtype == "int8":  # u8 x s8 only: shift the activations (and their zero point) by 128
+                xu = bb.emit(R.astype(R.add(R.astype(qx, "int32"), relax.const(128, "int32")), "uint8"))
+                zx32 = R.add(zx32, relax.const(128, "int32"))
+            zw32 = R.astype(zw, "int32")
+            # acc - zx*colsum - zw*rowsum + K*zx*zw; weight-only parts are lifted to lower time.
+            corr = bb.emit(R.subtract(R.multiply(zx32, colsum), R.multiply(R.multiply(zx32, zw32),
+                                                                             relax.const(k, "int32"))))
+            scale = bb.emit(R.multiply(R.astype(sx, "float32"), R.astype(sw, "float32")))
+            lead = xshape[:-1]
+            x2 = bb.emit(R.reshape(xu, [-1, k])) if len(xshape) != 2 else xu
+            key = (k, n16)
+            if key not in kernels:
+                kernels[key] = bb.add_func(_kernel_primfunc(k, n16), f"qgemm_u8s8_k{k}_n{n16}")
+            m = x2.ty.shape.values[0] if hasattr(x2, "ty") and getattr(x2.ty, "shape", None) is not None else None
+            m = m if m is not None else tvm.tirx.Var("m", "int64")
+            acc = bb.emit(relax.call_tir(kernels[key], [x2, packed], relax.TensorType([m, n16], "int32")))
+            if n16 != n:
+                acc = bb.emit(R.strided_slice(acc, axes=[1], begin=[0], end=[n]))
+            rowsum = R.sum(R.astype(x2, "int32"), axis=[1], keepdims=True)
+            exact = R.subtract(R.subtract(acc, corr), R.multiply(rowsum, zw32))
+            y = R.multiply(R.astype(exact, "float32"), scale)
+            if len(xshape) != 2:
+                y = R.reshape(y, [*lead, n])
+            used.append({"k": k, "n": n, "activation": x_dtype})
+            out_dtype = str(call.ty.dtype)
+            return y if out_dtype == "float32" else R.astype(y, out_dtype)
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.Int8Matmul")
+    def _pass(mod, _ctx):
+        rw = _Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        out = rw.builder_.get()
+        # The float weights the rewritten matmuls read are dead now; left in, the prepack step would
+        # lift them (and refuse to store them: 4x the int8 weights).
+        return relax.transform.DeadCodeElimination()(out) if used else out
+
+    return _pass

@@ -1,0 +1,82 @@
+"""Integer lowering of QDQ matmuls (targets/int8.py): exact int8 x int8 -> int32 kernels where the CPU has VNNI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.targets import int8
+from graphopt.targets.cpu import host_isa_features
+
+from .conftest import make_model, vi
+
+VNNI = int8.supported(host_isa_features())
+
+
+def qdq_matmul_model(k=64, n=40, act="uint8", w_zero=False, transposed=False, rank=3, seed=0):
+    """x -> QuantizeLinear/DequantizeLinear (per tensor) -> MatMul or Gemm(transB) with an int8 per-channel
+    DequantizeLinear weight -> + bias."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-127, 128, (n, k) if transposed else (k, n)).astype(np.int8)
+    sw = (rng.uniform(0.5, 2.0, n) / 127).astype(np.float32)
+    zw = rng.integers(-3, 4, n).astype(np.int8) if w_zero else np.zeros(n, np.int8)
+    zx = np.array(7 if act == "uint8" else -5, np.uint8 if act == "uint8" else np.int8)
+    inits = [numpy_helper.from_array(a, name) for a, name in (
+        (codes, "wq"), (sw, "sw"), (zw, "zw"), (np.array(0.02, np.float32), "sx"), (zx, "zx"),
+        (rng.standard_normal(n).astype(np.float32), "bias"))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w"], name="dqw", axis=0 if transposed else 1)]
+    shape = ["b", 5, k] if rank == 3 else ["b", k]
+    if transposed:
+        nodes.append(helper.make_node("Gemm", ["xd", "w", "bias"], ["y"], name="gemm", transB=1))
+        shape = ["b", k]
+    else:
+        nodes += [helper.make_node("MatMul", ["xd", "w"], ["mm"], name="mm"),
+                  helper.make_node("Add", ["mm", "bias"], ["y"], name="add")]
+    out = [shape[0], 5, n] if len(shape) == 3 else [shape[0], n]
+    return graphopt.Graph(make_model(nodes, [vi("x", shape)], [vi("y", out)], inits))
+
+
+def _lower(tmp_path, g, name, **opts):
+    x_shape = [3, 5, g.inputs[0].shape[-1]] if len(g.inputs[0].shape) == 3 else [6, g.inputs[0].shape[-1]]
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32) * 2
+    data = graphopt.DataSource(feeds=[{"x": x}])
+    res = graphopt.lower(g, "cpu", tmp_path / name, data=data, verify=True, target_options=opts or None)
+    return res, json.loads((tmp_path / name / "manifest.json").read_text())
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 kernels are not used (float fallback)")
+@pytest.mark.parametrize("case", [
+    dict(), dict(act="int8"), dict(w_zero=True), dict(transposed=True), dict(n=16, k=32, rank=2),
+    dict(n=130, k=96, act="int8", w_zero=True),
+])
+def test_qdq_matmuls_become_int8_kernels_that_match_onnx_runtime(tmp_path, case):
+    g = qdq_matmul_model(**case)
+    res, manifest = _lower(tmp_path, g, "art")
+    assert manifest["target"]["int8_matmuls"] == 1
+    assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
+    # the weights are stored as int8 (packed), not as a dequantized float copy
+    sizes = [w["nbytes"] for w in manifest["weights"]]
+    assert max(sizes) < 4 * g.initializers()["wq"].ByteSize()
+
+
+def test_int8_kernels_can_be_turned_off_and_k_not_a_multiple_of_4_keeps_float(tmp_path):
+    res, manifest = _lower(tmp_path, qdq_matmul_model(), "off", int8_kernels="false")
+    assert manifest["target"]["int8_matmuls"] == 0 and res.verification.ok
+    res, manifest = _lower(tmp_path, qdq_matmul_model(k=30), "k30")
+    assert manifest["target"]["int8_matmuls"] == 0 and res.verification.ok
+
+
+def test_avx2_build_falls_back_to_float(tmp_path):
+    """An artifact for a CPU without VNNI (x86-64-v3: AVX2) never calls the VNNI kernel, and runs here."""
+    if "avx2" not in host_isa_features():
+        pytest.skip("this CPU cannot run an AVX2 build")
+    res, manifest = _lower(tmp_path, qdq_matmul_model(), "avx2", mcpu="x86-64-v3")
+    assert manifest["target"]["int8_matmuls"] == 0 and res.verification.ok
+    assert "avx512vnni" not in manifest["target"]["isa_features"]
