@@ -82,6 +82,44 @@ def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, 16, 4), "int8"), c: T.handle):
     return parser.parse(src, extra_vars={"T": T})
 
 
+def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow):
+    """TIR function: [N, OH, OW, KH, KW, C] windows of x (NHWC, uint8), taps in the padding reading the
+    zero point; C innermost, so the copies are contiguous and vectorize. Opaque (``op_pattern`` 8): nothing
+    is fused into it, or every producer (a quantize) would be recomputed once per tap."""
+    from tvm import te, tirx
+
+    x = te.placeholder((n, h, w, c), "uint8", name="x")
+    z = te.placeholder((), "uint8", name="z")
+
+    def tap(b, i, j, p, q, cc):
+        hh = i * sh + p * dh - pt
+        ww = j * sw + q * dw - pl
+        inside = tirx.all(hh >= 0, hh < h, ww >= 0, ww < w)
+        return tirx.if_then_else(inside, x[b, tirx.max(tirx.min(hh, h - 1), 0), tirx.max(tirx.min(ww, w - 1), 0), cc],
+                                 z())
+
+    out = te.compute((n, oh, ow, kh, kw, c), tap, name="im2col")
+    func = te.create_prim_func([x, z, out]).without_attr("global_symbol")
+    # Rows of windows in parallel; the window's C run is one vectorizable copy (the padding test does not
+    # depend on it, so LLVM hoists it).
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(func)
+    b, i, j, p, q, cc = sch.get_loops(sch.get_sblock("im2col"))
+    sch.parallel(sch.fuse(b, i))
+    sch.vectorize(cc) if c <= 64 else None
+    return sch.mod["main"].with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True)
+
+
+def _constant_zero(expr) -> bool:
+    """Whether ``expr`` is a constant tensor of zeros (a weight zero point known at lower time)."""
+    value = getattr(expr, "value", None) if type(expr).__name__ in ("GenericConst", "Constant") else None
+    try:
+        return value is not None and not value.numpy().any()
+    except Exception:  # noqa: BLE001 - not a tensor constant we can read: assume non-zero (still exact)
+        return False
+
+
 def _static_shape(expr):
     shape = getattr(getattr(expr, "ty", None), "shape", None)
     values = getattr(shape, "values", None)
@@ -115,28 +153,26 @@ def int8_matmul_pass(used: list):
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if getattr(call.op, "name", "") != "relax.matmul" or len(call.args) != 2:
+            name = getattr(call.op, "name", "")
+            if name not in ("relax.matmul", "relax.nn.conv2d") or len(call.args) != 2:
                 return call
             try:
-                out = self._rewrite(call)
+                out = self._rewrite(call) if name == "relax.matmul" else self._rewrite_conv(call)
             except Exception:  # noqa: BLE001 - any shape this rewrite does not know keeps the float lowering
                 return call
             return call if out is None else out
 
         def _rewrite(self, call):
             x_dq = self._producer(call.args[0], "relax.dequantize")
-            if x_dq is None:
-                return None
-            w_expr = call.args[1]
-            perm = self._producer(w_expr, "relax.permute_dims")
+            perm = self._producer(call.args[1], "relax.permute_dims")
             transposed = perm is not None
-            w_dq = self._producer(perm.args[0] if transposed else w_expr, "relax.dequantize")
-            if w_dq is None:
+            w_dq = self._producer(perm.args[0] if transposed else call.args[1], "relax.dequantize")
+            if x_dq is None or w_dq is None:
                 return None
             qx, sx, zx = x_dq.args
             qw, sw, zw = w_dq.args
-            x_dtype, w_dtype = str(qx.ty.dtype), str(qw.ty.dtype)
-            if x_dtype not in ("uint8", "int8") or w_dtype != "int8":
+            x_dtype = str(qx.ty.dtype)
+            if x_dtype not in ("uint8", "int8") or str(qw.ty.dtype) != "int8":
                 return None
             if _static_shape(sx) != [] or _static_shape(zx) != []:
                 return None  # per-axis activation scales: not a GEMM epilogue
@@ -155,40 +191,108 @@ def int8_matmul_pass(used: list):
                 ps = _static_shape(p)
                 if not (ps == [] or (ps is not None and [_int(d) for d in ps] == [n] and w_axis == n_axis)):
                     return None
-            n16 = -(-n // 16) * 16
+            wkn = self.builder_.emit(R.permute_dims(qw, [1, 0])) if transposed else qw
+            lead = xshape[:-1]
+            x2 = self.builder_.emit(R.reshape(qx, [-1, k])) if len(xshape) != 2 else qx
+            y = self._gemm(x2, x_dtype, sx, zx, wkn, sw, zw, k, n)
+            if len(xshape) != 2:
+                y = R.reshape(y, [*lead, n])
+            used.append({"op": "matmul", "k": k, "n": n, "activation": x_dtype})
+            out_dtype = str(call.ty.dtype)
+            return y if out_dtype == "float32" else R.astype(y, out_dtype)
+
+        def _operands(self, call):
+            """(q_x, s_x, z_x, q_w, s_w, z_w, w_axis) of a call on two dequantized operands, else None."""
+            x_dq = self._producer(call.args[0], "relax.dequantize")
+            w_dq = self._producer(call.args[1], "relax.dequantize")
+            if x_dq is None or w_dq is None:
+                return None
+            qx, sx, zx = x_dq.args
+            qw, sw, zw = w_dq.args
+            if str(qx.ty.dtype) not in ("uint8", "int8") or str(qw.ty.dtype) != "int8":
+                return None
+            if _static_shape(sx) != [] or _static_shape(zx) != []:
+                return None
+            return qx, sx, zx, qw, sw, zw, int(w_dq.attrs.axis)
+
+        def _rewrite_conv(self, call):
+            """conv2d (NCHW/OIHW, one group) on QDQ operands: im2col of q_x (padded with its zero point), GEMM."""
+            a = call.attrs
+            if int(a.groups) != 1 or str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" \
+                    or str(a.out_layout) != "NCHW":
+                return None
+            ops = self._operands(call)
+            if ops is None:
+                return None
+            qx, sx, zx, qw, sw, zw, w_axis = ops
+            x_dtype = str(qx.ty.dtype)
+            wshape = [_int(d) for d in (_static_shape(qw) or [])]
+            xshape = _static_shape(qx)
+            if len(wshape) != 4 or None in wshape or not xshape or len(xshape) != 4:
+                return None
+            o, c, kh, kw = wshape
+            h, w = _int(xshape[2]), _int(xshape[3])
+            if h is None or w is None or _int(xshape[1]) != c or (c * kh * kw) % 4:
+                return None
+            for p in (sw, zw):
+                ps = _static_shape(p)
+                if not (ps == [] or (ps is not None and [_int(d) for d in ps] == [o] and w_axis % 4 == 0)):
+                    return None
+            sh, sw_ = (int(v) for v in a.strides)
+            dh, dw = (int(v) for v in a.dilation)
+            pt, pl, pb, pr = (int(v) for v in a.padding)
+            oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+            ow = (w + pl + pr - (kw - 1) * dw - 1) // sw_ + 1
             bb = self.builder_
-            wkn = bb.emit(R.permute_dims(qw, [1, 0])) if transposed else qw
+            k = c * kh * kw
+            xu, zxu = qx, zx
+            if x_dtype == "int8":  # pad and shift together: the GEMM reads uint8
+                xu = bb.emit(R.astype(R.add(R.astype(qx, "int32"), relax.const(128, "int32")), "uint8"))
+                zxu = bb.emit(R.astype(R.add(R.astype(zx, "int32"), relax.const(128, "int32")), "uint8"))
+            n_batch = xshape[0]
+            xt = bb.emit(R.permute_dims(xu, [0, 2, 3, 1]))  # NHWC: each window row is contiguous in C
+            nb = _int(n_batch)
+            tir_n = nb if nb is not None else tvm.tirx.Var("n", "int64")  # a symbolic batch binds from x's shape
+            im2col = bb.add_func(_im2col_primfunc(tir_n, c, h, w, kh, kw, sh, sw_, dh, dw, pt, pl, oh, ow), "im2col_u8")
+            cols = bb.emit(relax.call_tir(im2col, [xt, zxu], relax.TensorType([n_batch, oh, ow, kh, kw, c], "uint8")))
+            x2 = bb.emit(R.reshape(cols, [-1, k]))
+            # Weight columns in the im2col order (KH, KW, C): a weight-only transform, done at lower time.
+            wkn = bb.emit(R.permute_dims(R.reshape(R.permute_dims(qw, [0, 2, 3, 1]), [o, k]), [1, 0]))
+            y = self._gemm(x2, "uint8", sx, zxu, wkn, sw, zw, k, o)
+            y = R.permute_dims(R.reshape(y, [n_batch, oh, ow, o]), [0, 3, 1, 2])
+            used.append({"op": "conv2d", "k": k, "n": o, "activation": x_dtype})
+            out_dtype = str(call.ty.dtype)
+            return y if out_dtype == "float32" else R.astype(y, out_dtype)
+
+        def _gemm(self, x2, x_dtype, sx, zx, wkn, sw, zw, k, n):
+            """float32 [M, n] = dequantized (q_x [M, k] x W [k, n]), through the int8 kernel."""
+            bb = self.builder_
+            n16 = -(-n // 16) * 16
             wpad = bb.emit(R.nn.pad(wkn, [0, 0, 0, n16 - n])) if n16 != n else wkn
             packed = bb.emit(R.permute_dims(R.reshape(wpad, [k // 4, 4, n16 // 16, 16]), [2, 0, 3, 1]))
             colsum = bb.emit(R.sum(R.astype(wkn, "int32"), axis=[0]))
             zx32 = R.astype(zx, "int32")
-            xu = qx
+            xu = x2
             if x_dtype == "int8":  # u8 x s8 only: shift the activations (and their zero point) by 128
-                xu = bb.emit(R.astype(R.add(R.astype(qx, "int32"), relax.const(128, "int32")), "uint8"))
+                xu = bb.emit(R.astype(R.add(R.astype(x2, "int32"), relax.const(128, "int32")), "uint8"))
                 zx32 = R.add(zx32, relax.const(128, "int32"))
             zw32 = R.astype(zw, "int32")
-            # acc - zx*colsum - zw*rowsum + K*zx*zw; weight-only parts are lifted to lower time.
+            # acc - zx*colsum - zw*rowsum + K*zx*zw; the weight-only parts are lifted to lower time.
             corr = bb.emit(R.subtract(R.multiply(zx32, colsum), R.multiply(R.multiply(zx32, zw32),
                                                                              relax.const(k, "int32"))))
             scale = bb.emit(R.multiply(R.astype(sx, "float32"), R.astype(sw, "float32")))
-            lead = xshape[:-1]
-            x2 = bb.emit(R.reshape(xu, [-1, k])) if len(xshape) != 2 else xu
             key = (k, n16)
             if key not in kernels:
                 kernels[key] = bb.add_func(_kernel_primfunc(k, n16), f"qgemm_u8s8_k{k}_n{n16}")
-            m = x2.ty.shape.values[0] if hasattr(x2, "ty") and getattr(x2.ty, "shape", None) is not None else None
-            m = m if m is not None else tvm.tirx.Var("m", "int64")
-            acc = bb.emit(relax.call_tir(kernels[key], [x2, packed], relax.TensorType([m, n16], "int32")))
+            m = xu.ty.shape.values[0]
+            acc = bb.emit(relax.call_tir(kernels[key], [xu, packed], relax.TensorType([m, n16], "int32")))
             if n16 != n:
                 acc = bb.emit(R.strided_slice(acc, axes=[1], begin=[0], end=[n]))
-            rowsum = R.sum(R.astype(x2, "int32"), axis=[1], keepdims=True)
-            exact = R.subtract(R.subtract(acc, corr), R.multiply(rowsum, zw32))
-            y = R.multiply(R.astype(exact, "float32"), scale)
-            if len(xshape) != 2:
-                y = R.reshape(y, [*lead, n])
-            used.append({"k": k, "n": n, "activation": x_dtype})
-            out_dtype = str(call.ty.dtype)
-            return y if out_dtype == "float32" else R.astype(y, out_dtype)
+            exact = R.subtract(acc, corr)
+            if not _constant_zero(zw):
+                # A weight zero point not known to be 0: subtract zw * (row sums of q_x) at run time.
+                exact = R.subtract(exact, R.multiply(R.sum(R.astype(xu, "int32"), axis=[1], keepdims=True), zw32))
+            return R.multiply(R.astype(exact, "float32"), scale)
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.Int8Matmul")
     def _pass(mod, _ctx):

@@ -80,3 +80,26 @@ def test_avx2_build_falls_back_to_float(tmp_path):
     res, manifest = _lower(tmp_path, qdq_matmul_model(), "avx2", mcpu="x86-64-v3")
     assert manifest["target"]["int8_matmuls"] == 0 and res.verification.ok
     assert "avx512vnni" not in manifest["target"]["isa_features"]
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 kernels are not used (float fallback)")
+@pytest.mark.parametrize("attrs,batch", [
+    (dict(pads=[1, 1, 1, 1]), "b"), (dict(strides=[2, 2], pads=[0, 1, 2, 1]), 2),
+    (dict(dilations=[2, 2], pads=[2, 2, 2, 2]), "b"), (dict(kernel_shape=[1, 1]), 3),
+])
+def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, batch):
+    rng = np.random.default_rng(2)
+    k = attrs.pop("kernel_shape", [3, 3])
+    w = numpy_helper.from_array(rng.standard_normal((24, 8, *k)).astype(np.float32) * 0.2, "w")
+    b = numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "b")
+    m = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", **attrs),
+                    helper.make_node("Relu", ["c"], ["y"], name="relu")],
+                   [vi("x", [batch, 8, 9, 11])], [vi("y", [batch, 24, "h", "w"])], [w, b])
+    g = graphopt.Graph(m)
+    n = 2 if batch == "b" else batch
+    feeds = [{"x": rng.standard_normal((n, 8, 9, 11)).astype(np.float32)} for _ in range(4)]
+    q = graphopt.optimize(g, "quantize", data=graphopt.DataSource(feeds=feeds)).graph
+    res = graphopt.lower(q, "cpu", tmp_path / "art", data=graphopt.DataSource(feeds=feeds), verify=True)
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["target"]["int8_matmuls"] == 1
+    assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
