@@ -103,3 +103,15 @@ def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, bat
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["target"]["int8_matmuls"] == 1
     assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 kernels are not used (float fallback)")
+def test_int8_artifacts_are_byte_identical_across_runs(tmp_path):
+    """The micro-kernel object is compiled per lowering; main.so must still be the same bytes every time."""
+    g = qdq_matmul_model(act="int8")
+    digests = []
+    for name in ("a", "b"):
+        _lower(tmp_path, g, name)
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        digests.append(((tmp_path / name / "main.so").read_bytes(), manifest["files"] if "files" in manifest else None))
+    assert digests[0] == digests[1]
