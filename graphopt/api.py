@@ -407,7 +407,11 @@ def verify_artifact(
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> Comparison:
-    """Run ``artifact`` and ONNX Runtime (on ``reference``, default: the artifact's own graph) on the same inputs."""
+    """Run ``artifact`` and ONNX Runtime (on ``reference``, default: the artifact's own graph) on the same inputs.
+
+    An artifact with integer kernels is checked with the wider quantization tolerances when ``atol`` and
+    ``rtol`` are the defaults (see :func:`graphopt.reference.artifact_tolerance`).
+    """
     reference = reference or artifact.reference_graph()
     data = data or DataSource()
     feeds = data.samples(reference, limit=None if not data.generated else 2)
@@ -415,6 +419,9 @@ def verify_artifact(
     session = reference_session(reference, threads=artifact.threads or 0)
     ref = data.reference_outputs(reference, feeds, session)  # fails as the inputs' fault, not the artifact's
     got = artifact.run_many(feeds)
+    from .reference import artifact_tolerance
+
+    atol, rtol = artifact_tolerance(artifact.manifest, atol, rtol)
     return compare_outputs(ref, got, [o.name for o in artifact.outputs], atol=atol, rtol=rtol)
 
 

@@ -350,6 +350,9 @@ def bench(
         feed = source.samples(Graph.load(path / GRAPH_FILE), limit=1)[0]
 
     names = [o["name"] for o in manifest["outputs"]]
+    from .reference import artifact_tolerance
+
+    atol, rtol = artifact_tolerance(manifest, atol, rtol)
     runners = {"graphopt": ("graphopt", path), "onnxruntime": ("ort", path / GRAPH_FILE)}
     m = measure(runners, feed, names, threads=threads, seconds=seconds, warmup=warmup, reference="onnxruntime",
                 atol=atol, rtol=rtol, profile="graphopt" if profile else None)

@@ -115,3 +115,13 @@ def test_int8_artifacts_are_byte_identical_across_runs(tmp_path):
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         digests.append(((tmp_path / name / "main.so").read_bytes(), manifest["files"] if "files" in manifest else None))
     assert digests[0] == digests[1]
+
+
+def test_artifacts_with_integer_kernels_get_quantization_tolerances_unless_given():
+    from graphopt.reference import DEFAULT_ATOL, DEFAULT_RTOL, INT8_ATOL, INT8_RTOL, artifact_tolerance
+
+    with_int8 = {"target": {"int8_matmuls": 3}}
+    assert artifact_tolerance(with_int8, DEFAULT_ATOL, DEFAULT_RTOL) == (INT8_ATOL, INT8_RTOL)
+    assert artifact_tolerance(with_int8, 1e-5, 1e-4) == (1e-5, 1e-4)  # the caller's own choice stands
+    assert artifact_tolerance({"target": {"int8_matmuls": 0}}, DEFAULT_ATOL, DEFAULT_RTOL) == (DEFAULT_ATOL, DEFAULT_RTOL)
+    assert artifact_tolerance({"target": {}}, DEFAULT_ATOL, DEFAULT_RTOL) == (DEFAULT_ATOL, DEFAULT_RTOL)
