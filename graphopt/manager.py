@@ -101,6 +101,10 @@ class PassManager:
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassRecord]]:
         ctx = self.ctx
+        if len(self.pipeline):
+            # A Graph built in memory was never checked (Graph.load checks files): an invalid input would
+            # otherwise be blamed on the first pass.
+            graph.check(where=f"{graph.source or 'input model'}")
         lossy = any(not p.lossless for p in self.pipeline)
         # Lossless checks need a couple of samples; what a lossy pipeline costs is measured on more.
         ref = _Reference(ctx, samples=LOSSY_SAMPLES if lossy and not ctx.data.generated else 2)

@@ -244,3 +244,14 @@ def test_nan_outputs_in_the_same_places_verify(tmp_path):
     assert compare_outputs(ref, [[np.array([np.nan, 1.0, -np.inf], np.float32)]], ["y"]).ok
     assert not compare_outputs(ref, [[np.array([0.0, 1.0, -np.inf], np.float32)]], ["y"]).ok
     assert not compare_outputs(ref, [[np.array([np.nan, np.nan, -np.inf], np.float32)]], ["y"]).ok
+
+
+def test_an_invalid_in_memory_graph_is_blamed_on_the_input_not_the_first_pass():
+    """Graph.load checks files; a Graph built in memory is checked before the first pass runs."""
+    from onnx import TensorProto
+
+    m = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [vi("x", [2])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])  # an output type without a shape
+    g = graphopt.Graph(m, "in-memory.onnx")
+    with pytest.raises(graphopt.ModelError, match="in-memory.onnx: invalid ONNX model"):
+        graphopt.optimize(g, "cleanup")
