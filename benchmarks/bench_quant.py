@@ -68,10 +68,6 @@ def ort_int8(src: Path, dst: Path, calib: list[dict]) -> Path:
     return dst
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def latency(runners: dict, feed: dict, names, args) -> dict:
     """Median ms per runner, timed together (no output agreement check: the runners differ on purpose)."""
     from graphopt.bench import measure
@@ -85,6 +81,8 @@ def digits_rows(args, work: Path) -> list[dict]:
     from graphopt.accuracy import EvalSet, top1_accuracy, top1_agreement
     from graphopt.data import DataSource
     from graphopt.testing import digits_models
+
+    from bench_cpu import dir_bytes
 
     t0 = time.perf_counter()
     m = digits_models()
@@ -141,9 +139,9 @@ def large_rows(args, work: Path) -> list[dict]:
         graph, _, _ = bench_models.build(model)
         original = work / f"{name}.onnx"
         graph.save(original)
-        calib = [bench_models.feed(model, 1) for _ in range(1)]
-        rng = np.random.default_rng(0)
-        calib = [{k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in calib[0].items()} for _ in range(8)]
+        # 8 calibration inputs: the benchmark's seeded feed with seeded noise added.
+        base, rng = bench_models.feed(model, 1), np.random.default_rng(0)
+        calib = [{k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in base.items()} for _ in range(8)]
         ort_q = ort_int8(original, work / f"{name}.ort-int8.onnx", calib)
         rows_here = {}
         for label in ("float", "static"):

@@ -9,7 +9,6 @@ failed check leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from .outputs import Reporting, check_dumps, check_outputs, default_artifact_pat
 from .passbase import PassContext, PassRecord
 from .pipeline import Pipeline
 from .plugins import Registry, get_registry
-from .reference import check_value_sizes, Comparison, compare_outputs, reference_session
+from .reference import artifact_tolerance, check_value_sizes, Comparison, compare_outputs, reference_session
 from .stats import graph_stats
 from .target import LowerContext, Target, resolve_threads
 
@@ -88,7 +87,7 @@ def _eval_set(eval_data, graph: Graph):
     from .accuracy import EvalSet, read_eval
 
     if eval_data is None or isinstance(eval_data, EvalSet):
-        return eval_data.check(graph) if eval_data is not None else None
+        return eval_data  # the PassManager checks it against the graph before the first pass
     return read_eval(eval_data, graph)
 
 
@@ -281,11 +280,18 @@ def lower(
             if verify:
                 with progress.step("verify against ONNX Runtime"):
                     # A lossy pipeline changed the model on purpose: the artifact must match the graph it
-                    # compiled; how far it is from the original is measured, not judged.
-                    comparison = verify_artifact(Artifact(tmp), graph if lossy else original, data,
-                                                 atol=atol, rtol=rtol)
+                    # compiled; how far it is from the original is measured, not judged (same run of it).
+                    art = Artifact(tmp)
+                    ref, got = _reference_and_artifact_outputs(art, graph if lossy else original, data)
+                    atol_, rtol_ = artifact_tolerance(art.manifest, atol, rtol)
+                    comparison = compare_outputs(ref, got, [o.name for o in art.outputs], atol=atol_, rtol=rtol_)
                     if lossy:
-                        artifact_vs_float = _artifact_vs_float(Artifact(tmp), original, data).to_json()
+                        from .accuracy import output_error
+
+                        feeds = data.samples(original, limit=None if not data.generated else 2)
+                        float_ref = data.reference_outputs(original, feeds,
+                                                           reference_session(original, threads=art.threads or 0))
+                        artifact_vs_float = output_error(float_ref, got, [o.name for o in art.outputs]).to_json()
                 if not comparison.ok:
                     what = "the optimized graph it compiled" if lossy else "ONNX Runtime"
                     raise VerificationError(f"{output}: lowered artifact does not match {what}: {comparison.summary()}")
@@ -390,13 +396,13 @@ def _dir_bytes(path: Path, skip: Path | None = None) -> int:
                if p.is_file() and (skip is None or skip not in p.parents))
 
 
-def _artifact_vs_float(artifact: Artifact, original: Graph, data: DataSource):
-    """Output error (cosine, SNR, top-1 agreement) of the artifact against ONNX Runtime on the original model."""
-    from .accuracy import output_error
-
-    feeds = data.samples(original, limit=None if not data.generated else 2)
-    ref = data.reference_outputs(original, feeds, reference_session(original, threads=artifact.threads or 0))
-    return output_error(ref, artifact.run_many(feeds), [o.name for o in artifact.outputs])
+def _reference_and_artifact_outputs(artifact: Artifact, reference: Graph, data: DataSource):
+    """ONNX Runtime's outputs of ``reference`` and the artifact's, on the data source's samples (generated: 2)."""
+    feeds = data.samples(reference, limit=None if not data.generated else 2)
+    # ONNX Runtime on as many threads as the artifact (the same machine share on both sides).
+    session = reference_session(reference, threads=artifact.threads or 0)
+    ref = data.reference_outputs(reference, feeds, session)  # fails as the inputs' fault, not the artifact's
+    return ref, artifact.run_many(feeds)
 
 
 def verify_artifact(
@@ -412,15 +418,7 @@ def verify_artifact(
     An artifact with integer kernels is checked with the wider quantization tolerances when ``atol`` and
     ``rtol`` are the defaults (see :func:`graphopt.reference.artifact_tolerance`).
     """
-    reference = reference or artifact.reference_graph()
-    data = data or DataSource()
-    feeds = data.samples(reference, limit=None if not data.generated else 2)
-    # ONNX Runtime on as many threads as the artifact (the same machine share on both sides).
-    session = reference_session(reference, threads=artifact.threads or 0)
-    ref = data.reference_outputs(reference, feeds, session)  # fails as the inputs' fault, not the artifact's
-    got = artifact.run_many(feeds)
-    from .reference import artifact_tolerance
-
+    ref, got = _reference_and_artifact_outputs(artifact, reference or artifact.reference_graph(), data or DataSource())
     atol, rtol = artifact_tolerance(artifact.manifest, atol, rtol)
     return compare_outputs(ref, got, [o.name for o in artifact.outputs], atol=atol, rtol=rtol)
 

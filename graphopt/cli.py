@@ -311,9 +311,7 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
     out.say(f"pipeline: {res.pipeline}")
     for line in _record_lines(res.records):
         out.say(line)
-    for line in _accuracy_lines(res.report.get("accuracy")):
-        out.say(line)
-    for line in _layer_lines(res.report.get("layers")):
+    for line in [*_accuracy_lines(res.report.get("accuracy")), *_layer_lines(res.report.get("layers"))]:
         out.say(line)
     pay = res.report.get("payoff")
     if pay:
@@ -348,9 +346,7 @@ def cmd_optimize(args, out: _Out, debug_log: list) -> int:
     out.say(f"pipeline: {res.pipeline}")
     for line in _record_lines(res.records):
         out.say(line)
-    for line in _accuracy_lines(res.report.get("accuracy")):
-        out.say(line)
-    for line in _layer_lines(res.report.get("layers")):
+    for line in [*_accuracy_lines(res.report.get("accuracy")), *_layer_lines(res.report.get("layers"))]:
         out.say(line)
     out.emit(res.report)
     return EXIT_OK

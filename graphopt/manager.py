@@ -15,7 +15,7 @@ from pathlib import Path
 from .console import step
 from .errors import DataError, GraphoptError, ModelError, OptionError, PluginError, VerificationError
 from .graph import Graph
-from .passbase import PassContext, PassRecord
+from .passbase import PassContext, PassRecord, needs_calibration_data
 from .options import check_tolerance
 from .pipeline import Pipeline
 from .plugins import Registry, describe_exception, get_registry
@@ -93,9 +93,7 @@ class PassManager:
         if self.ctx.data.generated:
             needy = [str(p) for p in pipeline if p.requires_data()]
             if needy:
-                how = f"{self.ctx.data.option} FILE.npz" if self.ctx.data.option else "data=graphopt.DataSource('FILE.npz')"
-                raise DataError(f"pass '{needy[0]}' needs calibration data (real inputs of the model): give {how}, "
-                                "one array per input name; generated inputs would calibrate it to noise")
+                raise needs_calibration_data(self.ctx.data, f"pass '{needy[0]}'")
         #: The whole pipeline's accuracy against the float model, filled by :meth:`run` (the report's "accuracy").
         self.accuracy: dict = {}
 

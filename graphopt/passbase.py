@@ -20,6 +20,15 @@ from .graph import Graph
 from .options import Option, format_value, resolve_options
 
 
+def needs_calibration_data(data: DataSource, who: str):
+    """The error for ``who`` (a pass) run on generated inputs when it learns from real ones."""
+    from .errors import DataError
+
+    how = f"{data.option} FILE.npz" if data.option else "data=graphopt.DataSource('FILE.npz')"
+    return DataError(f"{who} needs calibration data (real inputs of the model): give {how}, one array per "
+                     "input name; generated inputs would calibrate it to noise")
+
+
 @dataclass
 class PassContext:
     """What a whole run shares: data, seed, tolerances, where to write dumps.
@@ -53,9 +62,7 @@ class PassContext:
         from .errors import DataError
 
         if self.data.generated:
-            how = f"{self.data.option} FILE.npz" if self.data.option else "data=graphopt.DataSource('FILE.npz')"
-            raise DataError(f"{who} needs calibration data (real inputs of the model): give {how}, one array per "
-                            "input name; generated inputs would calibrate it to noise")
+            raise needs_calibration_data(self.data, who)
         feeds = self.data.samples(graph)
         if not feeds:
             raise DataError(f"{who}: the calibration data {self.data.describe()} hold no samples")

@@ -247,7 +247,6 @@ class Quantize(Pass):
         for la in layers:
             w2 = la.w2.astype(np.float64)
             parts = self._groups(la)
-            codes = np.zeros((w2.shape[0], 0))
             result = []
             for gi, (rows, _) in enumerate(parts):
                 st = stats.get(la.key, [None] * len(parts))[gi]

@@ -284,8 +284,9 @@ def _is_float32_tensor(expr) -> bool:
 def fast_math_pass():
     """The Relax module pass replacing float32 ``FAST_OPS`` calls (see the module docstring)."""
     import tvm
-    from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from .relax_import import rewrite_relax_functions
 
     @mutator
     class _Rewriter(PyExprMutator):
@@ -304,10 +305,6 @@ def fast_math_pass():
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.FastMath")
     def _pass(mod, _ctx):
-        rw = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return rw.builder_.get()
+        return rewrite_relax_functions(mod, _Rewriter)
 
     return _pass

@@ -59,7 +59,6 @@ def kernel_object(scratch: Path) -> Path:
 
 def _kernel_primfunc(k: int, n16: int):
     """TIR function ``(a [m, k] uint8, w [n16/16, k/4, 16, 4] int8) -> c [m, n16] int32`` over kernel tiles."""
-    import tvm
     from tvm.script import parser
 
     T = __import__("tvm.script.tirx", fromlist=["tirx"])
@@ -78,7 +77,6 @@ def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, 16, 4), "int8"), c: T.handle):
             t % {rows} * {mr}, T.min(m - t % {rows} * {mr}, {mr}),
             t // {rows} * {nbt}, T.min(T.int64({nb}) - t // {rows} * {nbt}, {nbt})))
 '''
-    del tvm
     return parser.parse(src, extra_vars={"T": T})
 
 
@@ -138,6 +136,8 @@ def int8_matmul_pass(used: list):
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from .relax_import import rewrite_relax_functions
 
     R = relax.op
 
@@ -296,11 +296,7 @@ def int8_matmul_pass(used: list):
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.Int8Matmul")
     def _pass(mod, _ctx):
-        rw = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        out = rw.builder_.get()
+        out = rewrite_relax_functions(mod, _Rewriter)
         # The float weights the rewritten matmuls read are dead now; left in, the prepack step would
         # lift them (and refuse to store them: 4x the int8 weights).
         return relax.transform.DeadCodeElimination()(out) if used else out

@@ -280,6 +280,21 @@ def import_graph(graph: Graph, params: list[str]):
 
 
 # ------------------------------------------------------------ reproducible builds
+def rewrite_relax_functions(mod, rewriter_cls):
+    """``mod`` with every Relax function passed through ``rewriter_cls`` (a ``PyExprMutator`` class).
+
+    One rewriter serves the whole module, so functions it adds through its
+    builder (TIR kernels) are shared between the Relax functions it visits.
+    """
+    from tvm import relax
+
+    rw = rewriter_cls(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return rw.builder_.get()
+
+
 def _heap_reads(expr, out: list) -> bool:
     """Collect the BufferLoads of a PrimExpr into ``out``.
 
