@@ -102,8 +102,8 @@ class CpuTarget(Target):
         Option("mcpu", str, "host", "LLVM cpu to build for: 'host' (detected), 'portable', or a name such as znver3"),
         Option("opt_level", int, 3, "TVM optimization level", min=0, max=3),
         Option("int8_kernels", bool, True,
-               "quantized (QDQ) matmuls as int8 x int8 -> int32 VNNI kernels where the CPU has AVX-512 VNNI "
-               "(see targets/int8.py); false: float arithmetic with the quantization rounding"),
+               "quantized (QDQ) matmuls and convolutions as exact integer kernels (AVX-512 VNNI, else AVX2; "
+               "see targets/int8.py); false: float arithmetic with the quantization rounding"),
         Option("fast_math", bool, True,
                "float32 exp/erf/tanh/sigmoid/GELU/SiLU/softmax as vectorized polynomials (see targets/fast_math.py) "
                "instead of scalar libm calls"),
@@ -150,7 +150,7 @@ class CpuTarget(Target):
         from . import int8
 
         int8_used: list = []
-        use_int8 = self.opts.int8_kernels and int8.supported(features)
+        int8_kernel = int8.select_kernel(features) if self.opts.int8_kernels else None
         with step(ctx.progress, "import into TVM Relax"):
             mod = import_graph(graph, ctx.params)
         outputs = output_specs(mod, graph)  # what the program returns, not what the model declared
@@ -158,8 +158,8 @@ class CpuTarget(Target):
             with step(ctx.progress, "prepack weights"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
                     passes = relax_passes(target, fast_math=self.opts.fast_math)
-                    if use_int8:  # before the layout passes' float view of the graph, after nothing else
-                        passes = [int8.int8_matmul_pass(int8_used), *passes]
+                    if int8_kernel:  # before the layout passes' float view of the graph, after nothing else
+                        passes = [int8.int8_matmul_pass(int8_used, int8_kernel), *passes]
                     mod, plan = lift_weight_transforms(mod, target, passes, n_weights=len(ctx.params))
                     weights, params = self._pack(plan, out_dir, ctx, target)
                 if plan.note:
@@ -170,7 +170,7 @@ class CpuTarget(Target):
                 addons = []
                 if int8_used:
                     scratch = out_dir / ".scratch"
-                    addons = [str(int8.kernel_object(scratch if scratch.is_dir() else out_dir))]
+                    addons = [str(int8.kernel_object(scratch if scratch.is_dir() else out_dir, int8_kernel))]
                 ex.export_library(str(out_dir / "main.so"), addons=addons)
                 for a in addons:
                     Path(a).unlink(missing_ok=True)
@@ -191,6 +191,7 @@ class CpuTarget(Target):
                 "isa_features": features,
                 "machine": platform.machine(),
                 "int8_matmuls": len(int8_used),
+                "int8_kernel": int8_kernel.name if int8_used else None,
             },
             "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu", "params": params}],
             "weights": weights,

@@ -1,28 +1,37 @@
-"""Integer lowering of quantized matmuls: QDQ in, int8 x int8 -> int32 kernels out (AVX-512 VNNI).
+"""Integer lowering of quantized matmuls: QDQ in, exact int x int -> int32 kernels out (AVX-512 VNNI or AVX2).
 
 ONNX QDQ graphs import into Relax as float arithmetic with the quantization
 rounding kept: ``matmul(dequantize(q_x), dequantize(q_w))``. On a CPU with
-AVX-512 VNNI, :func:`int8_matmul_pass` rewrites each such matmul whose
+AVX-512 VNNI or AVX2, :func:`int8_matmul_pass` rewrites each such matmul whose
 activation is quantized per tensor (uint8 or int8) and whose weight is int8
 (per tensor or per output channel, any zero point) into
 
-    acc  = q_x (uint8) x W (int8)  ->  int32, exact      # targets/qgemm_vnni.c, vpdpbusd
+    acc  = q_x x W  ->  int32, exact                      # a C micro-kernel, see KERNELS
     y    = float(acc - zx*colsum(W) - zw*rowsum(q_x) + K*zx*zw) * (sx*sw)
 
-where everything that depends on weights alone (the packed ``[N/16, K/4, 16,
-4]`` weight, column sums, the per-channel constants) is a weight transform
-that the prepack step runs once at lower time, and the epilogue fuses into one
-element-wise kernel. int8 activations are shifted by 128 into uint8 (their zero
-point too). The integer sum is exact; it differs from ONNX Runtime's float
-QDQ arithmetic only by float rounding (~1e-6 relative).
+where everything that depends on weights alone (the packed weight, column
+sums, the per-channel constants) is a weight transform that the prepack step
+runs once at lower time, and the epilogue fuses into one element-wise kernel.
+The integer sum is exact; it differs from ONNX Runtime's float QDQ arithmetic
+only by float rounding (~1e-6 relative).
 
-The kernel is a C micro-kernel (register-resident 4 x 64 tiles, ``vpdpbusd``)
-called from a TIR function that parallelizes over tiles; TIR scheduling in
-this TVM kept the accumulators in memory (a workspace allocation per tile), 5x
-slower. Its object file is compiled with the system C compiler (the one
-``export_library`` links with) and linked into ``main.so``. Matmuls whose K is
-not a multiple of 4, other dtypes, per-axis activation scales, or CPUs without
-VNNI keep the float lowering.
+Two micro-kernels, chosen from the CPU features the artifact is built for:
+
+* ``avx512vnni`` (``qgemm_vnni.c``): uint8 x int8 with ``vpdpbusd``, 4 x 64
+  tiles; weights packed ``[N/16, K/4, 16, 4]`` int8; int8 activations are
+  shifted by 128 into uint8 (their zero point too).
+* ``avx2`` (``qgemm_avx2.c``): the codes widened to int16, ``vpmaddwd``, 2 x 32
+  tiles; weights packed ``[N/8, K/2, 8, 2]`` int8, widened as loaded. The
+  faster AVX2 route, ``vpmaddubsw``, saturates its int16 pair sums: ONNX
+  Runtime's MatMulInteger on such a CPU is off by up to 1e5 on full-range codes.
+
+Each kernel is called from a TIR function that parallelizes over tiles; TIR
+scheduling in this TVM kept the accumulators in memory (a workspace allocation
+per tile), 5x slower. Its object file is compiled with the system C compiler
+(the one ``export_library`` links with) and linked into ``main.so``. Matmuls
+whose K is not a multiple of the kernel's k-group (4 or 2), other dtypes,
+per-axis activation scales, or CPUs with neither feature set keep the float
+lowering.
 """
 
 from __future__ import annotations
@@ -30,60 +39,88 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
-KERNEL_SOURCE = Path(__file__).with_name("qgemm_vnni.c")
-KERNEL_SYMBOL = "graphopt_qgemm_u8s8_avx512vnni"
-#: Rows and 16-column blocks of one kernel tile (the C file's MR and NB).
-TILE_ROWS, TILE_BLOCKS = 4, 4
-#: CPU features the kernel needs.
-REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
+
+@dataclass(frozen=True)
+class Kernel:
+    """One integer GEMM micro-kernel: its C source and the layout contract the Relax rewrite follows."""
+
+    name: str  #: recorded in the manifest (``target.int8_kernel``)
+    source: str  #: C file next to this module
+    symbol: str  #: the function the TIR caller calls
+    features: tuple  #: LLVM CPU features it needs
+    block: int  #: output columns per packed block (one register)
+    kgroup: int  #: consecutive k per packed group; K must be a multiple
+    a_dtype: str  #: what the kernel reads the activation codes as
+    w_dtype: str  #: what the packed weight is stored as
+    tile_rows: int  #: the C file's MR
+    tile_blocks: int  #: the C file's NB
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).with_name(self.source)
+
+
+#: In order of preference: the first whose features the target CPU has is used.
+KERNELS = (
+    Kernel("avx512vnni", "qgemm_vnni.c", "graphopt_qgemm_u8s8_avx512vnni", ("avx512f", "avx512bw", "avx512vnni"),
+           block=16, kgroup=4, a_dtype="uint8", w_dtype="int8", tile_rows=4, tile_blocks=4),
+    Kernel("avx2", "qgemm_avx2.c", "graphopt_qgemm_s16_avx2", ("avx2",),
+           block=8, kgroup=2, a_dtype="int16", w_dtype="int8", tile_rows=2, tile_blocks=4),
+)
+
+
+def select_kernel(features) -> Kernel | None:
+    """The integer kernel for a CPU with LLVM ``features``, or None (float lowering of QDQ)."""
+    return next((k for k in KERNELS if all(f in features for f in k.features)), None)
 
 
 def supported(features) -> bool:
-    return all(f in features for f in REQUIRED_FEATURES)
+    return select_kernel(features) is not None
 
 
-def kernel_object(scratch: Path) -> Path:
-    """Compile the C micro-kernel into ``scratch``; returns the object file (deterministic bytes)."""
+def kernel_object(scratch: Path, kernel: Kernel) -> Path:
+    """Compile ``kernel``'s C source into ``scratch``; returns the object file (deterministic bytes)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         from graphopt.errors import LoweringError
 
         raise LoweringError("the int8 kernels need a C compiler (cc, gcc or clang; or $CC), as linking main.so does")
-    out = scratch / "qgemm_vnni.o"
-    subprocess.run([cc, "-O3", "-fPIC", "-c", str(KERNEL_SOURCE), "-o", str(out)], check=True,
-                   capture_output=True)
+    out = scratch / (Path(kernel.source).stem + ".o")
+    subprocess.run([cc, "-O3", "-fPIC", "-c", str(kernel.path), "-o", str(out)], check=True, capture_output=True)
     return out
 
 
-def _kernel_primfunc(k: int, n16: int):
-    """TIR function ``(a [m, k] uint8, w [n16/16, k/4, 16, 4] int8) -> c [m, n16] int32`` over kernel tiles."""
+def _kernel_primfunc(kernel: Kernel, k: int, n_pad: int):
+    """TIR function ``(a [m, k], w [n_pad/block, k/kgroup, block, kgroup]) -> c [m, n_pad] int32`` over tiles."""
     from tvm.script import parser
 
     T = __import__("tvm.script.tirx", fromlist=["tirx"])
-    kb, nb = k // 4, n16 // 16
-    mr, nbt = TILE_ROWS, TILE_BLOCKS
+    kb, nb = k // kernel.kgroup, n_pad // kernel.block
+    mr, nbt = kernel.tile_rows, kernel.tile_blocks
     rows = f"((m + {mr - 1}) // {mr})"
     src = f'''
 @T.prim_func(private=True)
-def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, 16, 4), "int8"), c: T.handle):
+def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, {kernel.block}, {kernel.kgroup}), "{kernel.w_dtype}"), c: T.handle):
     T.func_attr({{"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8}})
     m = T.int64()
-    A = T.match_buffer(a, (m, {k}), "uint8")
-    C = T.match_buffer(c, (m, {n16}), "int32")
+    A = T.match_buffer(a, (m, {k}), "{kernel.a_dtype}")
+    C = T.match_buffer(c, (m, {n_pad}), "int32")
     for t in T.parallel({rows} * {(nb + nbt - 1) // nbt}):
-        T.evaluate(T.call_extern("int32", "{KERNEL_SYMBOL}", A.data, w.data, C.data, T.int64({k}), T.int64({n16}),
+        T.evaluate(T.call_extern("int32", "{kernel.symbol}", A.data, w.data, C.data, T.int64({k}), T.int64({n_pad}),
             t % {rows} * {mr}, T.min(m - t % {rows} * {mr}, {mr}),
             t // {rows} * {nbt}, T.min(T.int64({nb}) - t // {rows} * {nbt}, {nbt})))
 '''
     return parser.parse(src, extra_vars={"T": T})
 
 
-def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow):
-    """TIR function: [N, OH, OW, KH, KW, C] windows of x (NHWC, uint8), taps in the padding reading the
-    zero point; C innermost, so the copies are contiguous and vectorize. Opaque (``op_pattern`` 8): nothing
-    is fused into it, or every producer (a quantize) would be recomputed once per tap."""
+def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, out_dtype):
+    """TIR function: [N, OH, OW, KH, KW, C] windows of x (NHWC, uint8) as ``out_dtype`` (widened in the copy
+    for a kernel that reads int16); taps in the padding read the zero point; C innermost, so the copies are
+    contiguous and vectorize. Opaque (``op_pattern`` 8): nothing is fused into it, or every producer (a
+    quantize) would be recomputed once per tap."""
     from tvm import te, tirx
 
     x = te.placeholder((n, h, w, c), "uint8", name="x")
@@ -94,7 +131,7 @@ def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow):
         ww = j * sw + q * dw - pl
         inside = tirx.all(hh >= 0, hh < h, ww >= 0, ww < w)
         return tirx.if_then_else(inside, x[b, tirx.max(tirx.min(hh, h - 1), 0), tirx.max(tirx.min(ww, w - 1), 0), cc],
-                                 z())
+                                 z()).astype(out_dtype)
 
     out = te.compute((n, oh, ow, kh, kw, c), tap, name="im2col")
     func = te.create_prim_func([x, z, out]).without_attr("global_symbol")
@@ -131,8 +168,9 @@ def _int(v):
         return None
 
 
-def int8_matmul_pass(used: list):
-    """The Relax module pass (see the module docstring); appends to ``used`` one entry per matmul rewritten."""
+def int8_matmul_pass(used: list, kernel: Kernel):
+    """The Relax module pass (see the module docstring) calling ``kernel``; appends to ``used`` one entry per
+    matmul rewritten."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -141,7 +179,7 @@ def int8_matmul_pass(used: list):
 
     R = relax.op
 
-    kernels: dict[tuple[int, int], object] = {}  # (k, n16) -> GlobalVar of its TIR function
+    kernels: dict[tuple[int, int], object] = {}  # (k, n_pad) -> GlobalVar of its TIR function
 
     @mutator
     class _Rewriter(PyExprMutator):
@@ -183,7 +221,7 @@ def int8_matmul_pass(used: list):
             if transposed and [int(a) for a in perm.attrs.axes] != [1, 0]:
                 return None
             k, n = (wshape[1], wshape[0]) if transposed else wshape
-            if _int(xshape[-1]) != k or k % 4:
+            if _int(xshape[-1]) != k or k % kernel.kgroup:
                 return None
             # Per-channel weight parameters must run along N: axis 0 of a stored [N, K], axis 1 of a [K, N].
             w_axis, n_axis = int(w_dq.attrs.axis) % 2, 0 if transposed else 1
@@ -232,7 +270,7 @@ def int8_matmul_pass(used: list):
                 return None
             o, c, kh, kw = wshape
             h, w = _int(xshape[2]), _int(xshape[3])
-            if h is None or w is None or _int(xshape[1]) != c or (c * kh * kw) % 4:
+            if h is None or w is None or _int(xshape[1]) != c or (c * kh * kw) % kernel.kgroup:
                 return None
             for p in (sw, zw):
                 ps = _static_shape(p)
@@ -253,27 +291,35 @@ def int8_matmul_pass(used: list):
             xt = bb.emit(R.permute_dims(xu, [0, 2, 3, 1]))  # NHWC: each window row is contiguous in C
             nb = _int(n_batch)
             tir_n = nb if nb is not None else tvm.tirx.Var("n", "int64")  # a symbolic batch binds from x's shape
-            im2col = bb.add_func(_im2col_primfunc(tir_n, c, h, w, kh, kw, sh, sw_, dh, dw, pt, pl, oh, ow), "im2col_u8")
-            cols = bb.emit(relax.call_tir(im2col, [xt, zxu], relax.TensorType([n_batch, oh, ow, kh, kw, c], "uint8")))
+            a_dtype = "int16" if kernel.a_dtype == "int16" else "uint8"
+            im2col = bb.add_func(_im2col_primfunc(tir_n, c, h, w, kh, kw, sh, sw_, dh, dw, pt, pl, oh, ow, a_dtype),
+                                 f"im2col_{a_dtype}")
+            cols = bb.emit(relax.call_tir(im2col, [xt, zxu], relax.TensorType([n_batch, oh, ow, kh, kw, c], a_dtype)))
             x2 = bb.emit(R.reshape(cols, [-1, k]))
             # Weight columns in the im2col order (KH, KW, C): a weight-only transform, done at lower time.
             wkn = bb.emit(R.permute_dims(R.reshape(R.permute_dims(qw, [0, 2, 3, 1]), [o, k]), [1, 0]))
-            y = self._gemm(x2, "uint8", sx, zxu, wkn, sw, zw, k, o)
+            y = self._gemm(x2, a_dtype, sx, zxu, wkn, sw, zw, k, o)
             y = R.permute_dims(R.reshape(y, [n_batch, oh, ow, o]), [0, 3, 1, 2])
             used.append({"op": "conv2d", "k": k, "n": o, "activation": x_dtype})
             out_dtype = str(call.ty.dtype)
             return y if out_dtype == "float32" else R.astype(y, out_dtype)
 
         def _gemm(self, x2, x_dtype, sx, zx, wkn, sw, zw, k, n):
-            """float32 [M, n] = dequantized (q_x [M, k] x W [k, n]), through the int8 kernel."""
+            """float32 [M, n] = dequantized (q_x [M, k] x W [k, n]), through the integer kernel. ``x_dtype``
+            int16: uint8 codes already widened (by the im2col copy)."""
             bb = self.builder_
-            n16 = -(-n // 16) * 16
-            wpad = bb.emit(R.nn.pad(wkn, [0, 0, 0, n16 - n])) if n16 != n else wkn
-            packed = bb.emit(R.permute_dims(R.reshape(wpad, [k // 4, 4, n16 // 16, 16]), [2, 0, 3, 1]))
+            blk, kg = kernel.block, kernel.kgroup
+            n_pad = -(-n // blk) * blk
+            wpad = bb.emit(R.nn.pad(wkn, [0, 0, 0, n_pad - n])) if n_pad != n else wkn
+            if kernel.w_dtype != "int8":
+                wpad = bb.emit(R.astype(wpad, kernel.w_dtype))
+            packed = bb.emit(R.permute_dims(R.reshape(wpad, [k // kg, kg, n_pad // blk, blk]), [2, 0, 3, 1]))
             colsum = bb.emit(R.sum(R.astype(wkn, "int32"), axis=[0]))
             zx32 = R.astype(zx, "int32")
             xu = x2
-            if x_dtype == "int8":  # u8 x s8 only: shift the activations (and their zero point) by 128
+            if kernel.a_dtype == "int16" and x_dtype != "int16":  # both widen exactly; the zero point stays
+                xu = bb.emit(R.astype(x2, "int16"))
+            elif x_dtype == "int8":  # u8 x s8 only: shift the activations (and their zero point) by 128
                 xu = bb.emit(R.astype(R.add(R.astype(x2, "int32"), relax.const(128, "int32")), "uint8"))
                 zx32 = R.add(zx32, relax.const(128, "int32"))
             zw32 = R.astype(zw, "int32")
@@ -281,12 +327,12 @@ def int8_matmul_pass(used: list):
             corr = bb.emit(R.subtract(R.multiply(zx32, colsum), R.multiply(R.multiply(zx32, zw32),
                                                                              relax.const(k, "int32"))))
             scale = bb.emit(R.multiply(R.astype(sx, "float32"), R.astype(sw, "float32")))
-            key = (k, n16)
+            key = (k, n_pad)
             if key not in kernels:
-                kernels[key] = bb.add_func(_kernel_primfunc(k, n16), f"qgemm_u8s8_k{k}_n{n16}")
+                kernels[key] = bb.add_func(_kernel_primfunc(kernel, k, n_pad), f"qgemm_{kernel.name}_k{k}_n{n_pad}")
             m = xu.ty.shape.values[0]
-            acc = bb.emit(relax.call_tir(kernels[key], [xu, packed], relax.TensorType([m, n16], "int32")))
-            if n16 != n:
+            acc = bb.emit(relax.call_tir(kernels[key], [xu, packed], relax.TensorType([m, n_pad], "int32")))
+            if n_pad != n:
                 acc = bb.emit(R.strided_slice(acc, axes=[1], begin=[0], end=[n]))
             exact = R.subtract(acc, corr)
             if not _constant_zero(zw):

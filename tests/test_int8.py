@@ -1,4 +1,7 @@
-"""Integer lowering of QDQ matmuls (targets/int8.py): exact int8 x int8 -> int32 kernels where the CPU has VNNI."""
+"""Integer lowering of QDQ matmuls (targets/int8.py): exact integer kernels where the CPU has AVX-512 VNNI or AVX2.
+
+Each kernel is tested where this CPU can run it: the VNNI one through a host build, the AVX2 one through an
+``mcpu=x86-64-v3`` build (AVX2, no AVX-512) on any AVX2 machine, AVX-512 ones included."""
 
 from __future__ import annotations
 
@@ -14,7 +17,12 @@ from graphopt.targets.cpu import host_isa_features
 
 from .conftest import make_model, vi
 
-VNNI = int8.supported(host_isa_features())
+HOST = host_isa_features()
+#: (kernel name, the mcpu whose build selects it), for the kernels this CPU can run.
+RUNNABLE = [(name, mcpu) for name, mcpu in (("avx512vnni", "host"), ("avx2", "x86-64-v3"))
+            if all(f in HOST for f in next(k for k in int8.KERNELS if k.name == name).features)]
+kernels = pytest.mark.parametrize("kernel,mcpu", RUNNABLE or [pytest.param(None, None, marks=pytest.mark.skip(
+    reason="this CPU has neither AVX-512 VNNI nor AVX2: no integer kernel runs here"))])
 
 
 def qdq_matmul_model(k=64, n=40, act="uint8", w_zero=False, transposed=False, rank=3, seed=0):
@@ -50,67 +58,79 @@ def _lower(tmp_path, g, name, **opts):
     return res, json.loads((tmp_path / name / "manifest.json").read_text())
 
 
-@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 kernels are not used (float fallback)")
+@kernels
 @pytest.mark.parametrize("case", [
     dict(), dict(act="int8"), dict(w_zero=True), dict(transposed=True), dict(n=16, k=32, rank=2),
-    dict(n=130, k=96, act="int8", w_zero=True),
+    dict(n=130, k=96, act="int8", w_zero=True), dict(n=9, k=6),
 ])
-def test_qdq_matmuls_become_int8_kernels_that_match_onnx_runtime(tmp_path, case):
+def test_qdq_matmuls_become_int8_kernels_that_match_onnx_runtime(tmp_path, case, kernel, mcpu):
+    if case.get("k", 64) % next(k for k in int8.KERNELS if k.name == kernel).kgroup:
+        pytest.skip("K is not a multiple of this kernel's k-group")
     g = qdq_matmul_model(**case)
-    res, manifest = _lower(tmp_path, g, "art")
-    assert manifest["target"]["int8_matmuls"] == 1
+    res, manifest = _lower(tmp_path, g, "art", mcpu=mcpu)
+    assert manifest["target"]["int8_matmuls"] == 1 and manifest["target"]["int8_kernel"] == kernel
     assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
-    # the weights are stored as int8 (packed), not as a dequantized float copy
+    # the weights are stored as integers (packed), not as a dequantized float copy (tiny ones may be inlined)
     sizes = [w["nbytes"] for w in manifest["weights"]]
-    assert max(sizes) < 4 * g.initializers()["wq"].ByteSize()
+    assert max(sizes, default=0) < 4 * g.initializers()["wq"].ByteSize()
 
 
-def test_int8_kernels_can_be_turned_off_and_k_not_a_multiple_of_4_keeps_float(tmp_path):
+def test_int8_kernels_can_be_turned_off_and_odd_k_keeps_float(tmp_path):
     res, manifest = _lower(tmp_path, qdq_matmul_model(), "off", int8_kernels="false")
     assert manifest["target"]["int8_matmuls"] == 0 and res.verification.ok
-    res, manifest = _lower(tmp_path, qdq_matmul_model(k=30), "k30")
+    assert manifest["target"]["int8_kernel"] is None
+    res, manifest = _lower(tmp_path, qdq_matmul_model(k=31), "k31")
     assert manifest["target"]["int8_matmuls"] == 0 and res.verification.ok
 
 
-def test_avx2_build_falls_back_to_float(tmp_path):
-    """An artifact for a CPU without VNNI (x86-64-v3: AVX2) never calls the VNNI kernel, and runs here."""
-    if "avx2" not in host_isa_features():
-        pytest.skip("this CPU cannot run an AVX2 build")
-    res, manifest = _lower(tmp_path, qdq_matmul_model(), "avx2", mcpu="x86-64-v3")
+def test_kernel_choice_follows_the_cpu_features_built_for():
+    assert int8.select_kernel({"avx512f", "avx512bw", "avx512vnni", "avx2"}).name == "avx512vnni"
+    assert int8.select_kernel({"avx512f", "avx512bw", "avx2"}).name == "avx2"  # AVX-512 without VNNI
+    assert int8.select_kernel({"sse4.2", "popcnt"}) is None
+
+
+def test_portable_build_keeps_float_qdq_arithmetic(tmp_path):
+    """The portable build (x86-64-v2: no AVX2) calls no integer kernel, and still verifies."""
+    res, manifest = _lower(tmp_path, qdq_matmul_model(), "portable", mcpu="portable")
     assert manifest["target"]["int8_matmuls"] == 0 and res.verification.ok
-    assert "avx512vnni" not in manifest["target"]["isa_features"]
+    assert "avx2" not in manifest["target"]["isa_features"]
 
 
-@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 kernels are not used (float fallback)")
+@kernels
 @pytest.mark.parametrize("attrs,batch", [
     (dict(pads=[1, 1, 1, 1]), "b"), (dict(strides=[2, 2], pads=[0, 1, 2, 1]), 2),
     (dict(dilations=[2, 2], pads=[2, 2, 2, 2]), "b"), (dict(kernel_shape=[1, 1]), 3),
+    (dict(pads=[1, 1, 1, 1], channels=6, kernel_shape=[3, 1]), 2),  # K = 18: a multiple of 2, not of 4
 ])
-def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, batch):
+def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, batch, kernel, mcpu):
+    if kernel == "avx512vnni" and attrs.get("channels") == 6:
+        pytest.skip("K = 18 is not a multiple of the VNNI kernel's k-group (float lowering, tested elsewhere)")
     rng = np.random.default_rng(2)
-    k = attrs.pop("kernel_shape", [3, 3])
-    w = numpy_helper.from_array(rng.standard_normal((24, 8, *k)).astype(np.float32) * 0.2, "w")
+    attrs = dict(attrs)
+    k, c = attrs.pop("kernel_shape", [3, 3]), attrs.pop("channels", 8)
+    w = numpy_helper.from_array(rng.standard_normal((24, c, *k)).astype(np.float32) * 0.2, "w")
     b = numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "b")
     m = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", **attrs),
                     helper.make_node("Relu", ["c"], ["y"], name="relu")],
-                   [vi("x", [batch, 8, 9, 11])], [vi("y", [batch, 24, "h", "w"])], [w, b])
+                   [vi("x", [batch, c, 9, 11])], [vi("y", [batch, 24, "h", "w"])], [w, b])
     g = graphopt.Graph(m)
     n = 2 if batch == "b" else batch
-    feeds = [{"x": rng.standard_normal((n, 8, 9, 11)).astype(np.float32)} for _ in range(4)]
+    feeds = [{"x": rng.standard_normal((n, c, 9, 11)).astype(np.float32)} for _ in range(4)]
     q = graphopt.optimize(g, "quantize", data=graphopt.DataSource(feeds=feeds)).graph
-    res = graphopt.lower(q, "cpu", tmp_path / "art", data=graphopt.DataSource(feeds=feeds), verify=True)
+    res = graphopt.lower(q, "cpu", tmp_path / "art", data=graphopt.DataSource(feeds=feeds), verify=True,
+                         target_options={"mcpu": mcpu})
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
-    assert manifest["target"]["int8_matmuls"] == 1
+    assert manifest["target"]["int8_matmuls"] == 1 and manifest["target"]["int8_kernel"] == kernel
     assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
 
 
-@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 kernels are not used (float fallback)")
-def test_int8_artifacts_are_byte_identical_across_runs(tmp_path):
+@kernels
+def test_int8_artifacts_are_byte_identical_across_runs(tmp_path, kernel, mcpu):
     """The micro-kernel object is compiled per lowering; main.so must still be the same bytes every time."""
     g = qdq_matmul_model(act="int8")
     digests = []
     for name in ("a", "b"):
-        _lower(tmp_path, g, name)
+        _lower(tmp_path, g, name, mcpu=mcpu)
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         digests.append(((tmp_path / name / "main.so").read_bytes(), manifest["files"] if "files" in manifest else None))
     assert digests[0] == digests[1]
