@@ -165,7 +165,9 @@ def group_grid(w: np.ndarray, bits: int, search: bool = True) -> tuple[np.ndarra
     best_s = best_m = None
     best_err = np.full(w.shape[0], np.inf)
     for r in (np.linspace(1.0, 0.5, 26) if search else [1.0]):
-        s = _fp16(np.maximum((hi - lo) * r / levels, 1e-8))
+        # The scale is stored as float16: floor it at float16's smallest step (2^-24), not at a value that
+        # rounds to 0 there (a constant row would divide by zero and its codes would be NaN cast to int).
+        s = _fp16(np.maximum((hi - lo) * r / levels, 2.0 ** -24))
         m = _fp16(lo * r)
         q = np.clip(np.round((w - m[:, None]) / s[:, None]), 0, levels)
         err = np.sum((q * s[:, None] + m[:, None] - w) ** 2, axis=1)

@@ -170,6 +170,11 @@ class Quantize(Pass):
                 why = "weight is not 2-D"
             elif node.op == "Conv" and w.ndim < 3:
                 why = "weight rank below 3"
+            elif not np.isfinite(w).all():
+                why = "weight holds NaN or infinity"
+            elif self.opts.mode == "weight-only" and w.size and float(np.abs(w).max()) > _FP16_MAX:
+                why = f"weight magnitude {float(np.abs(w).max()):.3g} exceeds float16's range (the weight-only grid's " \
+                      "scale and offset are float16)"
             if why:
                 skipped[key] = why
                 continue
@@ -439,6 +444,9 @@ class Quantize(Pass):
                           outputs=[y])
             g.nodes.append(add)
 
+
+#: Largest finite float16: the weight-only grids (scale, offset) are stored as float16.
+_FP16_MAX = 65504.0
 
 def _slice(b: Builder, x, axis: int, start: int, end: int):
     if b.opset >= 10:

@@ -53,6 +53,27 @@ def test_gptq_groups_and_padding():
     assert np.abs(wq - w).max() < 0.6
 
 
+@pytest.mark.parametrize("how", ["nearest", "gptq"])
+@pytest.mark.parametrize("group", [0, 4])
+def test_constant_rows_and_groups_quantize_without_dividing_by_zero(how, group):
+    """A row or group whose weights are all equal (a pruned or dead unit: zeros) has range 0; its scale, stored
+    as float16, must not round to 0, or the codes are 0/0 = NaN cast to an integer (undefined)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 16))
+    w[1] = 0.0
+    w[2] = 0.37
+    w[4, :4] = -1.25
+    with np.errstate(all="raise"):  # any division by zero or invalid value fails the test
+        codes, s, m = (qm.round_nearest(w, 2, group) if how == "nearest"
+                       else qm.gptq(w, np.eye(16), 2, group))
+    assert np.isfinite(codes).all() and (s > 0).all()
+    wq = qm.dequantize(codes, s, m, 16)
+    np.testing.assert_allclose(wq[1], 0.0, atol=1e-6)
+    np.testing.assert_allclose(wq[2], 0.37, atol=1e-3)  # the float16 offset's rounding
+    if group:
+        np.testing.assert_allclose(wq[4, :4], -1.25, atol=1e-3)
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
 @pytest.mark.parametrize("signed", [False, True])
 def test_activation_params_cover_zero_and_bound_the_error(method, signed):
@@ -168,6 +189,30 @@ def test_layers_inside_subgraphs_are_listed_not_quantized():
     res = graphopt.optimize(graphopt.Graph(m), "quantize(mode=dynamic)")
     d = res.records[0].details
     assert d["quantized"] == 0 and "If/Loop/Scan body" in d["not_quantized"]["inner_mm"]
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
+def test_weights_a_grid_cannot_hold_stay_float_with_the_reason(mode):
+    """A weight with NaN/inf, or (weight-only: float16 grids) beyond float16's range, is not quantized into a
+    model that computes NaN: the layer stays float and the record says why; the other layers are quantized."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32) * 1e6, "w_big"),
+             numpy_helper.from_array(np.where(np.eye(8) > 0, np.inf, 1.0).astype(np.float32), "w_inf"),
+             numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w_ok")]
+    nodes = [helper.make_node("MatMul", ["x", "w_ok"], ["a"], name="ok"),
+             helper.make_node("MatMul", ["a", "w_big"], ["b"], name="big"),
+             helper.make_node("MatMul", ["x", "w_inf"], ["c"], name="inf")]
+    g = graphopt.Graph(make_model(nodes, [vi("x", ["n", 8])], [vi("b", ["n", 8]), vi("c", ["n", 8])], inits))
+    feeds = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(4)]
+    res = graphopt.optimize(g, f"quantize(mode={mode})", data=DataSource(feeds=feeds))
+    d = res.records[0].details
+    assert "NaN or infinity" in d["not_quantized"]["inf"]
+    if mode == "weight-only":
+        assert "float16" in d["not_quantized"]["big"] and d["quantized"] == 1
+        err = output_error(run_reference(g, feeds), run_reference(res.graph, feeds), ["b"])
+        assert np.isfinite(err.max_abs) and err.cosine > 0.99, err
+    else:
+        assert d["quantized"] == 2
 
 
 def test_weight_only_without_data_rounds_to_nearest_and_needs_no_data():
