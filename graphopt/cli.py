@@ -248,6 +248,9 @@ def _record_lines(records):
         yield (f"  {r.pipeline:<28} {r.seconds:7.2f}s  nodes {b['nodes']}→{a['nodes']}  "
                f"size {human_bytes(b['bytes'])}→{human_bytes(a['bytes'])}  "
                f"FLOPs {human_count(b['flops'])}→{human_count(a['flops'])}{check}")
+        summary = (r.details or {}).get("summary")  # a pass's own one-line account (PassRecord.details)
+        if isinstance(summary, str) and summary:
+            yield f"    {summary}"
 
 
 def _layer_lines(layers):

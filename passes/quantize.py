@@ -207,6 +207,7 @@ class Quantize(Pass):
             self.note("not_quantized", skipped)
         if not layers:
             self.note("quantized", 0)
+            self.note("summary", _summary(0, skipped))
             return graph
         if ctx.budget is not None and ctx.eval is None and ctx.data.generated:
             raise DataError(f"pass '{self}' with a budget needs --eval or calibration data (--data) to measure "
@@ -226,6 +227,9 @@ class Quantize(Pass):
         after = sum(plans["weights"][la.key]["bytes"] for la in layers if la.key in chosen)
         self.note("weight_bytes", {"before": int(before), "after": int(after),
                                    "ratio": round(before / after, 3) if after else None})
+        kept = {k: f"kept in float by the budget, {why}" for k, why in self.notes.get("kept_float", {}).items()}
+        self.note("summary", _summary(len(chosen), {**skipped, **kept})
+                  + (f"; weights {before / after:.2f}x smaller" if after else ""))
         return out
 
     # ------------------------------------------------------------------------------------ plan
@@ -444,6 +448,15 @@ class Quantize(Pass):
                           outputs=[y])
             g.nodes.append(add)
 
+
+def _summary(quantized: int, left: dict) -> str:
+    """One line for the CLI: how many layers were quantized, which were left in float and why (the first few)."""
+    text = f"{quantized} layer(s) quantized"
+    if left:
+        shown = "; ".join(f"{k}: {why}" for k, why in list(left.items())[:3])
+        more = f"; and {len(left) - 3} more (see the report)" if len(left) > 3 else ""
+        text += f", {len(left)} left in float ({shown}{more})"
+    return text
 
 #: Largest finite float16: the weight-only grids (scale, offset) are stored as float16.
 _FP16_MAX = 65504.0
