@@ -104,7 +104,7 @@ def _kernel_primfunc(kernel: Kernel, k: int, n_pad: int):
     src = f'''
 @T.prim_func(private=True)
 def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, {kernel.block}, {kernel.kgroup}), "{kernel.w_dtype}"), c: T.handle):
-    T.func_attr({{"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     m = T.int64()
     A = T.match_buffer(a, (m, {k}), "{kernel.a_dtype}")
     C = T.match_buffer(c, (m, {n_pad}), "int32")
@@ -143,7 +143,7 @@ def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, out_dty
     b, i, j, p, q, cc = sch.get_loops(sch.get_sblock("im2col"))
     sch.parallel(sch.fuse(b, i))
     sch.vectorize(cc) if c <= 64 else None
-    return sch.mod["main"].with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True)
+    return sch.mod["main"].with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
 
 
 def _constant_zero(expr) -> bool:

@@ -388,6 +388,43 @@ def canonicalize_shape_funcs():
     return _pass
 
 
+#: The PrimFunc attribute that tells TVM's LLVM codegen a function's buffers do not alias (``tir.noalias``
+#: before TVM's tir -> tirx rename).
+NOALIAS_ATTR = "tirx.noalias"
+
+
+def mark_trivially_noalias():
+    """A module pass giving every PrimFunc with at most one pointer parameter the ``tirx.noalias`` attribute.
+
+    Why: TVM 0.27's LLVM codegen drops the type-based alias information of
+    *every* function in a module as soon as one function lacks ``tirx.noalias``
+    (all accesses then share one TBAA tag). ``VMShapeLower`` adds such a function
+    to every dynamic-shape model (``shape_func(H)``: one buffer, which trivially
+    aliases nothing), so in dynamic-batch artifacts LLVM could no longer keep a
+    GEMM's accumulator tile in registers: a store after every FMA, 1.7x slower
+    ([n*128, 1024] x [1024, 256] on AVX2: 1.15 ms dynamic vs 0.65 ms static).
+    A function with two or more pointer parameters is left as it is: whether
+    those alias is not this pass's to decide.
+    """
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.MarkTriviallyNoalias")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gvar, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and NOALIAS_ATTR in func.attrs):
+                continue
+            pointers = [p for p in func.params if p.dtype == "handle"]
+            if len(pointers) <= 1:
+                updates[gvar] = func.with_attr(NOALIAS_ATTR, True)
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _pass
+
+
 def build_pipeline(target=None, *, before_legalize=(), after_fusion=()):
     """The Relax build pipeline for ``tvm.compile``, then :func:`canonicalize_shape_funcs`.
 
@@ -406,8 +443,8 @@ def build_pipeline(target=None, *, before_legalize=(), after_fusion=()):
     from tvm import relax
 
     if target is None:
-        return tvm.transform.Sequential([relax.get_pipeline("default"), canonicalize_shape_funcs()],
-                                        name="graphopt.build_pipeline")
+        return tvm.transform.Sequential([relax.get_pipeline("default"), canonicalize_shape_funcs(),
+                                         mark_trivially_noalias()], name="graphopt.build_pipeline")
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     passes = [
@@ -418,6 +455,7 @@ def build_pipeline(target=None, *, before_legalize=(), after_fusion=()):
         *cpu.dataflow_lower_passes(target),
         *cpu.finalize_passes(target),
         canonicalize_shape_funcs(),
+        mark_trivially_noalias(),
     ]
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.build_pipeline")
