@@ -225,6 +225,49 @@ def _locked(folder: Path, on_wait=None):
 
 
 @contextlib.contextmanager
+def _quick_frame_stacks():
+    """``inspect.stack()`` without its source lookups, for as long as the block runs.
+
+    Why: creating the first MetaSchedule ``TuneContext`` imports TVM's tensor
+    intrinsics, ~500 TVMScript functions, each of which calls ``inspect.stack()``;
+    with the modules of a graphopt process loaded, every frame's
+    ``inspect.getmodule`` scans ``sys.modules``, and that import took 108 s of a
+    2-trial tuning run on 2 cores (2.8 s with this). TVMScript reads only each
+    frame's locals and the source line of the innermost three frames (a
+    decorator inside a class), which are kept.
+    """
+    import inspect
+    import linecache
+
+    real = inspect.stack
+
+    def stack(context: int = 1):
+        frames, f = [], sys._getframe(1)
+        while f is not None:
+            line = linecache.getline(f.f_code.co_filename, f.f_lineno) if len(frames) < 3 else ""
+            frames.append(inspect.FrameInfo(f, f.f_code.co_filename, f.f_lineno, f.f_code.co_name,
+                                            [line] if line else None, 0 if line else None))
+            f = f.f_back
+        return frames
+
+    inspect.stack = stack
+    try:
+        yield
+    finally:
+        inspect.stack = real
+
+
+def import_tensor_intrinsics() -> None:
+    """Import TVM's tensor intrinsics (what ``TuneContext`` and every builder worker import first) quickly.
+
+    Also the builder workers' initializer: MetaSchedule restarts them for every
+    build, and each spent ~30 s in this import (see :func:`_quick_frame_stacks`).
+    """
+    with _quick_frame_stacks():
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
+@contextlib.contextmanager
 def _watch_sigint(seen: list):
     """Note in ``seen`` when SIGINT arrives (then act as before: KeyboardInterrupt); main thread only."""
     import signal
@@ -576,7 +619,8 @@ class _Tools:
             else:
                 os.environ["TVM_NUM_THREADS"] = saved
         cores = os.cpu_count() or 1
-        self.builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=WORKER_TIMEOUT_S)
+        self.builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=WORKER_TIMEOUT_S,
+                                               initializer=import_tensor_intrinsics)
         self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)
         self.cores = cores
 
@@ -596,8 +640,15 @@ class _Tools:
                 bar.show()
                 on_batch(n)
 
+        # The evolutionary search's population scales with the budget: its default (512 candidates, each
+        # sampled and scored by the cost model every round) costs minutes on 2 cores even for 2 trials,
+        # while a budget of N trials never measures more than N of them.
+        population = min(512, max(64, 8 * trials))
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                         init_min_unmeasured=min(50, population // 2))
+        import_tensor_intrinsics()
         ctx = ms.TuneContext(mod=func, target=self.target, space_generator="post-order-apply",
-                             search_strategy="evolutionary", task_name=task.task_name, logger=self._logger,
+                             search_strategy=strategy, task_name=task.task_name, logger=self._logger,
                              rand_state=0, num_threads=self.cores).clone()
         ms.tune_tasks(
             tasks=[ctx], task_weights=[1.0], work_dir=os.devnull, max_trials_global=trials,
