@@ -31,9 +31,10 @@ from .reference import artifact_tolerance, check_value_sizes, Comparison, compar
 from .stats import graph_stats
 from .target import LowerContext, Target, resolve_threads
 
-#: What `graphopt lower` runs when no pipeline is given: every lossless clean-up, plus the rewrites of
-#: Loop/Scan and LSTM/GRU/RNN into ops TVM imports (no-ops on graphs without them).
-DEFAULT_LOWER_PIPELINE = "cleanup,unroll-loops,lower-recurrent,fold-batchnorm,cleanup"
+#: What `graphopt lower` runs when no pipeline is given: every lossless clean-up, plus the rewrite of
+#: Loop/Scan into ops TVM imports (a no-op on graphs without them). LSTM/GRU/RNN stay whole: the CPU
+#: target compiles them natively (targets/recurrent.py); 'lower-recurrent' unrolls them for other targets.
+DEFAULT_LOWER_PIPELINE = "cleanup,unroll-loops,fold-batchnorm,cleanup"
 
 #: Inside an artifact's temporary folder: where TVM and the C compiler keep their temporary files.
 SCRATCH_DIR = ".scratch"

@@ -125,7 +125,9 @@ class CpuTarget(Target):
         return mcpu
 
     def check(self, graph: Graph) -> None:
-        raise_if_unsupported(graph, self.name)
+        from . import recurrent
+
+        raise_if_unsupported(graph, self.name, native=recurrent.OPS)
 
     def select_params(self, graph: Graph) -> list[str]:
         return select_params(graph)
@@ -147,12 +149,13 @@ class CpuTarget(Target):
 
             tuner = Tuner(ctx.tune_trials, ctx.tuning_db, target, threads=ctx.threads, progress=ctx.progress,
                           log=ctx.native_log, default_rules=default_rules)
-        from . import int8
+        from . import int8, recurrent
 
         int8_used: list = []
+        recurrences: list = []  # LSTM/GRU/RNN nodes imported whole (targets/recurrent.py)
         int8_kernel = int8.select_kernel(features) if self.opts.int8_kernels else None
         with step(ctx.progress, "import into TVM Relax"):
-            mod = import_graph(graph, ctx.params)
+            mod = import_graph(graph, ctx.params, converters=recurrent.converters(features, recurrences))
         outputs = output_specs(mod, graph)  # what the program returns, not what the model declared
         try:
             with step(ctx.progress, "prepack weights"):
@@ -168,9 +171,12 @@ class CpuTarget(Target):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level, config=pass_config()):
                     ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, tuner))
                 addons = []
+                scratch = out_dir / ".scratch"
+                scratch = scratch if scratch.is_dir() else out_dir
                 if int8_used:
-                    scratch = out_dir / ".scratch"
-                    addons = [str(int8.kernel_object(scratch if scratch.is_dir() else out_dir, int8_kernel))]
+                    addons.append(str(int8.kernel_object(scratch, int8_kernel)))
+                if recurrences:
+                    addons.append(str(recurrent.kernel_object(scratch)))
                 ex.export_library(str(out_dir / "main.so"), addons=addons)
                 for a in addons:
                     Path(a).unlink(missing_ok=True)
@@ -192,6 +198,8 @@ class CpuTarget(Target):
                 "machine": platform.machine(),
                 "int8_matmuls": len(int8_used),
                 "int8_kernel": int8_kernel.name if int8_used else None,
+                "recurrences": len(recurrences),
+                "recurrence_kernel": recurrent.variant(features) if recurrences else None,
             },
             "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu", "params": params}],
             "weights": weights,

@@ -36,9 +36,6 @@ lowering.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,14 +80,9 @@ def supported(features) -> bool:
 
 def kernel_object(scratch: Path, kernel: Kernel) -> Path:
     """Compile ``kernel``'s C source into ``scratch``; returns the object file (deterministic bytes)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        from graphopt.errors import LoweringError
+    from .cc import compile_object
 
-        raise LoweringError("the int8 kernels need a C compiler (cc, gcc or clang; or $CC), as linking main.so does")
-    out = scratch / (Path(kernel.source).stem + ".o")
-    subprocess.run([cc, "-O3", "-fPIC", "-c", str(kernel.path), "-o", str(out)], check=True, capture_output=True)
-    return out
+    return compile_object(kernel.path, scratch)
 
 
 def _kernel_primfunc(kernel: Kernel, k: int, n_pad: int):

@@ -29,11 +29,13 @@ MIN_PARAM_ELEMENTS = 16
 _PARAM_KINDS = "fc"  # float and complex tensors; integer tensors are usually shapes or indices
 
 
-def unsupported_ops(graph: Graph) -> dict[str, list[str]]:
-    """``{op: [node names]}`` for every node TVM's ONNX importer cannot convert (subgraphs included)."""
+def unsupported_ops(graph: Graph, native=()) -> dict[str, list[str]]:
+    """``{op: [node names]}`` for every node TVM's ONNX importer cannot convert (subgraphs included).
+
+    ``native``: standard ops the target converts itself (converters passed to :func:`import_graph`)."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    known = set(_get_convert_map()) | {"Constant", "If"}
+    known = set(_get_convert_map()) | {"Constant", "If"} | set(native)
     missing: dict[str, list[str]] = {}
 
     def walk(g: onnx.GraphProto) -> None:
@@ -57,6 +59,10 @@ REWRITING_PASS = {"LSTM": "lower-recurrent", "GRU": "lower-recurrent", "RNN": "l
                   "Loop": "unroll-loops", "Scan": "unroll-loops"}
 
 
+#: The rewriting passes that graphopt.api.DEFAULT_LOWER_PIPELINE runs.
+_DEFAULT_REWRITES = {"unroll-loops"}
+
+
 def _is_standard(op: str) -> bool:
     """Whether ``op`` (``Name`` or ``domain.Name``) is an operator of the ONNX standard (ai.onnx, ai.onnx.ml)."""
     domain, _, name = op.rpartition(".")
@@ -68,14 +74,14 @@ def _is_standard(op: str) -> bool:
         return False
 
 
-def raise_if_unsupported(graph: Graph, target: str) -> None:
+def raise_if_unsupported(graph: Graph, target: str, native=()) -> None:
     """Refuse a graph with ops the importer cannot convert, listing every op and its nodes at once.
 
     Standard ONNX ops are named as such (TVM's importer has no converter for
     them) with the built-in pass that rewrites them, where one exists;
     ops of other domains (``com.microsoft``...) are named as non-standard.
     """
-    missing = unsupported_ops(graph)
+    missing = unsupported_ops(graph, native)
     if not missing:
         return
 
@@ -91,7 +97,8 @@ def raise_if_unsupported(graph: Graph, target: str) -> None:
             f"{', '.join(rewritable)} {'is a standard ONNX op' if len(rewritable) == 1 else 'are standard ONNX ops'} "
             "that TVM's importer has no converter for: run "
             + ", ".join(f"the pass '{p}' ({'/'.join(ops)})" for p, ops in sorted(by_pass.items()))
-            + " before lowering (the default lower pipeline does)"
+            + " before lowering"
+            + (" (the default lower pipeline does)" if set(by_pass) <= _DEFAULT_REWRITES else "")
         )
     others = [op for op in standard if op not in REWRITING_PASS]
     if others:
@@ -232,7 +239,7 @@ _CONVERTERS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _graphopt_converters():
+def _graphopt_converters(extra=None):
     """While active, TVM's ONNX importer uses graphopt's converters where it has one (:func:`_gather_converter`).
 
     The importer reads its op table from ``onnx_frontend._get_convert_map()``
@@ -243,7 +250,7 @@ def _graphopt_converters():
 
     with _CONVERTERS_LOCK:
         original = onnx_frontend._get_convert_map
-        overrides = {"Gather": _gather_converter()}
+        overrides = {"Gather": _gather_converter(), **(extra or {})}
         onnx_frontend._get_convert_map = lambda: {**original(), **overrides}
         try:
             yield
@@ -251,8 +258,11 @@ def _graphopt_converters():
             onnx_frontend._get_convert_map = original
 
 
-def import_graph(graph: Graph, params: list[str]):
-    """The Relax IRModule of ``graph`` whose ``main`` takes (inputs..., params...)."""
+def import_graph(graph: Graph, params: list[str], converters=None):
+    """The Relax IRModule of ``graph`` whose ``main`` takes (inputs..., params...).
+
+    ``converters``: ``{op: OnnxOpConverter class}`` a target adds to (or overrides in) the importer's table.
+    """
 
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -260,7 +270,7 @@ def import_graph(graph: Graph, params: list[str]):
     model = _importable_model(graph, params)
     failure = None
     try:
-        with _graphopt_converters():
+        with _graphopt_converters(converters):
             mod = from_onnx(model, opset=graph.opset, keep_params_in_input=True)
     except Exception as e:
         failure = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
