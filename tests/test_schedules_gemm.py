@@ -230,16 +230,22 @@ def test_tails_are_shifted_not_guarded(m, k, n, tmp_path):
     lower_and_compare(g, [{"x": _rand(m, k)}], tmp_path)
 
 
-def test_symbolic_rows_tile_exactly(tmp_path):
-    """x[B, 128, 64] with a dynamic batch: M = B * 128 is tiled by a divisor of 128, no guard at all."""
+@pytest.mark.parametrize("mcpu", ["host", "x86-64-v3"])
+def test_symbolic_rows_tile_exactly(mcpu, tmp_path):
+    """x[B, 128, 64] with a dynamic batch: M = B * 128 needs no guard at all, whether the tile height divides
+    128 (AVX-512: 8) or not (AVX2: 6, the last tile of each 128 shifted back)."""
+    import platform
+
+    if mcpu != "host" and platform.machine() != "x86_64":
+        pytest.skip("x86-64 CPU names")
     g = matmul_model(128, 64, 96, bias_relu=True, batch=["B"])
-    funcs = scheduled_funcs(g)
+    funcs = scheduled_funcs(g, mcpu=mcpu)
     assert_claimed(funcs, parallel=True)
     assert_fast_tiles(funcs)
     for name, f in funcs.items():
         if "matmul" in name:
             assert "T.where" not in f.script(), f"{name}: B*128 rows should need no guard:\n{f.script()}"
-    lower_and_compare(g, [{"x": _rand(1, 128, 64)}, {"x": _rand(3, 128, 64)}], tmp_path)
+    lower_and_compare(g, [{"x": _rand(1, 128, 64)}, {"x": _rand(3, 128, 64)}], tmp_path, mcpu=mcpu)
 
 
 @pytest.mark.parametrize("mcpu", ["host", "x86-64-v3"])
@@ -349,3 +355,17 @@ def test_k_contiguous_b_is_packed(m):
         out = tvm.runtime.tensor(np.zeros((n, 72), np.float32))
         lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
         np.testing.assert_allclose(out.numpy(), np.maximum(x @ w.T, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_avx2_tile_height():
+    """AVX2 (16 registers): 6 x 2-vector tiles (12 FMA chains) once M is large enough that the shifted tail
+    costs less than the wider tile gains; 4 rows where 6 would waste much of a small M."""
+    from graphopt.targets.schedules.gemm import _Gemm, _tile_sizes
+
+    def tile(m, m_div=None):
+        g = _Gemm(["I", "J", "K"], False, m, 256, 256, 1, m_div or m, 256)
+        return _tile_sizes(g, 8, 256, 2)
+
+    assert tile(128) == (6, 16) and tile(None, 128) == (6, 16)  # a static 128, a symbolic batch * 128
+    assert tile(8) == (4, 16) and tile(20) == (4, 16)
+    assert tile(3) == (3, 16)  # one tile covers M
