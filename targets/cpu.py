@@ -392,7 +392,10 @@ def relax_passes(target, fast_math: bool = True) -> list:
 
     # Fast math last: its kernels are call_tir, which ConvertLayout cannot see through (it would
     # wrap them in transposes that split a convolution from its epilogue).
-    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target), *([fast_math_pass()] if fast_math else [])]
+    from .schedules.gemm import pack_gemm_weights
+
+    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target), pack_gemm_weights(target),
+            *([fast_math_pass()] if fast_math else [])]
 
 
 def cpu_pipeline(target, tuner=None):

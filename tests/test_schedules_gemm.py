@@ -25,8 +25,9 @@ def _rand(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def scheduled_funcs(graph: Graph, mcpu: str = "host", threads: int = 2) -> dict:
-    """``{name: PrimFunc}`` of the fused functions as the CPU pipeline's schedule rules left them."""
+def scheduled_funcs(graph: Graph, mcpu: str = "host", threads: int = 2, relax_passes: bool = False) -> dict:
+    """``{name: PrimFunc}`` of the fused functions as the CPU pipeline's schedule rules left them
+    (``relax_passes``: after the CPU target's Relax passes too, weight packing included)."""
     import tvm
     from tvm.s_tir import dlight
 
@@ -45,6 +46,11 @@ def scheduled_funcs(graph: Graph, mcpu: str = "host", threads: int = 2) -> dict:
         return mod
 
     mod = import_graph(graph, select_params(graph))
+    if relax_passes:
+        from graphopt.targets.cpu import relax_passes as cpu_relax_passes
+
+        with tvm.transform.PassContext(opt_level=3):
+            mod = tvm.transform.Sequential(cpu_relax_passes(target))(mod)
     pipeline = build_pipeline(target, after_fusion=[dlight.ApplyDefaultSchedule(*default_rules()), capture])
     with tvm.transform.PassContext(opt_level=3):
         tvm.compile(mod, target=target, relax_pipeline=pipeline)
@@ -369,3 +375,40 @@ def test_avx2_tile_height():
     assert tile(128) == (6, 16) and tile(None, 128) == (6, 16)  # a static 128, a symbolic batch * 128
     assert tile(8) == (4, 16) and tile(20) == (4, 16)
     assert tile(3) == (3, 16)  # one tile covers M
+
+
+@pytest.mark.parametrize("mcpu, c", [("host", None), ("x86-64-v3", 16)])
+def test_weights_are_packed_in_panels(mcpu, c, tmp_path):
+    """A weight B [K, N] is read as Wp[N/c, K, c] (one contiguous panel per register tile), packed at lower
+    time: the artifact stores the packed weight, the rule claims the packed GEMM with its epilogue, and
+    the values match ONNX Runtime (static and dynamic batch)."""
+    import json
+    import platform
+
+    from graphopt.targets.cpu import CpuTarget, llvm_target
+    from graphopt.targets.schedules.common import vector_bits
+
+    if mcpu != "host" and platform.machine() != "x86_64":
+        pytest.skip("x86-64 CPU names")
+    tgt = CpuTarget()
+    tgt.opts = type("O", (), {"mcpu": mcpu, "opt_level": 3})()
+    c = c or 2 * vector_bits(llvm_target(tgt.resolve_mcpu(), 2)) // 32
+    g = matmul_model(128, 40, 8 * c, bias_relu=True, batch=["B"])
+    funcs = scheduled_funcs(g, mcpu=mcpu, relax_passes=True)
+    packed = [n for n in funcs if "matmul_packed" in n]
+    assert packed and any("relu" in n for n in packed), sorted(funcs)
+    assert_claimed({n: funcs[n] for n in packed}, parallel=True)
+    assert_fast_tiles({n: funcs[n] for n in packed})
+    lower_and_compare(g, [{"x": _rand(1, 128, 40)}, {"x": _rand(2, 128, 40)}], tmp_path, mcpu=mcpu)
+    weights = json.loads((tmp_path / f"art-{mcpu}" / "manifest.json").read_text())["weights"]
+    assert [8, 40, c] in [w["shape"] for w in weights]
+
+
+def test_activation_and_narrow_operands_are_not_packed():
+    """Only weights are packed (a matmul of two activations would pay the copy on every call), and only when
+    N spans at least four panels."""
+    q = helper.make_node("MatMul", ["x", "y"], ["z"])
+    g = Graph(make_model([q], [vi("x", [64, 32]), vi("y", [32, 128])], [vi("z", [64, 128])], []))
+    assert not [n for n in scheduled_funcs(g, relax_passes=True) if "packed" in n]
+    narrow = matmul_model(64, 32, 24)
+    assert not [n for n in scheduled_funcs(narrow, relax_passes=True) if "packed" in n]
