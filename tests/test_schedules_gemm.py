@@ -412,3 +412,9 @@ def test_activation_and_narrow_operands_are_not_packed():
     assert not [n for n in scheduled_funcs(g, relax_passes=True) if "packed" in n]
     narrow = matmul_model(64, 32, 24)
     assert not [n for n in scheduled_funcs(narrow, relax_passes=True) if "packed" in n]
+    # A weight decoded from int8 codes (weight-only quantization): the decode stays inlined in the GEMM.
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    inits = [init("wq", rng.integers(-127, 127, (32, 128)).astype(np.int8)), init("ws", np.float32(0.01))]
+    dq = Graph(make_model(nodes, [vi("x", [64, 32])], [vi("y", [64, 128])], inits))
+    funcs = scheduled_funcs(dq, relax_passes=True)
+    assert not [n for n in funcs if "packed" in n] and [n for n in funcs if "matmul" in n], sorted(funcs)

@@ -585,7 +585,8 @@ def pack_gemm_weights(target):
     :class:`Matmul` rule recognises the packed read ``Wp[j // c, k, j % c]``
     and tiles J by ``c``. Matmuls of two activations, non-float, 1-D, batched
     (3-D) weights, symbolic K/N or N not a multiple of ``c`` are left alone; so
-    are GEMVs (M <= 2 rows, where the rule picks wider tiles).
+    are GEMVs (M <= 2 rows, where the rule picks wider tiles) and weights decoded
+    from other dtypes (quantized codes: the decode stays inlined in the GEMM).
     """
     import tvm
     from tvm import relax, te
@@ -629,20 +630,25 @@ def pack_gemm_weights(target):
                     self.builder_.update_func(gv, self.visit_expr(func))
             return self.builder_.get()
 
-        def _weight_only(self, expr, depth=0) -> bool:
+        def _weight_only(self, expr, dtype, depth=0) -> bool:
+            """Whether ``expr`` is computed from weights (and constants) of ``dtype`` only.
+
+            Leaves of another dtype (int8/int4 codes of a quantized weight) do not count: lifting their
+            decoded copy would inflate the artifact past prepack's limit, and packing it on every call
+            would add a pass over the weight that the GEMM's inlined decode does not need."""
             if isinstance(expr, tvm.ir.Constant):
-                return True
+                return str(expr.ty.dtype) == dtype
             if not isinstance(expr, relax.Var) or depth > 16:
                 return False
             if expr in self.weights:
-                return True
-            if expr in self.memo:
-                return self.memo[expr]
+                return str(expr.ty.dtype) == dtype
+            if (expr, dtype) in self.memo:
+                return self.memo[(expr, dtype)]
             bound = self.lookup_binding(expr)
             ok = (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op)
-                  and all(isinstance(a, (tvm.ir.Constant, relax.ShapeExpr))
-                          or self._weight_only(a, depth + 1) for a in bound.args))
-            self.memo[expr] = ok
+                  and all(isinstance(a, relax.ShapeExpr) or self._weight_only(a, dtype, depth + 1)
+                          for a in bound.args))
+            self.memo[(expr, dtype)] = ok
             return ok
 
         def visit_call_(self, call):
@@ -661,7 +667,7 @@ def pack_gemm_weights(target):
                 return call  # a GEMV: the rule's wider tiles read B rows contiguously already
             k, n = wd
             c = 2 * max(1, bits // _dtype_bits(dtype))
-            if n % c or n < 4 * c or not self._weight_only(w):
+            if n % c or n < 4 * c or not self._weight_only(w, dtype):
                 return call
             packed = self.builder_.emit(relax.op.layout_transform(
                 w, index_map=lambda kk, jj: (jj // c, kk, jj % c)))
