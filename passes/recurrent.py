@@ -19,10 +19,32 @@ log = logging.getLogger("graphopt.passes.recurrent")
 
 RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
 #: Gates per op, in the ONNX weight order (LSTM: i o f c; GRU: z r h; RNN: one).
-_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-_DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 #: Activations without parameters, which need no activation_alpha/beta.
 _ACTS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+
+
+def activation_names(op: str, activations, nd: int) -> list[str]:
+    """The activations of an ``op`` node with ``nd`` directions, canonical (``Sigmoid``/``Tanh``/``Relu``),
+    direction after direction, ``len(DEFAULT_ACTIVATIONS[op])`` each, in ONNX order.
+
+    The attribute's strings may be bytes, of any case, or one direction's set for both. ValueError (saying
+    what to do) for a wrong count or another activation. Shared with the CPU target's native recurrences
+    (``graphopt.targets.recurrent``)."""
+    acts = [a.decode() if isinstance(a, bytes) else str(a) for a in activations] or DEFAULT_ACTIVATIONS[op] * nd
+    per_dir = len(DEFAULT_ACTIVATIONS[op])
+    if len(acts) == per_dir and nd == 2:
+        acts = acts * 2
+    if len(acts) != per_dir * nd:
+        raise ValueError(f"expected {per_dir * nd} activations, got {len(acts)}")
+    unknown = sorted({a for a in acts if a.lower() not in _ACTS})
+    if unknown:
+        raise ValueError(
+            f"activation(s) {', '.join(unknown)} are not supported (only Sigmoid, Tanh, Relu); "
+            "export the model with the default activations"
+        )
+    return [_ACTS[a.lower()] for a in acts]
 
 
 class _Refused(Exception):
@@ -110,7 +132,7 @@ def _direction_count(direction: str) -> int:
 def _unroll(g: gs.Graph, node: gs.Node, namer: Namer, max_steps: int) -> None:
     op = node.op
     attrs = node.attrs
-    gates = _GATES[op]
+    gates = GATES[op]
     ins = list(node.inputs) + [gs.Variable.empty()] * (8 - len(node.inputs))
     x, w, r, bias, seq_lens, init_h = ins[:6]
     init_c = ins[6] if op == "LSTM" else None
@@ -133,19 +155,11 @@ def _unroll(g: gs.Graph, node: gs.Node, namer: Namer, max_steps: int) -> None:
     input_forget = int(attrs.get("input_forget", 0)) if op == "LSTM" else 0
     lbr = int(attrs.get("linear_before_reset", 0)) if op == "GRU" else 0
 
-    acts = [a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations", [])] or _DEFAULT_ACTS[op] * nd
-    per_dir = len(_DEFAULT_ACTS[op])
-    if len(acts) == per_dir and nd == 2:
-        acts = acts * 2
-    if len(acts) != per_dir * nd:
-        raise _Refused(f"expected {per_dir * nd} activations, got {len(acts)}")
-    unknown = sorted({a for a in acts if a.lower() not in _ACTS})
-    if unknown:
-        raise _Refused(
-            f"activation(s) {', '.join(unknown)} are not supported (only Sigmoid, Tanh, Relu); "
-            "export the model with the default activations"
-        )
-    acts = [_ACTS[a.lower()] for a in acts]
+    try:
+        acts = activation_names(op, attrs.get("activations", []), nd)
+    except ValueError as e:
+        raise _Refused(str(e)) from None
+    per_dir = len(DEFAULT_ACTIVATIONS[op])
 
     time_axis = 1 if layout else 0
     steps = static_dim(x, time_axis)

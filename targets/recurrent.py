@@ -31,13 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-OPS = ("LSTM", "GRU", "RNN")
+from graphopt.passes.recurrent import DEFAULT_ACTIVATIONS, GATES, RECURRENT_OPS, activation_names
+
+OPS = tuple(sorted(RECURRENT_OPS))
 SOURCE = Path(__file__).with_name("recurrent.c")
 SYMBOL = "graphopt_recurrence_f32_{variant}"
 _KIND = {"RNN": 0, "GRU": 1, "LSTM": 2}
-_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
-_DEFAULT_ACTS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
-_ACT_CODE = {"sigmoid": 0, "tanh": 1, "relu": 2}
+#: The kernel's activation codes (recurrent_body.h's go_act).
+_ACT_CODE = {"Sigmoid": 0, "Tanh": 1, "Relu": 2}
 _FLT_MAX = 3.4028234663852886e38
 
 
@@ -128,7 +129,7 @@ def _convert(op: str, bb, inputs, attr, symbol: str, used: list):
         raise _Refused(f"{name}: unknown direction '{direction}'")
     nd = 2 if direction == "bidirectional" else 1
     layout = int(attr.get("layout", 0))
-    gates = _GATES[op]
+    gates = GATES[op]
 
     dtype = str(x.ty.dtype)
     if dtype == "float64":
@@ -147,17 +148,11 @@ def _convert(op: str, bb, inputs, attr, symbol: str, used: list):
     if r_shape != [nd, gh, hidden]:
         raise _Refused(f"{name}: R has shape {r_shape}, expected {[nd, gh, hidden]}")
 
-    names = [_text(a) for a in attr.get("activations", ())] or list(_DEFAULT_ACTS[op]) * nd
-    per_dir = len(_DEFAULT_ACTS[op])
-    if len(names) == per_dir and nd == 2:
-        names = names * 2
-    if len(names) != per_dir * nd:
-        raise _Refused(f"{name}: expected {per_dir * nd} activations, got {len(names)}")
-    unknown = sorted({a for a in names if a.lower() not in _ACT_CODE})
-    if unknown:
-        raise _Refused(f"{name}: activation(s) {', '.join(unknown)} are not supported (only Sigmoid, Tanh, Relu); "
-                       "export the model with the default activations")
-    codes = [_ACT_CODE[a.lower()] for a in names]
+    try:
+        codes = [_ACT_CODE[a] for a in activation_names(op, attr.get("activations", ()), nd)]
+    except ValueError as e:
+        raise _Refused(f"{name}: {e}") from None
+    per_dir = len(DEFAULT_ACTIVATIONS[op])
     acts = [(codes[d * per_dir: (d + 1) * per_dir] + [0, 0])[:3] for d in range(nd)]
     clip = float(attr["clip"]) if attr.get("clip") is not None else _FLT_MAX
     if not clip > 0:

@@ -59,8 +59,11 @@ REWRITING_PASS = {"LSTM": "lower-recurrent", "GRU": "lower-recurrent", "RNN": "l
                   "Loop": "unroll-loops", "Scan": "unroll-loops"}
 
 
-#: The rewriting passes that graphopt.api.DEFAULT_LOWER_PIPELINE runs.
-_DEFAULT_REWRITES = {"unroll-loops"}
+def _default_pipeline_passes() -> set[str]:
+    """Names of the passes ``graphopt.api.DEFAULT_LOWER_PIPELINE`` runs."""
+    from graphopt.api import DEFAULT_LOWER_PIPELINE
+
+    return {step.split("(")[0].strip() for step in DEFAULT_LOWER_PIPELINE.split(",")}
 
 
 def _is_standard(op: str) -> bool:
@@ -98,7 +101,7 @@ def raise_if_unsupported(graph: Graph, target: str, native=()) -> None:
             "that TVM's importer has no converter for: run "
             + ", ".join(f"the pass '{p}' ({'/'.join(ops)})" for p, ops in sorted(by_pass.items()))
             + " before lowering"
-            + (" (the default lower pipeline does)" if set(by_pass) <= _DEFAULT_REWRITES else "")
+            + (" (the default lower pipeline does)" if set(by_pass) <= _default_pipeline_passes() else "")
         )
     others = [op for op in standard if op not in REWRITING_PASS]
     if others:
@@ -240,7 +243,8 @@ _CONVERTERS_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _graphopt_converters(extra=None):
-    """While active, TVM's ONNX importer uses graphopt's converters where it has one (:func:`_gather_converter`).
+    """While active, TVM's ONNX importer uses graphopt's converters where it has one (:func:`_gather_converter`,
+    and ``extra``: a target's, see :func:`import_graph`).
 
     The importer reads its op table from ``onnx_frontend._get_convert_map()``
     on every conversion and offers no argument to extend it, so the function

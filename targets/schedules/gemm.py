@@ -381,8 +381,9 @@ def _shift_tails(sch, names: set, mr: int, nr: int, m_div: int = 1):
     static; a symbolic M gets ``max(min(io * MR, M - MR), 0)`` and keeps its row
     guard (which does not depend on the vector lane), so the accumulator keeps a
     static MR x NR shape, unless M is known to be a multiple of ``m_div >= MR``
-    (then every tile that runs is full: no guard). All three blocks of the tile (init, update, write-back)
-    are rewritten alike or not at all. Returns the schedule to use.
+    (then every tile that runs is full: no guard). All three blocks of the tile
+    (init, update, write-back) are rewritten alike or not at all. Returns the
+    schedule to use.
     """
     import tvm_ffi
     from tvm import s_tir, tirx
@@ -662,8 +663,7 @@ def pack_gemm_weights(target):
                 return call
             if xd is None or wd is None or len(wd) != 2 or len(xd) < 2 or None in wd:
                 return call
-            if xd[-2] is not None and xd[-2] <= 2 and all(d is not None for d in xd[:-2]) \
-                    and math.prod(xd[:-1]) <= 2:
+            if None not in xd[:-1] and math.prod(xd[:-1]) <= 2:
                 return call  # a GEMV: the rule's wider tiles read B rows contiguously already
             k, n = wd
             c = 2 * max(1, bits // _dtype_bits(dtype))
