@@ -444,7 +444,9 @@ class WindowReduction(CPUScheduleRule):
             size = 1
             for d in rd.source.shape:
                 size = size * _int(d) if size is not None and _int(d) is not None else None
-            if idx[-1].same_as(inner_s) and not any(svars[0] in _vars_in(e) for e in idx):
+            # Weights: indexed by the vector axis (plain ``w[..., f]`` or packed
+            # ``w[f // t, ..., f % t]``), never by the batch axis.
+            if any(inner_s in _vars_in(e) for e in idx) and not any(svars[0] in _vars_in(e) for e in idx):
                 weight_bytes = size
             elif any(svars[0] in _vars_in(e) for e in idx[:1]):
                 per_image = 1
