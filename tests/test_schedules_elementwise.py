@@ -290,3 +290,32 @@ def test_schedule_report_env_switch(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHOPT_SCHEDULE_REPORT", "0")
     res = graphopt.lower(Graph(_chain_model(shape)), "cpu", tmp_path / "r2", threads=2)
     assert "schedule report" not in res.native_log
+
+
+def test_dynamic_batch_loop_nests_share_their_static_rows_between_cores():
+    """A symbolic leading extent (a dynamic batch, 1 at run time in the usual case) is fused with
+    the static loops after it before going parallel, so a batch-1 call uses every core; parallel
+    over the batch alone ran ResNet-18's input transpose (NCHW -> NHWC, 224x224) on one thread."""
+    import tvm
+    from tvm import te, tirx
+
+    from graphopt.targets.schedules.elementwise import Injective
+
+    n = te.var("n")
+    x = te.placeholder((n, 3, 64, 64), name="x")
+    y = te.compute((n, 64, 64, 3), lambda b, h, w, c: x[b, c, h, w], name="y")
+    target = _target()
+    sch = Injective().apply(te.create_prim_func([x, y]), target, False)
+    assert sch is not None
+    loops = []
+    tvm_ffi_walk = __import__("tvm_ffi").structural_walk
+    tvm_ffi_walk(sch.mod["main"].body, (tirx.For, lambda f: loops.append(f) if f.kind == tirx.ForKind.PARALLEL else None),
+                 order="post")
+    assert len(loops) == 1
+    assert not loops[0].extent.same_as(n) and "n" in str(loops[0].extent), loops[0].extent
+    lib = tvm.compile(sch.mod, target=target)
+    xs = _f32(2, 3, 64, 64)
+    dev = tvm.cpu()
+    got = tvm.runtime.tensor(np.zeros((2, 64, 64, 3), np.float32), dev)
+    lib["main"](tvm.runtime.tensor(xs, dev), got)
+    np.testing.assert_array_equal(got.numpy(), xs.transpose(0, 2, 3, 1))

@@ -91,8 +91,11 @@ def parallel_prefix(sch, loops, target):
 
     Fuses only as many leading loops as needed to give every core
     :data:`PARALLEL_ITERS_PER_CORE` iterations (fewer index divisions per
-    element), all of them when the extents are symbolic. Returns the
-    parallel loop, or None when ``loops`` is empty.
+    element). A symbolic extent (a dynamic batch) counts as 1, since it may be
+    1 at run time: the static loops after it are fused in too until they alone
+    give every core its share, so a batch-1 call of a dynamic-batch artifact
+    is not left on one thread. Returns the parallel loop, or None when
+    ``loops`` is empty.
     """
     if not loops:
         return None
@@ -102,9 +105,7 @@ def parallel_prefix(sch, loops, target):
     for lp in loops:
         take += 1
         e = static_extent(sch, lp)
-        if e is None:
-            break
-        extent *= e
+        extent *= e if e is not None else 1
         if extent >= want:
             break
     fused = sch.fuse(*loops[:take]) if take > 1 else loops[0]

@@ -120,8 +120,12 @@ def pack_conv_weights(target):
 
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
 
-    def te_conv(data, wp, strides, padding, dilation, out_dtype):
-        n, h, w, c = data.shape
+    def te_conv(data, wp, strides, padding, dilation, out_dtype, nchw_in=False):
+        """NHWC conv on packed weights; ``nchw_in``: ``data`` is NCHW, transposed by the padding pass."""
+        if nchw_in:
+            n, c, h, w = data.shape
+        else:
+            n, h, w, c = data.shape
         fo, kh, kw, _, fi = wp.shape
         pt, pl, pb, pr = padding
         sh, sw = strides
@@ -129,7 +133,16 @@ def pack_conv_weights(target):
         oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
         ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
         padded = data
-        if any(int(p) for p in padding):
+        if nchw_in:
+            # One pass writes the padded NHWC tensor straight from the NCHW input: the
+            # network's first conv needs no separate transpose kernel.
+            def pad_nchw(b, y, x, cc):
+                inside = tvm.tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl)
+                return tvm.tirx.if_then_else(
+                    inside, data[b, cc, te.max(te.min(y - pt, h - 1), 0), te.max(te.min(x - pl, w - 1), 0)],
+                    tvm.tirx.const(0, data.dtype))
+            padded = te.compute((n, h + pt + pb, w + pl + pr, c), pad_nchw, name="pad_temp")
+        elif any(int(p) for p in padding):
             padded = topi.nn.pad(data, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
         ry = te.reduce_axis((0, kh), name="ry")
         rx = te.reduce_axis((0, kw), name="rx")
@@ -233,9 +246,28 @@ def pack_conv_weights(target):
                 return call
             packed = self.builder_.emit(relax.op.layout_transform(
                 weight, index_map=lambda kh, kw, i, o: (o // t, kh, kw, i, o % t)))
+            src, nchw_in = data, False
+            if any(int(v) for v in a.padding):
+                src = self.nchw_source(data)
+                nchw_in = src is not data
             return self.builder_.call_te(
-                te_conv, data, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
-                [int(v) for v in a.dilation], dtype, primfunc_name_hint="conv2d_nhwc_packed")
+                te_conv, src, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
+                [int(v) for v in a.dilation], dtype, nchw_in, primfunc_name_hint="conv2d_nhwc_packed")
+
+        def nchw_source(self, data):
+            """The NCHW tensor ``data`` is ``permute_dims(axes=[0, 2, 3, 1])`` of, else ``data``.
+
+            ConvertLayout hands an NCHW input to an NHWC conv through that transpose; a padded
+            conv reads the NCHW tensor instead and transposes while padding (one pass, not two).
+            The transpose stays only if something else reads it.
+            """
+            if not isinstance(data, relax.Var):
+                return data
+            bound = self.lookup_binding(data)
+            if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.permute_dims" \
+                    and bound.attrs.axes is not None and [int(x) for x in bound.attrs.axes] == [0, 2, 3, 1]:
+                return bound.args[0]
+            return data
 
         def conv_transpose(self, call):
             """NCHW/IOHW conv2d_transpose (groups 1, no dilation, static H/W/kernel) -> NHWC gather TE."""
