@@ -182,6 +182,14 @@ def test_pooling_matches_onnxruntime_and_is_claimed(tmp_path, op, attrs):
     lower_and_compare(tmp_path, model)
     hits = assert_claimed(model, expect=2)
     assert any("conv" not in h for h in hits), f"the pooling function was not checked: {hits}"
+    if attrs.get("pads"):
+        # The padding is computed per tile inside the pooling's one parallel loop (not a padded
+        # copy of the whole input first).
+        funcs, _ = scheduled_functions(model)
+        for h in hits:
+            if "conv" not in h:
+                text = funcs[h][1].script()
+                assert 'T.sblock("pad_temp")' in text and text.count("T.parallel(") == 1, text
 
 
 def test_layout_passes_make_nhwc_and_pack_weights_as_relax_ops():
