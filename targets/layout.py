@@ -293,3 +293,47 @@ def scalarize_uniform_constants(mod):
         if isinstance(f, relax.Function):
             out[gv] = _Mutator(out).visit_expr(f)
     return out
+
+
+def clip_as_maximum_minimum(mod):
+    """``mod`` with each float ``clip(x, lo, hi)`` written ``minimum(maximum(x, lo), hi)`` on scalar constants.
+
+    ``ConvertLayout`` has no layout rule for ``clip``: inside an NHWC chain it
+    transposes to NCHW before every clip and back after it (MobileNetV3's
+    HardSwish, ``x * clip(x + 3, 0, 6) / 6``: two transposes per activation,
+    and the activation cannot fuse into the conv before it). ``maximum`` and
+    ``minimum`` with a scalar are element-wise binary ops it converts; both
+    forms legalize to the same ``max``/``min`` of TIR, so the values are the
+    same. An infinite bound drops its half.
+    """
+    import math
+
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", None) != "relax.clip" or len(call.args) != 3:
+                return call
+            dtype = str(getattr(call.ty, "dtype", ""))
+            if not dtype.startswith("float"):
+                return call
+            try:
+                lo, hi = (float(a.value) for a in call.args[1:])
+            except (AttributeError, TypeError, ValueError):
+                return call  # symbolic bounds: left as clip
+            out = call.args[0]
+            if not math.isinf(lo) or lo > 0:
+                out = relax.op.maximum(out, relax.const(np.asarray(lo, dtype=dtype), dtype))
+            if not math.isinf(hi) or hi < 0:
+                out = relax.op.minimum(out, relax.const(np.asarray(hi, dtype=dtype), dtype))
+            return out
+
+    out = tvm.IRModule(mod.functions, attrs=mod.attrs)
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            out[gv] = _Mutator(out).visit_expr(f)
+    return out

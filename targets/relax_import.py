@@ -223,6 +223,52 @@ def _gather_converter():
     return Gather
 
 
+def _clip_converter():
+    """TVM's ONNX ``Clip`` converter, with constant float bounds written as element-wise ``maximum``/``minimum``.
+
+    The importer emits a bounded Clip (opset 11+: bounds as inputs; ReLU6 as
+    PyTorch exports it) as ``call_tir`` kernels of its own, which Relax's
+    ``ConvertLayout`` cannot see into: inside an NHWC chain it transposed
+    around every one, and the activation never fused into the conv before it.
+    ``maximum``/``minimum`` with a scalar constant are ops it converts. A NaN
+    or infinite bound means no bound (as ONNX Runtime reads it), so that half
+    is dropped. Anything else (runtime bounds, integer tensors) goes to TVM's
+    converter.
+    """
+    import math
+
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    class Clip(onnx_frontend.Clip):
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(getattr(getattr(x, "ty", None), "dtype", ""))
+            bounds = list(inputs[1:3]) + [None] * (3 - len(inputs))
+            if not dtype.startswith("float") or any(
+                    b is not None and not (isinstance(b, tvm.ir.GenericConst) and b.value.numpy().size == 1)
+                    for b in bounds[:2]):
+                return super()._impl_v13(bb, inputs, attr, params)
+            out = x
+            for b, op in zip(bounds[:2], (relax.op.maximum, relax.op.minimum)):
+                if b is None:
+                    continue
+                v = float(b.value.numpy().reshape(()))
+                if math.isnan(v) or math.isinf(v):
+                    continue
+                out = bb.emit(op(out, relax.const(np.asarray(v, dtype=dtype), dtype)))
+            return out
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            return cls._impl_v13(bb, inputs, attr, params)
+
+    return Clip
+
+
 def _static_dim(expr, axis: int) -> int | None:
     """``expr``'s extent along ``axis`` when it is a known integer, else None."""
     values = getattr(getattr(getattr(expr, "ty", None), "shape", None), "values", None)
@@ -244,7 +290,7 @@ _CONVERTERS_LOCK = threading.Lock()
 @contextlib.contextmanager
 def _graphopt_converters(extra=None):
     """While active, TVM's ONNX importer uses graphopt's converters where it has one (:func:`_gather_converter`,
-    and ``extra``: a target's, see :func:`import_graph`).
+    :func:`_clip_converter`, and ``extra``: a target's, see :func:`import_graph`).
 
     The importer reads its op table from ``onnx_frontend._get_convert_map()``
     on every conversion and offers no argument to extend it, so the function
@@ -254,7 +300,7 @@ def _graphopt_converters(extra=None):
 
     with _CONVERTERS_LOCK:
         original = onnx_frontend._get_convert_map
-        overrides = {"Gather": _gather_converter(), **(extra or {})}
+        overrides = {"Gather": _gather_converter(), "Clip": _clip_converter(), **(extra or {})}
         onnx_frontend._get_convert_map = lambda: {**original(), **overrides}
         try:
             yield

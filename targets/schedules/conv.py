@@ -67,7 +67,7 @@ def _guarded_convert_layout(convert):
     import tvm
     from tvm import relax
 
-    from ..layout import robust_convert_layout, scalarize_uniform_constants
+    from ..layout import clip_as_maximum_minimum, robust_convert_layout, scalarize_uniform_constants
 
     conv = tvm.ir.Op.get("relax.nn.conv2d")
 
@@ -88,7 +88,7 @@ def _guarded_convert_layout(convert):
         if not has_conv2d(mod):
             return mod
         try:
-            return robust_convert_layout(scalarize_uniform_constants(mod), convert)[0]
+            return robust_convert_layout(scalarize_uniform_constants(clip_as_maximum_minimum(mod)), convert)[0]
         except Exception:  # noqa: BLE001 - see the docstring: the imported layout is a correct fallback
             return mod
 
