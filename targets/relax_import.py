@@ -266,6 +266,17 @@ def _clip_converter():
         def _impl_v11(cls, bb, inputs, attr, params):
             return cls._impl_v13(bb, inputs, attr, params)
 
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            # Opsets 1-10: the bounds are attributes (ReLU6 in models exported before opset 11).
+            x = inputs[0]
+            dtype = str(getattr(getattr(x, "ty", None), "dtype", ""))
+            if not dtype.startswith("float"):
+                return super()._impl_v1(bb, inputs, attr, params)
+            bounds = [relax.const(np.asarray(attr[k], dtype=dtype), dtype) if k in attr else None
+                      for k in ("min", "max")]
+            return cls._impl_v13(bb, [x, *bounds], attr, params)
+
     return Clip
 
 

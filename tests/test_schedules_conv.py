@@ -399,7 +399,7 @@ def test_padded_conv_on_an_nchw_input_transposes_while_padding(tmp_path):
     assert count["padded"] == count["unpadded"] - 1, count
 
 
-@pytest.mark.parametrize("act", ["HardSwish", "HardSigmoid", "Clip", "ClipLowOnly", "ClipNaNLow"])
+@pytest.mark.parametrize("act", ["HardSwish", "HardSigmoid", "Clip", "ClipLowOnly", "ClipNaNLow", "ClipOpset10"])
 def test_clip_activations_fuse_into_the_conv_without_transposes(tmp_path, act):
     """Conv -> a clip-based activation -> Conv: the activation (MobileNetV3's HardSwish, ReLU6 as a Clip
     with constant bounds; a NaN bound means none) is converted to NHWC with the convs and fused into the
@@ -407,12 +407,14 @@ def test_clip_activations_fuse_into_the_conv_without_transposes(tmp_path, act):
     it transposed to NCHW and back around every activation. Matches ONNX Runtime."""
     inputs = {"Clip": ["c0", "lo", "hi"], "ClipLowOnly": ["c0", "lo"], "ClipNaNLow": ["c0", "nan", "hi"]}
     op = "Clip" if act.startswith("Clip") else act
+    attrs = {"min": 0.0, "max": 6.0} if act == "ClipOpset10" else {}  # bounds as attributes before opset 11
     nodes = [helper.make_node("Conv", ["x", "w"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node(op, inputs.get(act, ["c0"]), ["h"]),
+             helper.make_node(op, inputs.get(act, ["c0"]), ["h"], **attrs),
              helper.make_node("Conv", ["h", "w2"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
     inits = [init("w", _w(16, 8, 3, 3)), init("w2", _w(16, 16, 3, 3)), init("lo", np.array(0, np.float32)),
              init("hi", np.array(6, np.float32)), init("nan", np.array(np.nan, np.float32))]
-    model = make_model(nodes, [_x_info("x", ["N", 8, 12, 12])], [_x_info("y", ["N", 16, 12, 12])], inits)
+    model = make_model(nodes, [_x_info("x", ["N", 8, 12, 12])], [_x_info("y", ["N", 16, 12, 12])], inits,
+                       opset=10 if act == "ClipOpset10" else 17)
     lower_and_compare(tmp_path, model)
     funcs, _ = scheduled_functions(model)
     first = [n for n in funcs if n.startswith("fused_conv2d_nhwc_packed") and ("maximum" in n or "minimum" in n)]
