@@ -288,11 +288,7 @@ def scalarize_uniform_constants(mod):
                 return relax.Call(call.op, args, call.attrs, list(call.ty_args))
             return call
 
-    out = tvm.IRModule(mod.functions, attrs=mod.attrs)
-    for gv, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            out[gv] = _Mutator(out).visit_expr(f)
-    return out
+    return _map_relax_functions(mod, _Mutator)
 
 
 def clip_as_maximum_minimum(mod):
@@ -304,12 +300,11 @@ def clip_as_maximum_minimum(mod):
     and the activation cannot fuse into the conv before it). ``maximum`` and
     ``minimum`` with a scalar are element-wise binary ops it converts; both
     forms legalize to the same ``max``/``min`` of TIR, so the values are the
-    same. An infinite bound drops its half.
+    same. An infinite bound (no bound) drops its half.
     """
     import math
 
     import numpy as np
-    import tvm
     from tvm import relax
 
     @relax.expr_functor.mutator
@@ -326,14 +321,22 @@ def clip_as_maximum_minimum(mod):
             except (AttributeError, TypeError, ValueError):
                 return call  # symbolic bounds: left as clip
             out = call.args[0]
-            if not math.isinf(lo) or lo > 0:
+            if lo != -math.inf:
                 out = relax.op.maximum(out, relax.const(np.asarray(lo, dtype=dtype), dtype))
-            if not math.isinf(hi) or hi < 0:
+            if hi != math.inf:
                 out = relax.op.minimum(out, relax.const(np.asarray(hi, dtype=dtype), dtype))
             return out
+
+    return _map_relax_functions(mod, _Mutator)
+
+
+def _map_relax_functions(mod, mutator_cls):
+    """A copy of ``mod`` with every Relax function rewritten by ``mutator_cls`` (a ``PyExprMutator``)."""
+    import tvm
+    from tvm import relax
 
     out = tvm.IRModule(mod.functions, attrs=mod.attrs)
     for gv, f in mod.functions_items():
         if isinstance(f, relax.Function):
-            out[gv] = _Mutator(out).visit_expr(f)
+            out[gv] = mutator_cls(out).visit_expr(f)
     return out

@@ -224,43 +224,41 @@ def _gather_converter():
 
 
 def _clip_converter():
-    """TVM's ONNX ``Clip`` converter, with constant float bounds written as element-wise ``maximum``/``minimum``.
+    """TVM's ONNX ``Clip`` converter, with constant float bounds written as Relax's own ``clip`` op.
 
     The importer emits a bounded Clip (opset 11+: bounds as inputs; ReLU6 as
-    PyTorch exports it) as ``call_tir`` kernels of its own, which Relax's
-    ``ConvertLayout`` cannot see into: inside an NHWC chain it transposed
-    around every one, and the activation never fused into the conv before it.
-    ``maximum``/``minimum`` with a scalar constant are ops it converts. A NaN
-    or infinite bound means no bound (as ONNX Runtime reads it), so that half
-    is dropped. Anything else (runtime bounds, integer tensors) goes to TVM's
-    converter.
+    PyTorch exports it) as ``call_tir`` kernels of its own, which no Relax pass
+    can see into: inside an NHWC chain ``ConvertLayout`` transposed around every
+    one, and the activation never fused into the conv before it. As ``clip``
+    it is what the importer makes of HardSwish and HardSigmoid too, and the
+    conv layout pass rewrites all of them alike
+    (:func:`graphopt.targets.layout.clip_as_maximum_minimum`). A missing, NaN
+    or infinite bound means no bound (as ONNX Runtime reads it). Anything else
+    (runtime bounds, integer tensors) goes to TVM's converter.
     """
     import math
 
-    import numpy as np
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
 
+    def is_float(x) -> bool:
+        return str(getattr(getattr(x, "ty", None), "dtype", "")).startswith("float")
+
+    def clip(x, lo, hi):
+        lo = -math.inf if lo is None or math.isnan(lo) else lo
+        hi = math.inf if hi is None or math.isnan(hi) else hi
+        return x if (lo, hi) == (-math.inf, math.inf) else relax.op.clip(x, lo, hi)
+
     class Clip(onnx_frontend.Clip):
         @classmethod
         def _impl_v13(cls, bb, inputs, attr, params):
-            x = inputs[0]
-            dtype = str(getattr(getattr(x, "ty", None), "dtype", ""))
-            bounds = list(inputs[1:3]) + [None] * (3 - len(inputs))
-            if not dtype.startswith("float") or any(
+            bounds = [*inputs[1:3], None, None][:2]
+            if not is_float(inputs[0]) or any(
                     b is not None and not (isinstance(b, tvm.ir.GenericConst) and b.value.numpy().size == 1)
-                    for b in bounds[:2]):
+                    for b in bounds):
                 return super()._impl_v13(bb, inputs, attr, params)
-            out = x
-            for b, op in zip(bounds[:2], (relax.op.maximum, relax.op.minimum)):
-                if b is None:
-                    continue
-                v = float(b.value.numpy().reshape(()))
-                if math.isnan(v) or math.isinf(v):
-                    continue
-                out = bb.emit(op(out, relax.const(np.asarray(v, dtype=dtype), dtype)))
-            return out
+            return clip(inputs[0], *(None if b is None else float(b.value.numpy().reshape(())) for b in bounds))
 
         @classmethod
         def _impl_v11(cls, bb, inputs, attr, params):
@@ -269,13 +267,9 @@ def _clip_converter():
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             # Opsets 1-10: the bounds are attributes (ReLU6 in models exported before opset 11).
-            x = inputs[0]
-            dtype = str(getattr(getattr(x, "ty", None), "dtype", ""))
-            if not dtype.startswith("float"):
+            if not is_float(inputs[0]):
                 return super()._impl_v1(bb, inputs, attr, params)
-            bounds = [relax.const(np.asarray(attr[k], dtype=dtype), dtype) if k in attr else None
-                      for k in ("min", "max")]
-            return cls._impl_v13(bb, [x, *bounds], attr, params)
+            return clip(inputs[0], attr.get("min"), attr.get("max"))
 
     return Clip
 

@@ -1,4 +1,4 @@
-"""How graphs reach TVM: graphopt's Gather converter and the cap on fused kernel size.
+"""How graphs reach TVM: graphopt's Gather and Clip converters and the cap on fused kernel size.
 
 Both came from tashkeel (an unrolled bi-GRU): its per-step Gathers with
 constant indices cost minutes in Relax's FoldConstant, and one kernel fusing a
@@ -10,6 +10,7 @@ index never reads outside the table; no fused kernel exceeds the cap.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper
 
 import graphopt
@@ -92,3 +93,26 @@ def test_no_fused_kernel_exceeds_the_cap():
     capped = sizes(pass_config())
     assert max(capped) <= MAX_FUSED_OPS and len(capped) >= n // MAX_FUSED_OPS
     assert max(sizes({})) > MAX_FUSED_OPS  # TVM's default would make one kernel of them all
+
+
+@pytest.mark.parametrize("opset,inputs,attrs", [
+    (17, ["x", "lo", "hi"], {}),
+    (17, ["x", "", "hi"], {}),          # no lower bound
+    (17, ["x", "nan"], {}),             # a NaN bound is no bound (ONNX Runtime)
+    (17, ["x", "ninf", "inf"], {}),     # infinite bounds: identity
+    (17, ["x", "lo", "y0"], {}),        # a runtime bound: TVM's own converter
+    (10, ["x"], {"min": -1.0}),         # opsets 1-10: bounds as attributes
+])
+def test_clip_converter_matches_onnxruntime(tmp_path, opset, inputs, attrs):
+    """graphopt's Clip converter (constant float bounds -> Relax ``clip``), on a graph with no conv:
+    every bound form gives ONNX Runtime's values exactly."""
+    nodes = [helper.make_node("Clip", inputs, ["y"], **attrs)]
+    graph_inputs = [vi("x", ["N", 7])] + ([vi("y0", [])] if "y0" in inputs else [])
+    inits = [init(n, np.array(v, np.float32)) for n, v in
+             (("lo", -0.5), ("hi", 0.7), ("nan", np.nan), ("ninf", -np.inf), ("inf", np.inf))]
+    model = make_model(nodes, graph_inputs, [vi("y", ["N", 7])], inits, opset=opset)
+    graphopt.lower(Graph(model), "cpu", tmp_path / "a")
+    feed = {"x": (np.random.default_rng(0).standard_normal((3, 7)) * 3).astype(np.float32)}
+    if "y0" in inputs:
+        feed["y0"] = np.array(1.5, np.float32)
+    np.testing.assert_array_equal(graphopt.load(tmp_path / "a").run(feed)["y"], ort_run(Graph(model), feed)[0])

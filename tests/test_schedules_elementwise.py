@@ -297,6 +297,7 @@ def test_dynamic_batch_loop_nests_share_their_static_rows_between_cores():
     the static loops after it before going parallel, so a batch-1 call uses every core; parallel
     over the batch alone ran ResNet-18's input transpose (NCHW -> NHWC, 224x224) on one thread."""
     import tvm
+    import tvm_ffi
     from tvm import te, tirx
 
     from graphopt.targets.schedules.elementwise import Injective
@@ -308,9 +309,9 @@ def test_dynamic_batch_loop_nests_share_their_static_rows_between_cores():
     sch = Injective().apply(te.create_prim_func([x, y]), target, False)
     assert sch is not None
     loops = []
-    tvm_ffi_walk = __import__("tvm_ffi").structural_walk
-    tvm_ffi_walk(sch.mod["main"].body, (tirx.For, lambda f: loops.append(f) if f.kind == tirx.ForKind.PARALLEL else None),
-                 order="post")
+    tvm_ffi.structural_walk(sch.mod["main"].body,
+                            (tirx.For, lambda f: loops.append(f) if f.kind == tirx.ForKind.PARALLEL else None),
+                            order="post")
     assert len(loops) == 1
     assert not loops[0].extent.same_as(n) and "n" in str(loops[0].extent), loops[0].extent
     lib = tvm.compile(sch.mod, target=target)
