@@ -107,6 +107,10 @@ class CpuTarget(Target):
         Option("fast_math", bool, True,
                "float32 exp/erf/tanh/sigmoid/GELU/SiLU/softmax as vectorized polynomials (see targets/fast_math.py) "
                "instead of scalar libm calls"),
+        Option("winograd", bool, True,
+               "3x3 stride-1 float32 convolutions over large images as Winograd F(4x4)/F(2x2) kernels "
+               "(see targets/schedules/winograd.py; outputs differ from a direct conv by float rounding, "
+               "transformed weights add up to 20 % to the artifact); false: direct convolution only"),
     )
 
     def resolve_mcpu(self) -> str:
@@ -152,6 +156,7 @@ class CpuTarget(Target):
         from . import int8, recurrent
 
         int8_used: list = []
+        winograd_used: list = []  # {"m", "extra_bytes"} of each conv lowered as Winograd F(m x m, 3 x 3)
         recurrences: list = []  # LSTM/GRU/RNN nodes imported whole (targets/recurrent.py)
         int8_kernel = int8.select_kernel(features) if self.opts.int8_kernels else None
         with step(ctx.progress, "import into TVM Relax"):
@@ -160,10 +165,13 @@ class CpuTarget(Target):
         try:
             with step(ctx.progress, "prepack weights"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
-                    passes = relax_passes(target, fast_math=self.opts.fast_math)
+                    passes = relax_passes(target, fast_math=self.opts.fast_math, winograd=self.opts.winograd,
+                                          winograd_used=winograd_used)
                     if int8_kernel:  # before the layout passes' float view of the graph, after nothing else
                         passes = [int8.int8_matmul_pass(int8_used, int8_kernel), *passes]
-                    mod, plan = lift_weight_transforms(mod, target, passes, n_weights=len(ctx.params))
+                    mod, plan = lift_weight_transforms(
+                        mod, target, passes, n_weights=len(ctx.params),
+                        allowance=lambda: sum(u["extra_bytes"] for u in winograd_used))
                     weights, params = self._pack(plan, out_dir, ctx, target)
                 if plan.note:
                     ctx.native_log.append(f"note: {plan.note}")
@@ -198,6 +206,8 @@ class CpuTarget(Target):
                 "machine": platform.machine(),
                 "int8_matmuls": len(int8_used),
                 "int8_kernel": int8_kernel.name if int8_used else None,
+                "winograd_convs": len(winograd_used),
+                "winograd_extra_bytes": sum(u["extra_bytes"] for u in winograd_used),
                 "recurrences": len(recurrences),
                 "recurrence_kernel": recurrent.variant(features) if recurrences else None,
             },
@@ -377,14 +387,16 @@ def _nbytes(t) -> int:
     return int(t.numel()) * np.dtype(str(t.dtype)).itemsize
 
 
-def relax_passes(target, fast_math: bool = True) -> list:
+def relax_passes(target, fast_math: bool = True, winograd: bool = True, winograd_used: list | None = None) -> list:
     """Relax passes on high-level ops before legalization (layout choices the schedules rely on).
 
     They run before weight transforms are lifted, so any layout change they
     make to a weight is done once at lower time (see :mod:`.prepack`). With
     ``fast_math`` (the target option, default on), float32 transcendental ops
     become vectorizable polynomial kernels (:mod:`.fast_math`) that fuse into
-    their producers' epilogues as the ops they replace did.
+    their producers' epilogues as the ops they replace did. With ``winograd``
+    (the target option, default on), 3x3 stride-1 convs over large images become
+    Winograd kernels (:mod:`.schedules.winograd`); ``winograd_used`` collects them.
     """
     from .fast_math import fast_math_pass
     from .layout import normalize_squeeze_axes_pass
@@ -394,7 +406,8 @@ def relax_passes(target, fast_math: bool = True) -> list:
     # wrap them in transposes that split a convolution from its epilogue).
     from .schedules.gemm import pack_gemm_weights
 
-    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target), pack_gemm_weights(target),
+    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target, winograd, winograd_used),
+            pack_gemm_weights(target),
             *([fast_math_pass()] if fast_math else [])]
 
 

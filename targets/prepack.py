@@ -58,7 +58,7 @@ def _tensor_bytes(ty) -> int | None:
     return int(np.prod(dims, dtype=np.int64)) * np.dtype(str(ty.dtype)).itemsize
 
 
-def lift_weight_transforms(mod, target, passes=(), *, n_weights: int):
+def lift_weight_transforms(mod, target, passes=(), *, n_weights: int, allowance=None):
     """``(mod, plan)``: ``passes`` applied to ``mod``, then weight-only computations lifted out of ``main``.
 
     ``mod["main"]`` must take ``num_input`` inputs followed by ``n_weights``
@@ -66,7 +66,10 @@ def lift_weight_transforms(mod, target, passes=(), *, n_weights: int):
     weights); ``plan.transform`` holds the lifted function. When nothing is
     lifted, or the packed weights would exceed :data:`MAX_GROWTH` times the
     original bytes, the module is returned with ``passes`` applied but nothing
-    lifted, and ``plan.sources`` is the identity.
+    lifted, and ``plan.sources`` is the identity. ``allowance`` (a callable,
+    asked after ``passes`` ran) gives bytes of deliberate expansion the passes
+    made on top of that limit (Winograd's transformed weights, within the
+    budget its pass keeps).
     """
     import tvm
     from tvm import relax
@@ -105,10 +108,12 @@ def lift_weight_transforms(mod, target, passes=(), *, n_weights: int):
         packed_bytes += n
         packed.append((str(f.ty.dtype), tuple(int(d) for d in f.ty.shape.values)))
     original = sum(_tensor_bytes(t) or 0 for t in param_tuple.ty.fields)
-    if packed_bytes > MAX_GROWTH * max(original, 1):
+    extra = int(allowance()) if allowance is not None else 0
+    if packed_bytes > MAX_GROWTH * max(original, 1) + extra:
         return mod, PackPlan(sources=list(range(n_weights)),
                              note=f"weight transforms not lifted: packed weights ({packed_bytes} bytes) would exceed "
-                                  f"{MAX_GROWTH}x the weights ({original} bytes)")
+                                  f"{MAX_GROWTH}x the weights ({original} bytes)"
+                                  + (f" plus {extra} bytes of Winograd weights" if extra else ""))
     # main keeps its weight parameters in the order of the transform's outputs.
     main_mod = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != name},
                             attrs=lifted.attrs)

@@ -89,8 +89,11 @@ def lower_and_compare(tmp_path, model, mcpu=None, batches=(1, 3)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def scheduled_functions(model, mcpu="host"):
-    """``{name: (prim func before scheduling, prim func after)}`` of the model's fused functions, as cpu_pipeline makes them."""
+def scheduled_functions(model, mcpu="host", winograd=False):
+    """``{name: (prim func before scheduling, prim func after)}`` of the model's fused functions, as cpu_pipeline makes them.
+
+    Without ``winograd`` the 3x3 convs stay direct convs (what these tests check the conv rule on).
+    """
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir import dlight
@@ -104,7 +107,7 @@ def scheduled_functions(model, mcpu="host"):
     target = llvm_target(CpuTarget(mcpu=mcpu).resolve_mcpu(), 2)
     mod = import_graph(g, select_params(g))
     with target, tvm.transform.PassContext(opt_level=3):
-        fused = tvm.transform.Sequential([*cpu.library_dispatch_passes(target), *conv_layout_passes(target),
+        fused = tvm.transform.Sequential([*cpu.library_dispatch_passes(target), *conv_layout_passes(target, winograd),
                                           *cpu.legalize_passes(target)])(mod)
         before = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
         done = dlight.ApplyDefaultSchedule(*default_rules())(fused)

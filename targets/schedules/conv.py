@@ -30,13 +30,16 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 
-def conv_layout_passes(target) -> list:
+def conv_layout_passes(target, winograd: bool = True, winograd_used: list | None = None) -> list:
     """Relax passes (before legalization) that put convolutions in the layout the conv rules are fast on.
 
     1. ``ConvertLayout``: ``nn.conv2d`` becomes NHWC / HWIO (output NHWC), so the
        output channels are innermost in the result; chains of convs, pooling
        and element-wise ops stay NHWC, with transposes only at their ends.
-    2. :func:`pack_conv_weights`: each dense (groups=1) NHWC conv2d whose output
+    2. with ``winograd``, :func:`.winograd.winograd_pass`: 3x3 stride-1 convs over
+       images large enough to gain become Winograd kernels (``winograd_used``
+       collects their tile sizes);
+    3. :func:`pack_conv_weights`: each other dense (groups=1) NHWC conv2d whose output
        channels split evenly into the vector tile the schedule uses for this
        ``target`` reads its weights packed as ``[O/t, KH, KW, I, t]``, so the
        kernel streams them contiguously. The packing is a ``layout_transform``
@@ -47,7 +50,10 @@ def conv_layout_passes(target) -> list:
     """
     from tvm import relax
 
+    from .winograd import winograd_pass
+
     return [_guarded_convert_layout(relax.transform.ConvertLayout(DESIRED_LAYOUTS)),
+            *([winograd_pass(target, winograd_used)] if winograd else []),
             pack_conv_weights(target)]
 
 
@@ -255,19 +261,7 @@ def pack_conv_weights(target):
                 [int(v) for v in a.dilation], dtype, nchw_in, primfunc_name_hint="conv2d_nhwc_packed")
 
         def nchw_source(self, data):
-            """The NCHW tensor ``data`` is ``permute_dims(axes=[0, 2, 3, 1])`` of, else ``data``.
-
-            ConvertLayout hands an NCHW input to an NHWC conv through that transpose; a padded
-            conv reads the NCHW tensor instead and transposes while padding (one pass, not two).
-            The transpose stays only if something else reads it.
-            """
-            if not isinstance(data, relax.Var):
-                return data
-            bound = self.lookup_binding(data)
-            if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.permute_dims" \
-                    and bound.attrs.axes is not None and [int(x) for x in bound.attrs.axes] == [0, 2, 3, 1]:
-                return bound.args[0]
-            return data
+            return nchw_source(self, data)
 
         def conv_transpose(self, call):
             """NCHW/IOHW conv2d_transpose (groups 1, no dilation, static H/W/kernel) -> NHWC gather TE."""
@@ -306,9 +300,30 @@ def pack_conv_weights(target):
     return _pass
 
 
+def nchw_source(mutator, data):
+    """The NCHW tensor ``data`` is ``permute_dims(axes=[0, 2, 3, 1])`` of, else ``data``.
+
+    ConvertLayout hands an NCHW input to an NHWC conv through that transpose; a padded
+    conv reads the NCHW tensor instead and transposes while padding (one pass, not two).
+    The transpose stays only if something else reads it. ``mutator``: the
+    ``PyExprMutator`` whose bindings ``data`` is looked up in.
+    """
+    from tvm import relax
+
+    if not isinstance(data, relax.Var):
+        return data
+    bound = mutator.lookup_binding(data)
+    if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.permute_dims" \
+            and bound.attrs.axes is not None and [int(x) for x in bound.attrs.axes] == [0, 2, 3, 1]:
+        return bound.args[0]
+    return data
+
+
 def conv_rules() -> list:
     """The rules of this family, most specific first."""
-    return [WindowReduction()]
+    from .winograd import winograd_rules
+
+    return [*winograd_rules(), WindowReduction()]
 
 
 _REDUCE = 2  # tirx.IterVar.CommReduce
