@@ -386,6 +386,28 @@ def test_deep_conv_streams_its_packed_weights_once(tmp_path):
         assert par[-1].startswith("f_") == channels_outer, (name, par)
 
 
+def test_deep_conv_with_large_weights_accumulates_tap_by_tap(tmp_path):
+    """Weights of at least TAP_ORDER_MIN_WEIGHTS elements (ResNet-18's 7x7x512 convs): the parallel loop
+    covers channel tiles x batch only, and the taps (ry, rx) run outside the output rows, so every
+    row of a tile reuses one tap's weights while they are in L1. Smaller deep convs keep rows in the
+    parallel loop and the taps inside. Both match ONNX Runtime, at two batch sizes."""
+    from targets.schedules.conv import TAP_ORDER_MIN_WEIGHTS
+
+    big = conv_model(c=256, f=512, hw=(5, 5), pads=[1, 1, 1, 1], post=("relu", "sigmoid"))  # 1.18 M weights
+    small = conv_model(c=128, f=128, hw=(5, 5), pads=[1, 1, 1, 1], post=("relu",))  # 147 K weights
+    assert 3 * 3 * 256 * 512 >= TAP_ORDER_MIN_WEIGHTS > 3 * 3 * 128 * 128
+    for name, model, tap_order in (("big", big, True), ("small", small, False)):
+        lower_and_compare(tmp_path / name, model)
+        funcs, _ = scheduled_functions(model)
+        conv = next(a for n, (_, a) in funcs.items() if "conv" in n).script()
+        import re
+
+        par = re.findall(r"for (\w+)_fused in T\.parallel", conv)[-1]  # the conv's (after the padding pass)
+        assert par == ("f_0_b" if tap_order else "f_0_b_y_x_0"), (name, par)
+        grid = re.search(r"for ([\w, ]+) in T\.grid\([^\n]*\n\s+for x_1 in T\.unroll", conv).group(1).split(", ")
+        assert (grid[:3] == ["ry", "rx", "y"]) == tap_order, (name, grid)
+
+
 def test_padded_conv_on_an_nchw_input_transposes_while_padding(tmp_path):
     """The network's first conv (NCHW input, padding): its padding pass reads the NCHW tensor and
     writes padded NHWC, so no separate transpose kernel runs (ResNet-18's 224x224 input: 0.2-0.4 ms).

@@ -19,7 +19,7 @@ Two halves:
 
 from __future__ import annotations
 
-from .common import num_cores, vector_bits, vector_lanes, vectorize_inner, work_size, write_dtype_bits  # noqa: F401
+from .common import PARALLEL_ITERS_PER_CORE, num_cores, vector_bits, vector_lanes, vectorize_inner, work_size, write_dtype_bits  # noqa: F401
 
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
@@ -403,7 +403,10 @@ class WindowReduction(CPUScheduleRule):
     - all outer spatial loops and the tile loops fused into one ``parallel``
       loop (symbolic extents such as a dynamic batch included); the channel
       tiles go outermost when the weights are larger than one image of
-      activations (deep layers), so the weights are streamed once;
+      activations (deep layers), so the weights are streamed once; with
+      weights of at least :data:`TAP_ORDER_MIN_WEIGHTS` elements the parallel
+      loop is channel tiles x batch and the taps run outside the output rows
+      (a whole output tile accumulates tap by tap);
     - epilogues inlined into one block computed per tile, vectorized, so
       bias / activation / residual add cost no extra pass over memory;
     - producers (padding) materialized once, parallel over their outer axes.
@@ -507,6 +510,7 @@ class WindowReduction(CPUScheduleRule):
         consumers = [blocks[i] for i in range(ci + 1, len(blocks))]
         return {"conv": conv, "n_s": n_s, "producers": producers, "consumers": consumers,
                 "out_buffer": w.source, "dtype": w.source.dtype, "channels_first": channels_first,
+                "weight_elems": weight_bytes or 0,
                 "window": window, "pool": pool}
 
     # ------------------------------------------------------------------ schedule
@@ -579,7 +583,25 @@ class WindowReduction(CPUScheduleRule):
         vo, vi = sch.split(s_loops[k], factors=[None, vt])
         ro, ri = sch.split(s_loops[j], factors=[None, rows])
         outer = s_loops[:j] + s_loops[j + 1:k]
-        if plan["channels_first"]:
+        # Deep convs with a window and large weights (ResNet-18's 3x3 convs at 7x7x512): each
+        # thread streams its channel tiles' weights one tap at a time, and every output row of
+        # the tile reuses that tap's slice while it is in L1, accumulating in a per-tile buffer;
+        # the weights come from beyond L2 once per tile, overlapped with arithmetic, instead of
+        # stalling the first output row of every tile (ad-hoc harness, cold weights, 2 threads:
+        # 7x7x512 1.27 -> 1.20 ms, its stride-2 conv 0.60 -> 0.58; at 14x14x256, whose 2.4 MB of
+        # weights stay in the two cores' L2, it was 2-4 % slower: hence TAP_ORDER_MIN_WEIGHTS).
+        # Needs NHWC-like loops (batch, rows, columns, channels; taps then input channels) and
+        # enough channel tiles x batch to keep every core busy.
+        taps = r_loops[:-1]
+        tap_order = (plan["channels_first"] and plan["weight_elems"] >= TAP_ORDER_MIN_WEIGHTS
+                     and n_s == 4 and len(r_loops) == 3 and j == 2 and k == 3
+                     and any((_int(sch.get(t).extent) or 1) > 1 for t in taps)
+                     and (_int(sch.get(vo).extent) or 0) * (_int(sch.get(outer[0]).extent) or 1)
+                     >= num_cores(target) * PARALLEL_ITERS_PER_CORE)
+        if tap_order:
+            sch.reorder(vo, outer[0], *taps, outer[1], ro, r_loops[-1], ri, vi, *units)
+            par = sch.fuse(vo, outer[0])
+        elif plan["channels_first"]:
             sch.reorder(vo, *outer, ro, *r_loops, ri, vi, *units)
             par = sch.fuse(vo, *outer, ro)
         else:
@@ -640,6 +662,9 @@ class WindowReduction(CPUScheduleRule):
 
 #: Most output rows in one register tile, by the ISA's vector register count (see WindowReduction).
 MAX_ROWS = {32: 14, 16: 8}
+
+#: Weight elements from which a deep conv accumulates tap by tap (4 MiB of float32; see WindowReduction).
+TAP_ORDER_MIN_WEIGHTS = 1 << 20
 
 #: Multiply-adds below which a conv / pooling kernel runs on one thread (see WindowReduction).
 #: The 32x32 test CNN's convs (0.4-0.6 M) measured 2x faster serial than on 2 threads (loaded machine).
