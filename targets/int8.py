@@ -52,8 +52,8 @@ class Kernel:
     kgroup: int  #: consecutive k per packed group; K must be a multiple
     a_dtype: str  #: what the kernel reads the activation codes as
     w_dtype: str  #: what the packed weight is stored as
-    tile_rows: int  #: the C file's MR
-    tile_blocks: int  #: the C file's NB
+    tile_rows: int  #: rows of C per call from the TIR caller (the C file's CALL_ROWS, or MR)
+    tile_blocks: int  #: column blocks of C per call (the C file's CALL_BLOCKS, or NB)
 
     @property
     def path(self) -> Path:
@@ -63,7 +63,7 @@ class Kernel:
 #: In order of preference: the first whose features the target CPU has is used.
 KERNELS = (
     Kernel("avx512vnni", "qgemm_vnni.c", "graphopt_qgemm_u8s8_avx512vnni", ("avx512f", "avx512bw", "avx512vnni"),
-           block=16, kgroup=4, a_dtype="uint8", w_dtype="int8", tile_rows=4, tile_blocks=4),
+           block=16, kgroup=4, a_dtype="uint8", w_dtype="int8", tile_rows=32, tile_blocks=4),
     Kernel("avx2", "qgemm_avx2.c", "graphopt_qgemm_s16_avx2", ("avx2",),
            block=8, kgroup=2, a_dtype="int16", w_dtype="int8", tile_rows=2, tile_blocks=4),
 )

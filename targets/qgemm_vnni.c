@@ -6,17 +6,29 @@
  * instruction); edge tiles go one row and one 16-column block at a time. The TIR caller parallelizes
  * over tiles. Compiled with the target attribute only, so the object links on any x86-64 build and the
  * code is called only from artifacts lowered for a CPU with avx512vnni.
+ *
+ * AMX: where the CPU running the artifact also has AMX-INT8 and Linux grants this process the tile
+ * state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once), full 32 x 32 sub-tiles run on the tile unit
+ * (tdpbusd: 16 x 16 x 64 u8 x s8 products per instruction, into int32 tiles; the weights' packing is
+ * already AMX's B layout); the K tail past a multiple of 64 and edge tiles take the VNNI code. Both
+ * are exact int32 sums, so results are bit-identical either way. GRAPHOPT_NO_AMX=1 in the environment
+ * (read once per process) keeps the VNNI code.
  */
 #include <immintrin.h>
+#include <cpuid.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define MR 4
 #define NB 4
 
-/* C[i0:i0+rows, 16*jb0 : 16*(jb0+nb)] = A[i0:i0+rows, :K] (uint8) x W (int8, packed [N/16][K/4][16][4]), int32. */
+/* C[i0:i0+rows, 16*jb0 : 16*(jb0+nb)] = A[i0:i0+rows, :K] (uint8) x W (int8, packed [N/16][K/4][16][4]), int32;
+ * rows <= MR, nb <= NB. */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-int32_t graphopt_qgemm_u8s8_avx512vnni(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, int64_t N,
-                                       int64_t i0, int64_t rows, int64_t jb0, int64_t nb) {
+static void vnni_block(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, int64_t N,
+                       int64_t i0, int64_t rows, int64_t jb0, int64_t nb) {
   const int64_t KB = K / 4;
   if (rows == MR && nb == NB) {
     __m512i acc[MR][NB];
@@ -51,7 +63,7 @@ int32_t graphopt_qgemm_u8s8_avx512vnni(const uint8_t* A, const int8_t* W, int32_
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NB; ++j)
         _mm512_storeu_si512((void*)(C + (i0 + r) * N + (jb0 + j) * 16), acc[r][j]);
-    return 0;
+    return;
   }
   /* Edge tiles: one row and one 16-column block at a time. */
   for (int64_t r = 0; r < rows; ++r) {
@@ -67,5 +79,116 @@ int32_t graphopt_qgemm_u8s8_avx512vnni(const uint8_t* A, const int8_t* W, int32_
       _mm512_storeu_si512((void*)(C + (i0 + r) * N + (jb0 + j) * 16), acc);
     }
   }
+}
+
+
+/* ------------------------------------------------------------------------------------------------ AMX */
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_state; /* 0: not asked yet, 1: usable, -1: not */
+
+static int amx_usable(void) {
+  int s = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
+  if (s) return s > 0;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  int ok = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 24) & 1) && ((d >> 25) & 1);
+  const char* off = getenv("GRAPHOPT_NO_AMX");
+  if (off && off[0] && off[0] != '0') ok = 0;
+  /* Two threads may both ask: the request is idempotent. */
+  if (ok) ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  __atomic_store_n(&amx_state, ok ? 1 : -1, __ATOMIC_RELEASE);
+  return ok;
+}
+
+typedef struct {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+/* 32 rows x 16*nb columns (nb even), k < K64 on tiles; tmm0-3: C (2 x 2 tiles of 16 x 16 int32),
+ * tmm4-5: A (16 rows x 64 k), tmm6-7: B (16 k-groups x 16 columns x 4). */
+__attribute__((target("amx-tile,amx-int8,avx512f")))
+static void amx_block(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, int64_t K64, int64_t N,
+                      int64_t i0, int64_t jb0, int64_t nb) {
+  tile_config cfg;
+  __builtin_memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t KB = K / 4;
+  for (int64_t j = 0; j < nb; j += 2) {
+    const int8_t* w0 = W + (jb0 + j) * KB * 64;
+    const int8_t* w1 = W + (jb0 + j + 1) * KB * 64;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K64; k += 64) {
+      _tile_loadd(4, A + (i0 + 0) * K + k, K);
+      _tile_loadd(5, A + (i0 + 16) * K + k, K);
+      _tile_loadd(6, w0 + k * 16, 64);
+      _tile_loadd(7, w1 + k * 16, 64);
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 4, 7);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+    int32_t* c0 = C + (i0 + 0) * N + (jb0 + j) * 16;
+    int32_t* c1 = C + (i0 + 16) * N + (jb0 + j) * 16;
+    _tile_stored(0, c0, N * 4);
+    _tile_stored(1, c0 + 16, N * 4);
+    _tile_stored(2, c1, N * 4);
+    _tile_stored(3, c1 + 16, N * 4);
+  }
+  _tile_release();
+}
+
+/* C[r, block j] += sum over k in [K64, K) of A[r, k] * W[k, block j] (the K tail of an AMX tile). */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void vnni_tail(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, int64_t K64, int64_t N,
+                      int64_t i0, int64_t rows, int64_t jb0, int64_t nb) {
+  const int64_t KB = K / 4;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* a = A + (i0 + r) * K;
+    for (int64_t j = 0; j < nb; ++j) {
+      const int8_t* w = W + (jb0 + j) * KB * 64;
+      int32_t* c = C + (i0 + r) * N + (jb0 + j) * 16;
+      __m512i acc = _mm512_loadu_si512((const void*)c);
+      for (int64_t kb = K64 / 4; kb < KB; ++kb) {
+        int32_t s;
+        __builtin_memcpy(&s, a + kb * 4, 4);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(s), _mm512_loadu_si512((const void*)(w + kb * 64)));
+      }
+      _mm512_storeu_si512((void*)c, acc);
+    }
+  }
+}
+
+/* The TIR caller's tile: C[i0:i0+rows, 16*jb0 : 16*(jb0+nb)], rows <= CALL_ROWS, nb <= CALL_BLOCKS. */
+#define CALL_ROWS 32
+#define CALL_BLOCKS 4
+
+int32_t graphopt_qgemm_u8s8_avx512vnni(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, int64_t N,
+                                       int64_t i0, int64_t rows, int64_t jb0, int64_t nb) {
+  const int64_t K64 = K / 64 * 64;
+  if (rows == CALL_ROWS && nb % 2 == 0 && K64 > 0 && amx_usable()) {
+    amx_block(A, W, C, K, K64, N, i0, jb0, nb);
+    if (K64 < K) vnni_tail(A, W, C, K, K64, N, i0, rows, jb0, nb);
+    return 0;
+  }
+  for (int64_t r = 0; r < rows; r += MR)
+    for (int64_t j = 0; j < nb; j += NB)
+      vnni_block(A, W, C, K, N, i0 + r, rows - r < MR ? rows - r : MR, jb0 + j, nb - j < NB ? nb - j : NB);
   return 0;
 }
+
+/* 1 when this process runs full tiles on AMX (asks for the tile state on first use), else 0. */
+int32_t graphopt_qgemm_amx_in_use(void) { return amx_usable(); }

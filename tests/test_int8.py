@@ -144,3 +144,48 @@ def test_artifacts_with_integer_kernels_get_quantization_tolerances_unless_given
     assert artifact_tolerance(with_int8, 1e-5, 1e-4) == (1e-5, 1e-4)  # the caller's own choice stands
     assert artifact_tolerance({"target": {"int8_matmuls": 0}}, DEFAULT_ATOL, DEFAULT_RTOL) == (DEFAULT_ATOL, DEFAULT_RTOL)
     assert artifact_tolerance({"target": {}}, DEFAULT_ATOL, DEFAULT_RTOL) == (DEFAULT_ATOL, DEFAULT_RTOL)
+
+
+_AMX_RUN = r"""
+import ctypes, json, sys
+import numpy as np
+import graphopt
+
+art = graphopt.load(sys.argv[1])
+x = np.load(sys.argv[2])["x"]
+y = art.run({"x": x})["y"]
+amx = ctypes.CDLL(sys.argv[1] + "/main.so").graphopt_qgemm_amx_in_use()
+np.save(sys.argv[3], y)
+print(json.dumps({"amx": int(amx)}))
+"""
+
+
+@pytest.mark.skipif(not all(f in HOST for f in ("avx512vnni", "amx-int8", "amx-tile")),
+                    reason="needs a CPU with AVX-512 VNNI and AMX-INT8")
+def test_amx_tiles_give_the_same_integers_as_vnni(tmp_path):
+    """On an AMX CPU the VNNI kernel runs full 32 x 32 tiles on the tile unit (K tail and edge tiles on VNNI):
+    a GEMM with 65 rows, 64 columns and K = 96 (one 64-deep AMX step plus a 32-deep tail) gives outputs
+    bit-identical to the VNNI-only run (GRAPHOPT_NO_AMX=1), and both match ONNX Runtime."""
+    import os
+    import subprocess
+    import sys
+
+    g = qdq_matmul_model(k=96, n=64, act="int8", w_zero=True)
+    x = np.random.default_rng(4).standard_normal((13, 5, 96)).astype(np.float32) * 2  # 65 rows
+    data = graphopt.DataSource(feeds=[{"x": x}])
+    res = graphopt.lower(g, "cpu", tmp_path / "art", data=data, verify=True)
+    assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
+    np.savez(tmp_path / "x.npz", x=x)
+    script = tmp_path / "run.py"
+    script.write_text(_AMX_RUN)
+    outs = {}
+    for label, off in (("amx", "0"), ("vnni", "1")):
+        env = dict(os.environ, GRAPHOPT_NO_AMX=off)
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "art"), str(tmp_path / "x.npz"),
+                               str(tmp_path / f"{label}.npy")], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs[label] = (json.loads(done.stdout.strip().splitlines()[-1])["amx"], np.load(tmp_path / f"{label}.npy"))
+    if outs["amx"][0] != 1:
+        pytest.skip("this Linux did not grant the process AMX tile state (arch_prctl)")
+    assert outs["vnni"][0] == 0
+    assert outs["amx"][1].tobytes() == outs["vnni"][1].tobytes()
