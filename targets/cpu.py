@@ -165,10 +165,12 @@ class CpuTarget(Target):
         try:
             with step(ctx.progress, "prepack weights"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
+                    # Integer kernels right after ConvertLayout (QDQ convs are NHWC there, the transposes
+                    # around quantize / dequantize moved out of the way) and before any float conv rewrite.
+                    quantized = [int8.qdq_layout_pass(), int8.int8_matmul_pass(int8_used, int8_kernel)] \
+                        if int8_kernel else []
                     passes = relax_passes(target, fast_math=self.opts.fast_math, winograd=self.opts.winograd,
-                                          winograd_used=winograd_used)
-                    if int8_kernel:  # before the layout passes' float view of the graph, after nothing else
-                        passes = [int8.int8_matmul_pass(int8_used, int8_kernel), *passes]
+                                          winograd_used=winograd_used, after_layout=quantized)
                     mod, plan = lift_weight_transforms(
                         mod, target, passes, n_weights=len(ctx.params),
                         allowance=lambda: sum(u["extra_bytes"] for u in winograd_used))
@@ -387,7 +389,8 @@ def _nbytes(t) -> int:
     return int(t.numel()) * np.dtype(str(t.dtype)).itemsize
 
 
-def relax_passes(target, fast_math: bool = True, winograd: bool = True, winograd_used: list | None = None) -> list:
+def relax_passes(target, fast_math: bool = True, winograd: bool = True, winograd_used: list | None = None,
+                 after_layout: list = ()) -> list:
     """Relax passes on high-level ops before legalization (layout choices the schedules rely on).
 
     They run before weight transforms are lifted, so any layout change they
@@ -397,6 +400,8 @@ def relax_passes(target, fast_math: bool = True, winograd: bool = True, winograd
     their producers' epilogues as the ops they replace did. With ``winograd``
     (the target option, default on), 3x3 stride-1 convs over large images become
     Winograd kernels (:mod:`.schedules.winograd`); ``winograd_used`` collects them.
+    ``after_layout``: passes to run right after ``ConvertLayout``, before the conv rewrites
+    (the integer-kernel rewrite of :mod:`.int8`).
     """
     from .fast_math import fast_math_pass
     from .layout import normalize_squeeze_axes_pass
@@ -406,7 +411,7 @@ def relax_passes(target, fast_math: bool = True, winograd: bool = True, winograd
     # wrap them in transposes that split a convolution from its epilogue).
     from .schedules.gemm import pack_gemm_weights
 
-    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target, winograd, winograd_used),
+    return [normalize_squeeze_axes_pass(), *conv_layout_passes(target, winograd, winograd_used, after_layout),
             pack_gemm_weights(target),
             *([fast_math_pass()] if fast_math else [])]
 

@@ -101,10 +101,11 @@ def test_portable_build_keeps_float_qdq_arithmetic(tmp_path):
     (dict(pads=[1, 1, 1, 1]), "b"), (dict(strides=[2, 2], pads=[0, 1, 2, 1]), 2),
     (dict(dilations=[2, 2], pads=[2, 2, 2, 2]), "b"), (dict(kernel_shape=[1, 1]), 3),
     (dict(pads=[1, 1, 1, 1], channels=6, kernel_shape=[3, 1]), 2),  # K = 18: a multiple of 2, not of 4
+    (dict(pads=[3, 3, 3, 3], strides=[2, 2], channels=3, kernel_shape=[7, 7]), "b"),  # an RGB stem: K = 147
 ])
 def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, batch, kernel, mcpu):
-    if kernel == "avx512vnni" and attrs.get("channels") == 6:
-        pytest.skip("K = 18 is not a multiple of the VNNI kernel's k-group (float lowering, tested elsewhere)")
+    """Every one-group QDQ conv gets the integer kernel: a K = KH*KW*C that is not a multiple of the kernel's
+    k-group is padded with zero channels (K = 18 -> 24 for VNNI, 147 -> 196 / 154)."""
     rng = np.random.default_rng(2)
     attrs = dict(attrs)
     k, c = attrs.pop("kernel_shape", [3, 3]), attrs.pop("channels", 8)
@@ -189,3 +190,33 @@ def test_amx_tiles_give_the_same_integers_as_vnni(tmp_path):
         pytest.skip("this Linux did not grant the process AMX tile state (arch_prctl)")
     assert outs["vnni"][0] == 0
     assert outs["amx"][1].tobytes() == outs["vnni"][1].tobytes()
+
+
+def test_qdq_conv_chain_stays_nhwc_between_convs():
+    """ConvertLayout leaves transposes around quantize / dequantize (no layout rule for them); the QDQ
+    layout pass moves them out of the chain and cancels them: two quantized convs in a row keep only the
+    network's input and output transposes, and the int8 rewrite sees NHWC/HWIO convs."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.relax_import import import_graph, select_params
+    from graphopt.targets.schedules.conv import DESIRED_LAYOUTS
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, n) for n in ("w1", "w2")]
+    m = make_model([helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+                    helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+                    helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
+                   [vi("x", [1, 16, 10, 10])], [vi("y", [1, 16, 10, 10])], inits)
+    g = graphopt.Graph(m)
+    feeds = [{"x": rng.standard_normal((1, 16, 10, 10)).astype(np.float32)} for _ in range(4)]
+    q = graphopt.optimize(g, "quantize", data=graphopt.DataSource(feeds=feeds)).graph
+    mod = import_graph(q, select_params(q))
+    convert = relax.transform.ConvertLayout(DESIRED_LAYOUTS)
+    before = convert(mod)["main"].script().count("R.permute_dims(")
+    after = tvm.transform.Sequential([convert, int8.qdq_layout_pass()])(mod)["main"].script()
+    # Without the pass: activation transposes around each quantize / dequantize; with it: the input's and
+    # the output's, plus one per weight (lifted to lower time).
+    weights = 2
+    assert after.count("R.permute_dims(") == 2 + weights < before, after
+    assert after.count('data_layout="NHWC"') == 2

@@ -30,12 +30,15 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 
-def conv_layout_passes(target, winograd: bool = True, winograd_used: list | None = None) -> list:
+def conv_layout_passes(target, winograd: bool = True, winograd_used: list | None = None,
+                       after_layout: list = ()) -> list:
     """Relax passes (before legalization) that put convolutions in the layout the conv rules are fast on.
 
     1. ``ConvertLayout``: ``nn.conv2d`` becomes NHWC / HWIO (output NHWC), so the
        output channels are innermost in the result; chains of convs, pooling
        and element-wise ops stay NHWC, with transposes only at their ends.
+    Then ``after_layout`` (the CPU target's integer-kernel rewrite), and:
+
     2. with ``winograd``, :func:`.winograd.winograd_pass`: 3x3 stride-1 convs over
        images large enough to gain become Winograd kernels (``winograd_used``
        collects their tile sizes);
@@ -52,7 +55,7 @@ def conv_layout_passes(target, winograd: bool = True, winograd_used: list | None
 
     from .winograd import winograd_pass
 
-    return [_guarded_convert_layout(relax.transform.ConvertLayout(DESIRED_LAYOUTS)),
+    return [_guarded_convert_layout(relax.transform.ConvertLayout(DESIRED_LAYOUTS)), *after_layout,
             *([winograd_pass(target, winograd_used)] if winograd else []),
             pack_conv_weights(target)]
 
