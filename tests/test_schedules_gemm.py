@@ -418,3 +418,33 @@ def test_activation_and_narrow_operands_are_not_packed():
     dq = Graph(make_model(nodes, [vi("x", [64, 32])], [vi("y", [64, 128])], inits))
     funcs = scheduled_funcs(dq, relax_passes=True)
     assert not [n for n in funcs if "packed" in n] and [n for n in funcs if "matmul" in n], sorted(funcs)
+
+
+@pytest.mark.parametrize("n,keep", [(1024, 1000), (120, 100), (128, 64)])
+def test_matmul_followed_by_a_column_slice(tmp_path, n, keep):
+    """A GEMM whose output is sliced (a fused QKV projection split by Slice): the slice is fused into the
+    GEMM's kernel but must not be inlined into the tile write-back, which covers every column (it wrote the
+    sliced tensor out of bounds: max error ~47). Packed (N a multiple of the panel) and unpacked B, and a
+    bias + ReLU epilogue before the slice, all against ONNX Runtime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .conftest import make_model, ort_run
+
+    rng = np.random.default_rng(n)
+    m_rows, k = 64, 96
+    inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([0], np.int64), "st"),
+             numpy_helper.from_array(np.array([keep], np.int64), "en"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Slice", ["r", "st", "en", "ax"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m_rows, k])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m_rows, keep])], inits)
+    g = Graph(model)
+    graphopt.lower(g, "cpu", tmp_path / "art")
+    x = rng.standard_normal((m_rows, k)).astype(np.float32)
+    got = graphopt.load(tmp_path / "art").run({"x": x})["y"]
+    want = ort_run(g, {"x": x})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)

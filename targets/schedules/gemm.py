@@ -485,7 +485,7 @@ class Matmul:
     def _schedule(self, func, target):
         from tvm import s_tir
         from tvm.s_tir.dlight.analysis import get_root_block
-        from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers, get_reduction_blocks
+        from tvm.s_tir.dlight.gpu.matmul import auto_inline_producers, get_reduction_blocks
 
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
@@ -543,7 +543,7 @@ class Matmul:
 
         # 4. Accumulate in a local MR x NR tile; write it back (with the epilogue) per tile.
         wb = sch.cache_write(main, 0, "local")
-        auto_inline_consumers(sch, wb)
+        _inline_whole_consumers(sch, wb)
         sch.reverse_compute_at(wb, io, preserve_unit_loops=True)
         outer = sch.fuse(s, jo, io)
         if cores > 1 and (macs is None or macs >= PARALLEL_MIN_MACS):
@@ -570,6 +570,55 @@ class Matmul:
             outer = sch.fuse(*loops[:-1])
             if cores > 1 and (macs is None or macs >= PARALLEL_MIN_MACS):
                 sch.parallel(outer)
+
+
+def _elements(shape):
+    total = 1
+    for d in shape:
+        total = total * d
+    return total
+
+
+def _inline_whole_consumers(sch, block) -> None:
+    """Inline into ``block`` (the tile write-back) the consumers that cover its whole output.
+
+    dlight's ``auto_inline_consumers`` also reverse-inlined a consumer that reads only part of the
+    output (a Slice of the GEMM's columns, as a fused QKV projection is split): the write-back then
+    ran over every column of the tile and wrote the sliced tensor out of its bounds, so a MatMul
+    followed by a column Slice gave wrong values. A consumer is inlined here only when it writes as
+    many elements as ``block`` does (element-wise epilogues, bias, activations, reshapes); anything
+    else stays a loop nest of its own at the root (correct, not tiled).
+    """
+    from tvm.sym.analyzer import Analyzer
+
+    analyzer = Analyzer()
+    # dlight's loop (consumers inlined forward into theirs, then reverse-inlined into ``block``), with
+    # the reverse step only for consumers that cover the whole output.
+    while True:
+        inlined = 0
+        consumers = sch.get_consumers(block)
+        for c in consumers:
+            try:
+                sch.compute_inline(c)
+                inlined += 1
+            except Exception:  # noqa: BLE001 - not inlinable forward
+                pass
+        produced = sch.get(block).writes[0].source
+        for c in consumers:
+            try:
+                st = sch.get(c)
+            except Exception:  # noqa: BLE001 - inlined forward above: gone
+                continue
+            if len(st.writes) != 1 or not analyzer.can_prove_equal(_elements(st.writes[0].source.shape),
+                                                                      _elements(produced.shape)):
+                continue
+            try:
+                sch.reverse_compute_inline(c)
+                inlined += 1
+            except Exception:  # noqa: BLE001 - not inlinable: it stays at the root
+                pass
+        if inlined == 0:
+            return
 
 
 def pack_gemm_weights(target):
