@@ -110,7 +110,7 @@ class CpuTarget(Target):
         Option("winograd", bool, True,
                "3x3 stride-1 float32 convolutions over large images as Winograd F(4x4)/F(2x2) kernels "
                "(see targets/schedules/winograd.py; outputs differ from a direct conv by float rounding, "
-               "transformed weights add up to 20 % to the artifact); false: direct convolution only"),
+               "the transformed weights add at most the model's own weight bytes again); false: direct convolution only"),
     )
 
     def resolve_mcpu(self) -> str:

@@ -191,10 +191,10 @@ def qdq_layout_pass():
 
     R = relax.op
 
+    moves = []  # one entry per rewrite of the current round (the mutator is made by rewrite_relax_functions)
+
     @mutator
     class _Mover(PyExprMutator):
-        changed = False
-
         def _bound(self, expr, name):
             e = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
             return e if isinstance(e, relax.Call) and getattr(e.op, "name", "") == name else None
@@ -215,14 +215,14 @@ def qdq_layout_pass():
                     if inner is not None:
                         p0 = self._perm(inner, ndim)
                         both = [p0[i] for i in perm]
-                        _Mover.changed = True
+                        moves.append(name)
                         return inner.args[0] if both == list(range(ndim)) else R.permute_dims(inner.args[0], both)
                     dq = self._bound(call.args[0], "relax.dequantize")
                     if dq is not None:
                         q, sc, zp = dq.args
                         axis = int(dq.attrs.axis) % ndim
                         moved = self.builder_.emit(R.permute_dims(q, perm))
-                        _Mover.changed = True
+                        moves.append(name)
                         return R.dequantize(moved, sc, zp, axis=perm.index(axis), out_dtype=str(dq.attrs.out_dtype))
                 if name == "relax.quantize":
                     pd = self._bound(call.args[0], "relax.permute_dims")
@@ -232,7 +232,7 @@ def qdq_layout_pass():
                         perm = self._perm(pd, ndim)
                         axis = int(call.attrs.axis) % ndim
                         q = self.builder_.emit(R.quantize(x, sc, zp, axis=perm[axis], out_dtype=str(call.attrs.out_dtype)))
-                        _Mover.changed = True
+                        moves.append(name)
                         return R.permute_dims(q, perm)
             except Exception:  # noqa: BLE001 - a form this pass does not know (symbolic rank...): left as it is
                 return call
@@ -241,9 +241,9 @@ def qdq_layout_pass():
     @tvm.transform.module_pass(opt_level=0, name="graphopt.QdqLayout")
     def _pass(mod, _ctx):
         for _ in range(8):
-            _Mover.changed = False
+            moves.clear()
             mod = relax.transform.DeadCodeElimination()(rewrite_relax_functions(mod, _Mover))
-            if not _Mover.changed:
+            if not moves:
                 break
         return mod
 

@@ -426,9 +426,7 @@ def test_matmul_followed_by_a_column_slice(tmp_path, n, keep):
     GEMM's kernel but must not be inlined into the tile write-back, which covers every column (it wrote the
     sliced tensor out of bounds: max error ~47). Packed (N a multiple of the panel) and unpacked B, and a
     bias + ReLU epilogue before the slice, all against ONNX Runtime."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from .conftest import make_model, ort_run
+    from onnx import numpy_helper
 
     rng = np.random.default_rng(n)
     m_rows, k = 64, 96

@@ -41,7 +41,7 @@ def conv_layout_passes(target, winograd: bool = True, winograd_used: list | None
 
     2. with ``winograd``, :func:`.winograd.winograd_pass`: 3x3 stride-1 convs over
        images large enough to gain become Winograd kernels (``winograd_used``
-       collects their tile sizes);
+       collects each one's tile and extra weight bytes);
     3. :func:`pack_conv_weights`: each other dense (groups=1) NHWC conv2d whose output
        channels split evenly into the vector tile the schedule uses for this
        ``target`` reads its weights packed as ``[O/t, KH, KW, I, t]``, so the
@@ -257,14 +257,11 @@ def pack_conv_weights(target):
                 weight, index_map=lambda kh, kw, i, o: (o // t, kh, kw, i, o % t)))
             src, nchw_in = data, False
             if any(int(v) for v in a.padding):
-                src = self.nchw_source(data)
+                src = nchw_source(self, data)
                 nchw_in = src is not data
             return self.builder_.call_te(
                 te_conv, src, packed, [int(v) for v in a.strides], [int(v) for v in a.padding],
                 [int(v) for v in a.dilation], dtype, nchw_in, primfunc_name_hint="conv2d_nhwc_packed")
-
-        def nchw_source(self, data):
-            return nchw_source(self, data)
 
         def conv_transpose(self, call):
             """NCHW/IOHW conv2d_transpose (groups 1, no dilation, static H/W/kernel) -> NHWC gather TE."""

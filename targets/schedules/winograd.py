@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import num_cores, vector_lanes
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+from .common import num_cores, parallel_prefix, static_extent, vector_lanes, vectorize_inner, write_dtype_bits
+from .conv import MAX_ROWS, _int, _pick_rows, _pick_vector_tile, nchw_source, vector_registers
 
 #: Block annotation that marks the stages of a Winograd kernel for :class:`WinogradConv`.
 STAGE_ATTR = "graphopt.winograd_stage"
@@ -63,7 +66,8 @@ MATRICES = {
 }
 
 #: Output pixels per image from which F(4x4) beats F(2x2), and from which F(2x2) beats the
-#: direct conv (ResNet-18, 2 threads, AVX-512: at 56x56 F(4x4) 0.36 ms, F(2x2) 0.49, direct
+#: direct conv (ResNet-18's 3x3 convs in an ad-hoc kernel harness, not a script here; 2 threads,
+#: Intel Xeon AVX-512, warm caches: at 56x56 F(4x4) 0.36 ms, F(2x2) 0.49, direct
 #: 0.75; at 28x28 F(2x2) 0.45, F(4x4) 0.44, direct 0.75; at 14x14 F(2x2) 0.70, direct 0.74,
 #: at 7x7 direct is 1.5x faster: few tiles, and the weights, not the arithmetic, bound it).
 F4_MIN_PIXELS = 48 * 48
@@ -220,7 +224,7 @@ def winograd_pass(target, used: list | None = None, budget: float | None = None)
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    from .conv import _int, _pick_vector_tile, nchw_source
+    from ..relax_import import rewrite_relax_functions
 
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     lanes = vector_lanes(target, 32)
@@ -316,11 +320,7 @@ def winograd_pass(target, used: list | None = None, budget: float | None = None)
                     break
         if not chosen:
             return mod
-        rw = _Rewrite(mod, chosen)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return rw.builder_.get()
+        return rewrite_relax_functions(mod, lambda m: _Rewrite(m, chosen))
 
     return _pass
 
@@ -331,147 +331,139 @@ def _stage(sch, block) -> str | None:
     return str(v) if v is not None else None
 
 
-def _rule_class():
-    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+class WinogradConv(CPUScheduleRule):
+    """Schedules the fused PrimFunc of a :func:`te_winograd_conv` kernel and its epilogue.
 
-    from .common import parallel_prefix, static_extent, vectorize_inner, write_dtype_bits
-    from .conv import MAX_ROWS, _int, _pick_rows, vector_registers
+    Claims a function whose root blocks are: an optional padding pass, the
+    stages ``V1, V, M, Y1, out`` (by their :data:`STAGE_ATTR` annotation),
+    then injective epilogues. Schedule, with ``(b, ty, tx)`` output tiles
+    and ``k`` output channels:
 
-    class WinogradConvRule(CPUScheduleRule):
-        """Schedules the fused PrimFunc of a :func:`te_winograd_conv` kernel and its epilogue.
+    - epilogues that write an NHWC tensor of the output's shape are inlined
+      into the last of them (the anchor); its loops split into tile rows, tile
+      groups of ``rows`` tiles and vector tiles of channels; ``(b, ty, tx-group)``
+      fused and parallel, channel tiles serial inside;
+    - per parallel iteration: ``V1, V`` for the group's tiles and all input
+      channels; per channel tile: the GEMMs (``rows x vector`` accumulators in
+      registers over the input channels), ``Y1`` and the anchor, unrolled over
+      the tile's pixels and vectorized over channels;
+    - padding inlined into ``V1``; epilogues that change the layout: parallel passes after.
+    """
 
-        Claims a function whose root blocks are: an optional padding pass, the
-        stages ``V1, V, M, Y1, out`` (by their :data:`STAGE_ATTR` annotation),
-        then injective epilogues. Schedule, with ``(b, ty, tx)`` output tiles
-        and ``k`` output channels:
+    def apply(self, func, target, _tunable):
+        from tvm import s_tir, tirx
 
-        - epilogues that write an NHWC tensor of the output's shape are inlined
-          into the last of them (the anchor); its loops split into tile rows, tile
-          groups of ``rows`` tiles and vector tiles of channels; ``(b, ty, tx-group)``
-          fused and parallel, channel tiles serial inside;
-        - per parallel iteration: ``V1, V`` for the group's tiles and all input
-          channels; per channel tile: the GEMMs (``rows x vector`` accumulators in
-          registers over the input channels), ``Y1`` and the anchor, unrolled over
-          the tile's pixels and vectorized over channels;
-        - padding inlined into ``V1``; epilogues that change the layout: parallel passes after.
-        """
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            return sch if self._schedule(sch, target) else None
+        except Exception:  # noqa: BLE001 - a shape the rule did not foresee: decline, never fail the build
+            return None
 
-        def apply(self, func, target, _tunable):
-            from tvm import s_tir, tirx
-
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-                return None
+    @staticmethod
+    def _schedule(sch, target) -> bool:
+        root = sch.get_sblock("root")
+        blocks = list(sch.get_child_blocks(root))
+        stages = {}
+        for b in blocks:
+            s = _stage(sch, b)
+            if s is not None:
+                stages[s] = b
+        if not all(k in stages for k in ("V1", "V", "M", "Y1", "out")):
+            return False
+        idx = [i for i, b in enumerate(blocks) if _stage(sch, b) == "out"][0]
+        producers = blocks[:[i for i, b in enumerate(blocks) if _stage(sch, b) == "V1"][0]]
+        m = _int(sch.get(stages["Y1"]).writes[0].source.shape[0])  # Y1 is [m, n, th, tw, m + 2, k]
+        # Padding is read straight from the input by the input transform (a bounds test per
+        # tile row, not a padded copy of the image through memory and a parallel pass of its own).
+        kept = []
+        for p in reversed(producers):
             try:
-                sch = s_tir.Schedule(func)
-                return sch if self._schedule(sch, target) else None
-            except Exception:  # noqa: BLE001 - a shape the rule did not foresee: decline, never fail the build
-                return None
+                sch.compute_inline(p)
+            except Exception:  # noqa: BLE001 - not inlinable: one parallel pass before the tiles
+                kept.insert(0, p)
+        producers = kept
+        anchor = stages["out"]
+        out_shape = [_int(d) for d in sch.get(anchor).writes[0].source.shape[1:]]
+        later = blocks[idx + 1:]
+        while later:
+            nxt = later[0]
+            st = sch.get(nxt)
+            if len(st.writes) != 1 or [_int(d) for d in st.writes[0].source.shape[1:]] != out_shape \
+                    or len(sch.get_loops(nxt)) != 4:
+                break
+            try:
+                sch.compute_inline(anchor)
+            except Exception:  # noqa: BLE001 - not inlinable: it stays the anchor
+                break
+            anchor = nxt
+            later = later[1:]
 
-        @staticmethod
-        def _schedule(sch, target) -> bool:
-            root = sch.get_sblock("root")
-            blocks = list(sch.get_child_blocks(root))
-            stages = {}
-            for b in blocks:
-                s = _stage(sch, b)
-                if s is not None:
-                    stages[s] = b
-            if not all(k in stages for k in ("V1", "V", "M", "Y1", "out")):
+        lanes = vector_lanes(target, 32)
+        u_tile = _int(sch.get(stages["M"]).reads[1].source.shape[-1])
+        regs = vector_registers(target)
+        nvec = -(-u_tile // lanes)
+        max_rows = MAX_ROWS[32 if regs >= 32 else 16]
+        b, y, x, k = sch.get_loops(anchor)
+        ow = static_extent(sch, x)
+        if ow is None or static_extent(sch, y) is None or ow % m:
+            return False
+        rows = _pick_rows(ow // m, max(1, min(max_rows, (regs - 4) // nvec)))
+        ty, ay = sch.split(y, [None, m])
+        txo, tx_ax = sch.split(x, [None, rows * m])
+        txi, ax = sch.split(tx_ax, [None, m])
+        ko, ki = sch.split(k, [None, u_tile])
+        sch.reorder(b, ty, txo, ko, ay, txi, ax, ki)
+        par = sch.fuse(b, ty, txo)
+        if num_cores(target) > 1:
+            sch.parallel(par)
+        sch.vectorize(ki)
+        sch.unroll(ax)
+        sch.unroll(ay)
+
+        y1 = stages["Y1"]
+        sch.compute_at(y1, ko, preserve_unit_loops=True)
+        yl = sch.get_loops(y1)[-6:]  # a, b, ty, tx, nu, k
+        sch.unroll(yl[0])
+        sch.unroll(yl[4])
+        sch.vectorize(yl[5])
+
+        mm = stages["M"]
+        sch.compute_at(mm, ko, preserve_unit_loops=True)
+        xi, nu, _mb, _mty, mtx, mk, rc = sch.get_loops(mm)[-7:]
+        sch.reorder(xi, nu, rc, mtx, mk)
+        wb = sch.cache_write(mm, 0, "local")
+        sch.reverse_compute_at(wb, nu, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(wb)[-1])
+        sch.unroll(mtx)
+        sch.vectorize(mk)
+        sch.decompose_reduction(mm, rc)
+
+        for name, unrolled in (("V", 2), ("V1", 1)):
+            blk = stages[name]
+            sch.compute_at(blk, par, preserve_unit_loops=True)
+            bl = sch.get_loops(blk)
+            inner = vectorize_inner(sch, bl[-1], lanes)
+            if inner is None and static_extent(sch, bl[-1]) is None:
                 return False
-            idx = [i for i, b in enumerate(blocks) if _stage(sch, b) == "out"][0]
-            producers = blocks[:[i for i, b in enumerate(blocks) if _stage(sch, b) == "V1"][0]]
-            m = _int(sch.get(stages["Y1"]).writes[0].source.shape[0])  # Y1 is [m, n, th, tw, m + 2, k]
-            # Padding is read straight from the input by the input transform (a bounds test per
-            # tile row, not a padded copy of the image through memory and a parallel pass of its own).
-            kept = []
-            for p in reversed(producers):
-                try:
-                    sch.compute_inline(p)
-                except Exception:  # noqa: BLE001 - not inlinable: one parallel pass before the tiles
-                    kept.insert(0, p)
-            producers = kept
-            anchor = stages["out"]
-            out_shape = [_int(d) for d in sch.get(anchor).writes[0].source.shape[1:]]
-            later = blocks[idx + 1:]
-            while later:
-                nxt = later[0]
-                st = sch.get(nxt)
-                if len(st.writes) != 1 or [_int(d) for d in st.writes[0].source.shape[1:]] != out_shape \
-                        or len(sch.get_loops(nxt)) != 4:
-                    break
-                try:
-                    sch.compute_inline(anchor)
-                except Exception:  # noqa: BLE001 - not inlinable: it stays the anchor
-                    break
-                anchor = nxt
-                later = later[1:]
+            for lp in bl[1:1 + unrolled]:
+                sch.unroll(lp)
 
-            lanes = vector_lanes(target, 32)
-            u_tile = _int(sch.get(stages["M"]).reads[1].source.shape[-1])
-            regs = vector_registers(target)
-            nvec = -(-u_tile // lanes)
-            max_rows = MAX_ROWS[32 if regs >= 32 else 16]
-            b, y, x, k = sch.get_loops(anchor)
-            ow = static_extent(sch, x)
-            if ow is None or static_extent(sch, y) is None or ow % m:
-                return False
-            rows = _pick_rows(ow // m, max(1, min(max_rows, (regs - 4) // nvec)))
-            ty, ay = sch.split(y, [None, m])
-            txo, tx_ax = sch.split(x, [None, rows * m])
-            txi, ax = sch.split(tx_ax, [None, m])
-            ko, ki = sch.split(k, [None, u_tile])
-            sch.reorder(b, ty, txo, ko, ay, txi, ax, ki)
-            par = sch.fuse(b, ty, txo)
-            if num_cores(target) > 1:
-                sch.parallel(par)
-            sch.vectorize(ki)
-            sch.unroll(ax)
-            sch.unroll(ay)
-
-            y1 = stages["Y1"]
-            sch.compute_at(y1, ko, preserve_unit_loops=True)
-            yl = sch.get_loops(y1)[-6:]  # a, b, ty, tx, nu, k
-            sch.unroll(yl[0])
-            sch.unroll(yl[4])
-            sch.vectorize(yl[5])
-
-            mm = stages["M"]
-            sch.compute_at(mm, ko, preserve_unit_loops=True)
-            xi, nu, _mb, _mty, mtx, mk, rc = sch.get_loops(mm)[-7:]
-            sch.reorder(xi, nu, rc, mtx, mk)
-            wb = sch.cache_write(mm, 0, "local")
-            sch.reverse_compute_at(wb, nu, preserve_unit_loops=True)
-            sch.vectorize(sch.get_loops(wb)[-1])
-            sch.unroll(mtx)
-            sch.vectorize(mk)
-            sch.decompose_reduction(mm, rc)
-
-            for name, unrolled in (("V", 2), ("V1", 1)):
-                blk = stages[name]
-                sch.compute_at(blk, par, preserve_unit_loops=True)
-                bl = sch.get_loops(blk)
-                inner = vectorize_inner(sch, bl[-1], lanes)
-                if inner is None and static_extent(sch, bl[-1]) is None:
-                    return False
-                for lp in bl[1:1 + unrolled]:
-                    sch.unroll(lp)
-
-            for p in producers:
-                pl = sch.get_loops(p)
-                vectorize_inner(sch, pl[-1], vector_lanes(target, write_dtype_bits(sch, p)))
-                if num_cores(target) > 1 and len(pl) > 1:
-                    parallel_prefix(sch, pl[:-1], target)
-            for c in later:
-                cl = sch.get_loops(c)
-                if cl:
-                    vectorize_inner(sch, cl[-1], vector_lanes(target, write_dtype_bits(sch, c)))
-                    if num_cores(target) > 1 and len(cl) > 1:
-                        parallel_prefix(sch, cl[:-1], target)
-            return True
-
-    return WinogradConvRule
+        for p in producers:
+            pl = sch.get_loops(p)
+            vectorize_inner(sch, pl[-1], vector_lanes(target, write_dtype_bits(sch, p)))
+            if num_cores(target) > 1 and len(pl) > 1:
+                parallel_prefix(sch, pl[:-1], target)
+        for c in later:
+            cl = sch.get_loops(c)
+            if cl:
+                vectorize_inner(sch, cl[-1], vector_lanes(target, write_dtype_bits(sch, c)))
+                if num_cores(target) > 1 and len(cl) > 1:
+                    parallel_prefix(sch, cl[:-1], target)
+        return True
 
 
 def winograd_rules() -> list:
     """The Winograd schedule rule (tried before the general conv rule, which would claim its kernels slowly)."""
-    return [_rule_class()()]
+    return [WinogradConv()]
