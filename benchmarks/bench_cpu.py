@@ -8,7 +8,8 @@ For each model (builders in ``benchmarks/models.py``) this script
    corpus with their shapes and fixed values);
 2. lowers it with ``graphopt.lower`` (default schedules), timing the whole call; with ``--tune
    TRIALS`` lowers it a second time with ``tune=TRIALS, tuning_db=--tuning-db`` (otherwise the
-   tuned column says "not run");
+   tuned column says "not run"); MetaSchedule can only measure kernels of concrete shapes, so for
+   a model with a dynamic batch the tuned artifact is lowered per batch with that batch fixed;
 3. per batch, runs ``graphopt.bench.measure``: every runtime in a worker process of its own
    (graphopt default, graphopt tuned, ONNX Runtime on the model as given (the original file or the
    captured graph, not graphopt's rewritten ``model.onnx``) with its default graph optimizations, torch
@@ -172,6 +173,22 @@ def lower_model(model, graph, shapes, values, out_dir: Path, args, tune: int = 0
     return out
 
 
+def tuned_shapes(graph, feed: dict, shapes: dict | None, values: dict | None) -> dict:
+    """Input shapes for the tuned lowering of one batch: the model's, with every symbolic dim fixed.
+
+    MetaSchedule measures kernels on concrete arguments, so a kernel with a symbolic (dynamic
+    batch) extent cannot be tuned: the tuned column lowers one static-shape artifact per batch
+    (the default column keeps ONE dynamic-batch artifact for every batch).
+    """
+    out = {k: list(v) for k, v in (shapes or {}).items()}
+    for spec in graph.inputs:
+        if spec.name in (values or {}) or spec.name in out or spec.name not in feed:
+            continue
+        if any(not isinstance(d, int) for d in spec.shape):
+            out[spec.name] = [int(d) for d in feed[spec.name].shape]
+    return out
+
+
 def bench_model(model, args, workdir: Path) -> list[dict]:
     """Rows (one per batch) for one model; raises on a failure to build or lower it."""
     from graphopt.bench import _ms, measure
@@ -180,9 +197,6 @@ def bench_model(model, args, workdir: Path) -> list[dict]:
     graph, shapes, values = bench_models.build(model, args.cache)
     build_s = time.perf_counter() - t0
     default = lower_model(model, graph, shapes, values, workdir / model.name, args)
-    tuned = None
-    if args.tune:
-        tuned = lower_model(model, graph, shapes, values, workdir / f"{model.name}-tuned", args, tune=args.tune)
     import graphopt
 
     art = graphopt.load(default["path"], threads=args.threads)  # reads the manifest: input/output names
@@ -194,8 +208,19 @@ def bench_model(model, args, workdir: Path) -> list[dict]:
     dtypes = {s.name: s.dtype for s in graph.inputs}
     fixed = {k: np.asarray(v, dtype=dtypes[k]) for k, v in (values or {}).items()}
     rows = []
+    tuned_static: dict = {}  # lowered once when the inputs are static, else once per batch (see tuned_shapes)
     for batch in model.batches:
         feed = {**bench_models.feed(model, batch), **fixed}
+        tuned = None
+        if args.tune:
+            fixed_shapes = tuned_shapes(graph, feed, shapes, values)
+            key = json.dumps(fixed_shapes, sort_keys=True)
+            if key not in tuned_static:
+                suffix = "-tuned" + (f"-b{batch}" if fixed_shapes != (shapes or {}) else "")
+                tuned_static[key] = lower_model(model, graph, fixed_shapes, values,
+                                                workdir / f"{model.name}{suffix}", args, tune=args.tune)
+                tuned_static[key]["input_shapes"] = fixed_shapes
+            tuned = tuned_static[key]
         runners = {"graphopt": ("graphopt", default["path"])}
         if tuned:
             runners["tuned"] = ("graphopt", tuned["path"])
@@ -271,8 +296,14 @@ def render_table(rows: list[dict], args) -> str:
             rss, f"{row['lower']['artifact_bytes'] / (1 << 20):.1f}",
         ]) + " |")
         tuning = tl.get("tuning") or {}
-        if tuning and row["batch"] == min(r["batch"] for r in rows if r["model"] == row["model"]):
-            notes.append(f"{row['model']} tuned: {tuning.get('tuned_tasks', 0)}/{tuning.get('tasks', 0)} kernels use "
+        same = [r for r in rows if r["model"] == row["model"] and (r.get("tuned_lower") or {}).get("path") == tl.get("path")]
+        if tuning and row is same[0]:
+            static = tl.get("input_shapes") or {}
+            notes.append(f"{row['model']} tuned" + (f" (batch {row['batch']}, lowered with static shapes "
+                                                    + ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in static.items())
+                                                    + ")" if len(same) < len([r for r in rows if r["model"] == row["model"]])
+                                                    else "")
+                         + f": {tuning.get('tuned_tasks', 0)}/{tuning.get('tasks', 0)} kernels use "
                          f"tuned records" + (f"; {tuning['symbolic_tasks']} with symbolic shapes (dynamic batch) "
                                              "could not be tuned and kept the default schedules"
                                              if tuning.get("symbolic_tasks") else ""))

@@ -28,6 +28,7 @@ Absolute times depend on the machine and its load; compare ratios from one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -252,6 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-large", action="store_true", help="skip the ResNet-18 and encoder latency rows")
     p.add_argument("--no-magika", action="store_true", help="skip the real-model agreement row")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--keep", metavar="DIR", help="write the models and artifacts under DIR instead of a temporary folder")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.pipelines = [m for m in args.pipelines.split(",") if m]
@@ -259,8 +261,12 @@ def main(argv=None) -> int:
 
     env = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "cpu": f"{cpu_model_name()} ({isa_summary()})",
            "threads": args.threads or os.cpu_count()}
-    with tempfile.TemporaryDirectory(prefix="graphopt-bench-quant-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            work = Path(args.keep)
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-bench-quant-")))
         digits = digits_rows(args, work) if args.models else []
         large = [] if args.no_large else large_rows(args, work)
         magika = [] if args.no_magika else magika_rows(args, work)
