@@ -98,7 +98,13 @@ def _kernel_primfunc(kernel: Kernel, k: int, n_pad: int):
     T = __import__("tvm.script.tirx", fromlist=["tirx"])
     kb, nb = k // kernel.kgroup, n_pad // kernel.block
     mr, nbt = kernel.tile_rows, kernel.tile_blocks
-    rows = f"((m + {mr - 1}) // {mr})"
+    rows, cols = f"((m + {mr - 1}) // {mr})", (nb + nbt - 1) // nbt
+    # Tile t's row and column tile. The parallel loop hands each thread a contiguous run of t: when A (m x k)
+    # is larger than W (k x n_pad), runs of t go along the rows, so each thread reads its own rows of A (the
+    # rows the im2col or the producer before it wrote on that thread) and all of W; otherwise along the
+    # columns, so each thread reads its own part of W (a deep layer's weights, megabytes, read once).
+    i = f"T.Select(m >= {n_pad}, t // {cols}, t % {rows})"
+    j = f"T.Select(m >= {n_pad}, t % {cols}, t // {rows})"
     src = f'''
 @T.prim_func(private=True)
 def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, {kernel.block}, {kernel.kgroup}), "{kernel.w_dtype}"), c: T.handle):
@@ -106,10 +112,10 @@ def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, {kernel.block}, {kernel.kgroup})
     m = T.int64()
     A = T.match_buffer(a, (m, {k}), "{kernel.a_dtype}")
     C = T.match_buffer(c, (m, {n_pad}), "int32")
-    for t in T.parallel({rows} * {(nb + nbt - 1) // nbt}):
+    for t in T.parallel({rows} * {cols}):
         T.evaluate(T.call_extern("int32", "{kernel.symbol}", A.data, w.data, C.data, T.int64({k}), T.int64({n_pad}),
-            t % {rows} * {mr}, T.min(m - t % {rows} * {mr}, {mr}),
-            t // {rows} * {nbt}, T.min(T.int64({nb}) - t // {rows} * {nbt}, {nbt})))
+            {i} * {mr}, T.min(m - {i} * {mr}, {mr}),
+            {j} * {nbt}, T.min(T.int64({nb}) - {j} * {nbt}, {nbt})))
 '''
     return parser.parse(src, extra_vars={"T": T})
 
@@ -314,9 +320,7 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             wkn = self.builder_.emit(R.permute_dims(qw, [1, 0])) if transposed else qw
             lead = xshape[:-1]
             x2 = self.builder_.emit(R.reshape(qx, [-1, k])) if len(xshape) != 2 else qx
-            y = self._gemm(x2, x_dtype, sx, zx, wkn, sw, zw, k, n)
-            if len(xshape) != 2:
-                y = R.reshape(y, [*lead, n])
+            y = self._gemm(x2, x_dtype, sx, zx, wkn, sw, zw, k, n, out_shape=[*lead, n] if len(xshape) != 2 else None)
             used.append({"op": "matmul", "k": k, "n": n, "activation": x_dtype})
             out_dtype = str(call.ty.dtype)
             return y if out_dtype == "float32" else R.astype(y, out_dtype)
@@ -400,18 +404,21 @@ def int8_matmul_pass(used: list, kernel: Kernel):
                 wkn = bb.emit(R.reshape(qw, [k, o]))
             else:
                 wkn = bb.emit(R.permute_dims(R.reshape(R.permute_dims(qw, [0, 2, 3, 1]), [o, k]), [1, 0]))
-            y = self._gemm(x2, a_dtype, sx, zxu, wkn, sw, zw, k, o, k_real=k_real)
-            y = R.reshape(y, [n_batch, oh, ow, o])
+            y = self._gemm(x2, a_dtype, sx, zxu, wkn, sw, zw, k, o, k_real=k_real, out_shape=[n_batch, oh, ow, o])
             if not nhwc:
                 y = R.permute_dims(y, [0, 3, 1, 2])
             used.append({"op": "conv2d", "k": k, "n": o, "activation": x_dtype})
             out_dtype = str(call.ty.dtype)
             return y if out_dtype == "float32" else R.astype(y, out_dtype)
 
-        def _gemm(self, x2, x_dtype, sx, zx, wkn, sw, zw, k, n, k_real=None):
+        def _gemm(self, x2, x_dtype, sx, zx, wkn, sw, zw, k, n, k_real=None, out_shape=None):
             """float32 [M, n] = dequantized (q_x [M, k] x W [k, n]), through the integer kernel. ``x_dtype``
             int16: uint8 codes already widened (by the im2col copy). ``k_real``: the products that are real
-            taps when columns past it are padding (x and W both 0 there), for the zero-point correction."""
+            taps when columns past it are padding (x and W both 0 there), for the zero-point correction.
+            ``out_shape`` (last dim n): the int32 sums are reshaped to it BEFORE the float epilogue, so the
+            epilogue is element-wise on the layer's own shape and fuses with what follows (bias, ReLU, the next
+            quantize) into one kernel; a reshape after it (a symbolic batch makes it opaque) split that kernel
+            in two, with a float32 tensor written and read back between them."""
             bb = self.builder_
             blk, kg = kernel.block, kernel.kgroup
             n_pad = -(-n // blk) * blk
@@ -439,10 +446,15 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             acc = bb.emit(relax.call_tir(kernels[key], [xu, packed], relax.TensorType([m, n_pad], "int32")))
             if n_pad != n:
                 acc = bb.emit(R.strided_slice(acc, axes=[1], begin=[0], end=[n]))
+            if out_shape is not None:
+                acc = bb.emit(R.reshape(acc, out_shape))
             exact = R.subtract(acc, corr)
             if not _constant_zero(zw):
                 # A weight zero point not known to be 0: subtract zw * (row sums of q_x) at run time.
-                exact = R.subtract(exact, R.multiply(R.sum(R.astype(xu, "int32"), axis=[1], keepdims=True), zw32))
+                rows = R.sum(R.astype(xu, "int32"), axis=[1], keepdims=True)
+                if out_shape is not None:
+                    rows = R.reshape(rows, [*out_shape[:-1], 1])
+                exact = R.subtract(exact, R.multiply(rows, zw32))
             return R.multiply(R.astype(exact, "float32"), scale)
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.Int8Matmul")

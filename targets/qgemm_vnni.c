@@ -8,9 +8,10 @@
  * code is called only from artifacts lowered for a CPU with avx512vnni.
  *
  * AMX: where the CPU running the artifact also has AMX-INT8 and Linux grants this process the tile
- * state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once), full 32 x 32 sub-tiles run on the tile unit
- * (tdpbusd: 16 x 16 x 64 u8 x s8 products per instruction, into int32 tiles; the weights' packing is
- * already AMX's B layout); the K tail past a multiple of 64 and edge tiles take the VNNI code. Both
+ * state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once), every call tile of at least AMX_MIN_ROWS rows runs on the
+ * tile unit (tdpbusd: 16 x 16 x 64 u8 x s8 products per instruction, into int32 tiles configured with the call's
+ * rows; the weights' packing is already AMX's B layout); the K tail past a multiple of 64 and calls with fewer rows
+ * take the VNNI code. Both
  * are exact int32 sums, so results are bit-identical either way. GRAPHOPT_NO_AMX=1 in the environment
  * (read once per process) keeps the VNNI code.
  */
@@ -110,43 +111,76 @@ typedef struct {
   uint8_t rows[16];
 } __attribute__((packed)) tile_config;
 
-/* 32 rows x 16*nb columns (nb even), k < K64 on tiles; tmm0-3: C (2 x 2 tiles of 16 x 16 int32),
- * tmm4-5: A (16 rows x 64 k), tmm6-7: B (16 k-groups x 16 columns x 4). */
+/* rows (1..32) x 16*nb columns (nb 1..4), k < K64 on tiles; tmm0-3: C (2 x 2 tiles of up to 16 x 16 int32: rows
+ * 0-15 in tmm0-1, rows 16-31 in tmm2-3), tmm4-5: A (up to 16 rows x 64 k each), tmm6-7: B (16 k-groups x 16
+ * columns x 4). A tile configured with fewer rows reads and writes only those, so edge tiles (M % 32 rows, an odd
+ * last column block) run on the tile unit too instead of the 4-row VNNI code, which was the slow part of small-M
+ * GEMMs (a 7x7 conv's 49 rows: 17 of them on VNNI took longer than the 32 on AMX). */
 __attribute__((target("amx-tile,amx-int8,avx512f")))
 static void amx_block(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, int64_t K64, int64_t N,
-                      int64_t i0, int64_t jb0, int64_t nb) {
+                      int64_t i0, int64_t rows, int64_t jb0, int64_t nb) {
+  const int r0 = rows < 16 ? (int)rows : 16, r1 = (int)rows - r0;
   tile_config cfg;
   __builtin_memset(&cfg, 0, sizeof(cfg));
   cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
+  cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)r0;
+  cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[4] = 64;
+  if (r1) {
+    cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)r1;
+    cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[5] = 64;
   }
+  cfg.rows[6] = cfg.rows[7] = 16;
+  cfg.colsb[6] = cfg.colsb[7] = 64;
   _tile_loadconfig(&cfg);
   const int64_t KB = K / 4;
-  for (int64_t j = 0; j < nb; j += 2) {
+  int32_t* c0 = C + (i0 + 0) * N + jb0 * 16;
+  int32_t* c1 = C + (i0 + 16) * N + jb0 * 16;
+  const uint8_t* a0 = A + (i0 + 0) * K;
+  const uint8_t* a1 = A + (i0 + 16) * K;
+  int64_t j = 0;
+  for (; j + 2 <= nb; j += 2) {
     const int8_t* w0 = W + (jb0 + j) * KB * 64;
     const int8_t* w1 = W + (jb0 + j + 1) * KB * 64;
     _tile_zero(0);
     _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    if (r1) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
     for (int64_t k = 0; k < K64; k += 64) {
-      _tile_loadd(4, A + (i0 + 0) * K + k, K);
-      _tile_loadd(5, A + (i0 + 16) * K + k, K);
+      _tile_loadd(4, a0 + k, K);
       _tile_loadd(6, w0 + k * 16, 64);
       _tile_loadd(7, w1 + k * 16, 64);
       _tile_dpbusd(0, 4, 6);
       _tile_dpbusd(1, 4, 7);
-      _tile_dpbusd(2, 5, 6);
-      _tile_dpbusd(3, 5, 7);
+      if (r1) {
+        _tile_loadd(5, a1 + k, K);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+      }
     }
-    int32_t* c0 = C + (i0 + 0) * N + (jb0 + j) * 16;
-    int32_t* c1 = C + (i0 + 16) * N + (jb0 + j) * 16;
-    _tile_stored(0, c0, N * 4);
-    _tile_stored(1, c0 + 16, N * 4);
-    _tile_stored(2, c1, N * 4);
-    _tile_stored(3, c1 + 16, N * 4);
+    _tile_stored(0, c0 + j * 16, N * 4);
+    _tile_stored(1, c0 + j * 16 + 16, N * 4);
+    if (r1) {
+      _tile_stored(2, c1 + j * 16, N * 4);
+      _tile_stored(3, c1 + j * 16 + 16, N * 4);
+    }
+  }
+  if (j < nb) { /* an odd last block: tmm0 and tmm2 only */
+    const int8_t* w0 = W + (jb0 + j) * KB * 64;
+    _tile_zero(0);
+    if (r1) _tile_zero(2);
+    for (int64_t k = 0; k < K64; k += 64) {
+      _tile_loadd(4, a0 + k, K);
+      _tile_loadd(6, w0 + k * 16, 64);
+      _tile_dpbusd(0, 4, 6);
+      if (r1) {
+        _tile_loadd(5, a1 + k, K);
+        _tile_dpbusd(2, 5, 6);
+      }
+    }
+    _tile_stored(0, c0 + j * 16, N * 4);
+    if (r1) _tile_stored(2, c1 + j * 16, N * 4);
   }
   _tile_release();
 }
@@ -175,12 +209,15 @@ static void vnni_tail(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, 
 /* The TIR caller's tile: C[i0:i0+rows, 16*jb0 : 16*(jb0+nb)], rows <= CALL_ROWS, nb <= CALL_BLOCKS. */
 #define CALL_ROWS 32
 #define CALL_BLOCKS 4
+/* Fewer rows than this take the VNNI code even where AMX is usable: a tile product costs the same for 1 row as
+ * for 16, while VNNI's cost falls with the rows (a GEMV-like call). */
+#define AMX_MIN_ROWS 8
 
 int32_t graphopt_qgemm_u8s8_avx512vnni(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, int64_t N,
                                        int64_t i0, int64_t rows, int64_t jb0, int64_t nb) {
   const int64_t K64 = K / 64 * 64;
-  if (rows == CALL_ROWS && nb % 2 == 0 && K64 > 0 && amx_usable()) {
-    amx_block(A, W, C, K, K64, N, i0, jb0, nb);
+  if (rows >= AMX_MIN_ROWS && K64 > 0 && amx_usable()) {
+    amx_block(A, W, C, K, K64, N, i0, rows, jb0, nb);
     if (K64 < K) vnni_tail(A, W, C, K, K64, N, i0, rows, jb0, nb);
     return 0;
   }

@@ -163,16 +163,22 @@ print(json.dumps({"amx": int(amx)}))
 
 @pytest.mark.skipif(not all(f in HOST for f in ("avx512vnni", "amx-int8", "amx-tile")),
                     reason="needs a CPU with AVX-512 VNNI and AMX-INT8")
-def test_amx_tiles_give_the_same_integers_as_vnni(tmp_path):
-    """On an AMX CPU the VNNI kernel runs full 32 x 32 tiles on the tile unit (K tail and edge tiles on VNNI):
-    a GEMM with 65 rows, 64 columns and K = 96 (one 64-deep AMX step plus a 32-deep tail) gives outputs
+@pytest.mark.parametrize("x_shape,n", [
+    ((13, 5, 96), 64),  # 65 rows: two full 32-row tiles and a 1-row call (VNNI); K = 64 on tiles + a 32 tail
+    ((49, 200), 48),  # 32 + 17 rows (a 16-row and a 1-row tile), 3 column blocks (an odd last one), K tail 8
+    ((12, 128), 80),  # a 12-row call: one partial tile, no second row tile; 4 + 1 column blocks
+])
+def test_amx_tiles_give_the_same_integers_as_vnni(tmp_path, x_shape, n):
+    """On an AMX CPU the VNNI kernel runs its call tiles on the tile unit, with tiles configured to the call's
+    rows (the K tail past a multiple of 64 and calls of fewer than 8 rows on VNNI): the outputs are
     bit-identical to the VNNI-only run (GRAPHOPT_NO_AMX=1), and both match ONNX Runtime."""
     import os
     import subprocess
     import sys
 
-    g = qdq_matmul_model(k=96, n=64, act="int8", w_zero=True)
-    x = np.random.default_rng(4).standard_normal((13, 5, 96)).astype(np.float32) * 2  # 65 rows
+    k = x_shape[-1]
+    g = qdq_matmul_model(k=k, n=n, act="int8", w_zero=True, rank=len(x_shape))
+    x = np.random.default_rng(4).standard_normal(x_shape).astype(np.float32) * 2
     data = graphopt.DataSource(feeds=[{"x": x}])
     res = graphopt.lower(g, "cpu", tmp_path / "art", data=data, verify=True)
     assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
