@@ -59,6 +59,15 @@ def _scheduled(mod, name_part, target):
     return None, funcs[0][1]
 
 
+def _block_names(func) -> list[str]:
+    import tvm_ffi
+    from tvm.s_tir import SBlock
+
+    names = []
+    tvm_ffi.structural_walk(func.body, (SBlock, lambda b: names.append(str(b.name_hint))), order="post")
+    return names
+
+
 def _loop_kinds(func) -> set[str]:
     import tvm_ffi
     from tvm import tirx
@@ -213,6 +222,12 @@ def test_layernorm_and_reductions(tmp_path):
     mod = _fused(res, target)
     rule, func = _scheduled(mod, "layer_norm", target)
     assert rule == "RowReduction" and "parallel" in _loop_kinds(func)
+    # Each row's sums run as one partial sum per vector lane (a vectorized rfactor block), not as a
+    # chain of scalar adds that LLVM did not reassociate; the partial sums are not a "local" buffer
+    # (workspace-allocated once per row on CPU).
+    assert "vectorized" in _loop_kinds(func)
+    assert any("_rf_" in b for b in _block_names(func)), _block_names(func)
+    assert '"local"' not in func.script()
     rule, func = _scheduled(mod, "argmax", target)
     assert rule == "RowReduction" and "parallel" in _loop_kinds(func)
     from graphopt.targets.schedules.elementwise import elementwise_rules

@@ -97,29 +97,80 @@ class RowReduction(ScheduleRule):
     @staticmethod
     def _schedule(sch, infos, n_lead, target):
         last = infos[-1].block_rv
-        loops = sch.get_loops(last)
-        spatial = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
         sizes = [work_size(sch, sch.get_loops(i.block_rv)) for i in infos]
         work = None if any(w is None for w in sizes) else max(sizes)  # the reduction reads the most
+        # Each one-axis reduction becomes per-lane partial results and their sum (before compute_at:
+        # rfactor refuses a block that compute_at has moved).
+        order = []  # (block, "rf": a lane-partials block | "reduce" | None: injective)
+        for info in infos[:-1]:
+            n_r = sum(1 for it in info.iters if it.kind == "R")
+            rf = _lane_partials(sch, info.block_rv, target) if n_r == 1 else None
+            if rf is not None:
+                order.append((rf, "rf"))
+            order.append((info.block_rv, None if info.is_injective() else "reduce"))
+        loops = sch.get_loops(last)
+        spatial = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
         if worth_parallel(target, work):
             sch.parallel(spatial)
-        for info in reversed(infos[:-1]):
-            sch.compute_at(info.block_rv, spatial, preserve_unit_loops=True)
-        for info in infos:
-            inner = sch.get_loops(info.block_rv)
-            if len(inner) <= 1:
+        for block, _ in reversed(order):
+            sch.compute_at(block, spatial, preserve_unit_loops=True)
+        for block, kind in order:
+            # Injective row loops are not vectorized in TIR: LLVM's own vectorization of them
+            # measured 1.2-1.5x faster than a TIR ``vectorize`` at the register width (fast
+            # softmax and layer norm, one core).
+            under = _loops_under(sch, sch.get_loops(block), spatial)
+            if kind is None or not under:
                 continue
-            if info.is_injective():
-                # Not vectorized in TIR: LLVM's own vectorization of these row
-                # loops measured 1.2-1.5x faster than a TIR ``vectorize`` at the
-                # register width (fast softmax and layer norm, one core).
-                continue
+            if kind == "rf":
+                # Loops under the row: (lane, unit loops..., step). The lane loop goes innermost and
+                # is vectorized: each step adds one vector into the partial results; the init before
+                # the steps is one vector store. The partial results stay in the default scope: a
+                # row's 16 floats become a stack array LLVM keeps in a register, while a "local"
+                # buffer was allocated from the workspace pool once per row (a call each way).
+                lane, step = under[0], under[-1]
+                sch.reorder(step, *under[1:-1], lane)
+                sch.vectorize(lane)
+                sch.decompose_reduction(block, step)
             else:
-                # The reduction's inner loop is left whole: LLVM vectorizes it
-                # (TVM emits fast-math flags, so it may reassociate the sum/max);
-                # splitting and unrolling it here made a serial chain, 1.3-1.5x slower.
-                n_r = sum(1 for it in info.iters if it.kind == "R")
-                # The init goes before the reduction loops, not as a branch inside them.
-                r_loops = sch.get_loops(info.block_rv)
-                if n_r and len(r_loops) > n_r:
-                    sch.decompose_reduction(info.block_rv, r_loops[len(r_loops) - n_r])
+                # The init goes before the block's loops under the row, not as a branch inside them.
+                # (A reduction loop not split into lanes is left whole for LLVM to vectorize.)
+                sch.decompose_reduction(block, under[0])
+
+
+def _loops_under(sch, loops, outer) -> list:
+    """The loops of ``loops`` (a block's, outermost first) nested under ``outer``."""
+    for i, lp in enumerate(loops):
+        if sch.get(lp).same_as(sch.get(outer)):
+            return loops[i + 1:]
+    raise ValueError("the block is not under the row loop")
+
+
+def _lane_partials(sch, block, target):
+    """Split a one-axis reduction into one partial result per vector lane; returns the rfactor block, or None.
+
+    LLVM does not reassociate every float reduction TVM emits: a layer norm's
+    mean came out as a chain of scalar ``vaddss``, one add per element, four
+    cycles each (a [128, 256] layer norm took 67 us; with lanes, 11 us). Here
+    the row is reduced as ``lanes`` interleaved partial results (``rfactor``:
+    block ``x_rf[lane] += x[step * lanes + lane]``), then ``block`` reduces
+    the lanes once per row. The order of the additions is fixed by the
+    schedule, so results are deterministic. None, with ``block`` unchanged,
+    when its reduction loop is symbolic, shorter than two vectors or not a
+    multiple of the lanes, or when rfactor refuses the block.
+    """
+    from .common import static_extent, vector_lanes, write_dtype_bits
+
+    loops = sch.get_loops(block)
+    if not loops:
+        return None
+    lanes = vector_lanes(target, write_dtype_bits(sch, block))
+    extent = static_extent(sch, loops[-1])
+    if lanes <= 1 or extent is None or extent < 2 * lanes or extent % lanes:
+        return None
+    _, inner = sch.split(loops[-1], [None, lanes])
+    try:
+        return sch.rfactor(inner, factor_axis=0)
+    except Exception:  # noqa: BLE001 - e.g. a reducer rfactor does not know
+        # Undo the split, so the block keeps the single reduction loop LLVM vectorizes.
+        sch.fuse(*sch.get_loops(block)[-2:])
+        return None
