@@ -404,6 +404,30 @@ def test_weights_are_packed_in_panels(mcpu, c, tmp_path):
     assert [8, 40, c] in [w["shape"] for w in weights]
 
 
+def test_n_not_a_multiple_of_the_panel_is_padded_and_packed(tmp_path):
+    """A weight whose N is not a multiple of the panel width c (a classifier's 8210 classes) gets zero columns
+    up to a whole panel at lower time and is packed; the GEMM computes the padded width, a slice drops the
+    extra columns, and the bias + ReLU epilogue after it still gives ONNX Runtime's values (static and
+    dynamic batch). The artifact stores the padded, packed weight."""
+    import json
+
+    from graphopt.targets.cpu import CpuTarget, llvm_target
+    from graphopt.targets.schedules.common import vector_bits
+
+    tgt = CpuTarget()
+    tgt.opts = type("O", (), {"mcpu": "host", "opt_level": 3})()
+    c = 2 * vector_bits(llvm_target(tgt.resolve_mcpu(), 2)) // 32
+    n = 8 * c + 3
+    g = matmul_model(64, 40, n, bias_relu=True, batch=["B"])
+    funcs = scheduled_funcs(g, relax_passes=True)
+    packed = [f for f in funcs if "matmul_packed" in f]
+    assert packed, sorted(funcs)
+    assert_claimed({f: funcs[f] for f in packed}, parallel=True)
+    lower_and_compare(g, [{"x": _rand(1, 64, 40)}, {"x": _rand(3, 64, 40)}], tmp_path)
+    weights = json.loads((tmp_path / "art-host" / "manifest.json").read_text())["weights"]
+    assert [9, 40, c] in [w["shape"] for w in weights]
+
+
 def test_activation_and_narrow_operands_are_not_packed():
     """Only weights are packed (a matmul of two activations would pay the copy on every call), and only when
     N spans at least four panels."""

@@ -634,7 +634,8 @@ def pack_gemm_weights(target):
     a Gemm's transposed B), which the prepack step lifts out of the program; the
     :class:`Matmul` rule recognises the packed read ``Wp[j // c, k, j % c]``
     and tiles J by ``c``. Matmuls of two activations, non-float, 1-D, batched
-    (3-D) weights, symbolic K/N or N not a multiple of ``c`` are left alone; so
+    (3-D) weights and symbolic K/N are left alone (an N that is not a multiple of ``c`` is padded to one and
+    the product sliced back); so
     are GEMVs (M <= 2 rows, where the rule picks wider tiles) and weights decoded
     from other dtypes (quantized codes: the decode stays inlined in the GEMM).
     """
@@ -716,11 +717,21 @@ def pack_gemm_weights(target):
                 return call  # a GEMV: the rule's wider tiles read B rows contiguously already
             k, n = wd
             c = 2 * max(1, bits // _dtype_bits(dtype))
-            if n % c or n < 4 * c or not self._weight_only(w, dtype):
+            if n < 4 * c or not self._weight_only(w, dtype):
                 return call
+            n_pad = -(-n // c) * c
+            if n_pad != n:
+                # N not a multiple of the panel width (a classifier's 8210 classes): the weight gets zero
+                # columns up to a whole panel (at lower time, like the packing), the GEMM computes the
+                # padded width and a slice drops the extra columns. Computing only N columns of the
+                # last panel instead made its tile a guarded, scalar loop (ddddocr: 18 -> 26-30 ms).
+                w = self.builder_.emit(relax.op.nn.pad(w, [0, 0, 0, n_pad - n]))
             packed = self.builder_.emit(relax.op.layout_transform(
                 w, index_map=lambda kk, jj: (jj // c, kk, jj % c)))
-            return self.builder_.call_te(te_matmul, x, packed, dtype, primfunc_name_hint="matmul_packed")
+            out = self.builder_.call_te(te_matmul, x, packed, dtype, primfunc_name_hint="matmul_packed")
+            if n_pad != n:
+                out = relax.op.strided_slice(self.builder_.emit(out), axes=[len(xd) - 1], begin=[0], end=[n])
+            return out
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.PackGemmWeights")
     def _pass(mod, _ctx):
