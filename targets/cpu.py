@@ -35,6 +35,10 @@ _INF = float("inf")
 MAX_FUSED_OPS = 32
 
 
+#: ONNX ops that quantize activations (their presence makes an artifact a quantized one).
+QUANTIZE_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+
+
 def pass_config() -> dict:
     """TVM PassContext settings the CPU target compiles with."""
     return {"relax.FuseOps.max_depth": MAX_FUSED_OPS}
@@ -165,10 +169,11 @@ class CpuTarget(Target):
         try:
             with step(ctx.progress, "prepack weights"):
                 with tvm.transform.PassContext(opt_level=self.opts.opt_level):
-                    # Integer kernels right after ConvertLayout (QDQ convs are NHWC there, the transposes
-                    # around quantize / dequantize moved out of the way) and before any float conv rewrite.
-                    quantized = [int8.qdq_layout_pass(), int8.int8_matmul_pass(int8_used, int8_kernel)] \
-                        if int8_kernel else []
+                    # Right after ConvertLayout: the transposes it leaves around quantize / dequantize move
+                    # out of QDQ chains (every build: the float QDQ lowering of a portable build or of
+                    # int8_kernels=false gains too), then the integer kernels, before any float conv rewrite.
+                    quantized = [int8.qdq_layout_pass(),
+                                 *([int8.int8_matmul_pass(int8_used, int8_kernel)] if int8_kernel else [])]
                     passes = relax_passes(target, fast_math=self.opts.fast_math, winograd=self.opts.winograd,
                                           winograd_used=winograd_used, after_layout=quantized)
                     mod, plan = lift_weight_transforms(
@@ -207,6 +212,10 @@ class CpuTarget(Target):
                 "isa_features": features,
                 "machine": platform.machine(),
                 "int8_matmuls": len(int8_used),
+                # QDQ nodes compiled: ONNX Runtime fuses them into integer ops that round differently from
+                # the QDQ graph's float arithmetic, so the artifact is checked with the quantization
+                # tolerances (graphopt.reference.artifact_tolerance) even where QDQ stays float here.
+                "quantize_nodes": sum(1 for n in graph.graph.node if n.op_type in QUANTIZE_OPS),
                 "int8_kernel": int8_kernel.name if int8_used else None,
                 "winograd_convs": len(winograd_used),
                 "winograd_extra_bytes": sum(u["extra_bytes"] for u in winograd_used),

@@ -226,3 +226,31 @@ def test_qdq_conv_chain_stays_nhwc_between_convs():
     weights = 2
     assert after.count("R.permute_dims(") == 2 + weights < before, after
     assert after.count('data_layout="NHWC"') == 2
+
+
+@pytest.mark.parametrize("opts", [{"int8_kernels": "false"}, {"mcpu": "portable"}])
+def test_float_qdq_lowering_moves_the_transposes_too(tmp_path, opts):
+    """The QDQ layout pass runs on every build, not only where integer kernels replace the convs: a QDQ conv
+    chain compiled as float arithmetic (integer kernels off, or a portable build with no integer kernel)
+    still matches ONNX Runtime on the QDQ graph to float rounding."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, n) for n in ("w1", "w2")]
+    m = make_model([helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+                    helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+                    helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
+                   [vi("x", [1, 16, 10, 10])], [vi("y", [1, 16, 10, 10])], inits)
+    feeds = [{"x": rng.standard_normal((1, 16, 10, 10)).astype(np.float32)} for _ in range(4)]
+    q = graphopt.optimize(graphopt.Graph(m), "quantize", data=graphopt.DataSource(feeds=feeds)).graph
+    res = graphopt.lower(q, "cpu", tmp_path / "art", data=graphopt.DataSource(feeds=feeds[:2]), verify=True,
+                         target_options=opts)
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["target"]["int8_matmuls"] == 0
+    assert res.verification.ok and res.verification.max_abs < 1e-4, res.verification.summary()
+    # Still a quantized artifact: run/bench check it with the quantization tolerances (ONNX Runtime's fused
+    # integer QDQ ops round differently from the QDQ graph's float arithmetic).
+    from graphopt.reference import DEFAULT_ATOL, DEFAULT_RTOL, INT8_ATOL, INT8_RTOL, artifact_tolerance
+
+    assert manifest["target"]["quantize_nodes"] >= 2
+    assert artifact_tolerance(manifest, DEFAULT_ATOL, DEFAULT_RTOL) == (INT8_ATOL, INT8_RTOL)
+    assert artifact_tolerance({"target": {"int8_matmuls": 0}}, DEFAULT_ATOL, DEFAULT_RTOL) == (DEFAULT_ATOL,
+                                                                                              DEFAULT_RTOL)
