@@ -412,7 +412,7 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             return y if out_dtype == "float32" else R.astype(y, out_dtype)
 
         def _gemm(self, x2, x_dtype, sx, zx, wkn, sw, zw, k, n, k_real=None, out_shape=None):
-            """float32 [M, n] = dequantized (q_x [M, k] x W [k, n]), through the integer kernel. ``x_dtype``
+            """float32 [M, n] (or ``out_shape``) = dequantized (q_x [M, k] x W [k, n]), through the integer kernel. ``x_dtype``
             int16: uint8 codes already widened (by the im2col copy). ``k_real``: the products that are real
             taps when columns past it are padding (x and W both 0 there), for the zero-point correction.
             ``out_shape`` (last dim n): the int32 sums are reshaped to it BEFORE the float epilogue, so the

@@ -134,9 +134,9 @@ static void amx_block(const uint8_t* A, const int8_t* W, int32_t* C, int64_t K, 
   _tile_loadconfig(&cfg);
   const int64_t KB = K / 4;
   int32_t* c0 = C + (i0 + 0) * N + jb0 * 16;
-  int32_t* c1 = C + (i0 + 16) * N + jb0 * 16;
+  int32_t* c1 = r1 ? C + (i0 + 16) * N + jb0 * 16 : c0; /* rows 16.. exist only when r1 > 0 */
   const uint8_t* a0 = A + (i0 + 0) * K;
-  const uint8_t* a1 = A + (i0 + 16) * K;
+  const uint8_t* a1 = r1 ? A + (i0 + 16) * K : a0;
   int64_t j = 0;
   for (; j + 2 <= nb; j += 2) {
     const int8_t* w0 = W + (jb0 + j) * KB * 64;
@@ -227,5 +227,5 @@ int32_t graphopt_qgemm_u8s8_avx512vnni(const uint8_t* A, const int8_t* W, int32_
   return 0;
 }
 
-/* 1 when this process runs full tiles on AMX (asks for the tile state on first use), else 0. */
+/* 1 when this process runs call tiles of AMX_MIN_ROWS rows or more on AMX (asks for the tile state on first use), else 0. */
 int32_t graphopt_qgemm_amx_in_use(void) { return amx_usable(); }

@@ -3,9 +3,12 @@
 Strategy of TVM's ``dlight.cpu.Reduction``: every block moved under the
 shared leading spatial loop, which is ``parallel`` (when the work is large
 enough), so each row is reduced and normalized while it is in cache; the zero
-init of each reduction is hoisted out of its loop. Unlike dlight, the row loops
-are not vectorized or unrolled in TIR: LLVM's own vectorization of them
-measured 1.2-1.5x faster (fast softmax, layer norm, one core). A function the
+init of each reduction is hoisted out of its loop. A reduction over the row's
+last axis is split into one partial result per vector lane (the lane loop
+vectorized in TIR), because LLVM left some of those sums as scalar chains;
+the element-wise row loops are not vectorized or unrolled in TIR: LLVM's own
+vectorization of them measured 1.2-1.5x faster (fast softmax, layer norm, one
+core). A function the
 strategy does not fit (column reductions, blocks whose leading axes differ, a
 ``compute_at`` that is refused) is declined instead of failing the build.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .common import normalized_blocks, work_size, worth_parallel
+from .common import has_scalar_calls, normalized_blocks, work_size, worth_parallel
 
 
 def _leading_s(dom_kind: str) -> int:
@@ -103,8 +106,12 @@ class RowReduction(ScheduleRule):
         # rfactor refuses a block that compute_at has moved).
         order = []  # (block, "rf": a lane-partials block | "reduce" | None: injective)
         for info in infos[:-1]:
-            n_r = sum(1 for it in info.iters if it.kind == "R")
-            rf = _lane_partials(sch, info.block_rv, target) if n_r == 1 else None
+            # Only a block whose axes are the row's and then one reduction axis (an inner spatial axis
+            # would put the lane loop outside it: strided reads, a larger partial buffer), and whose
+            # body has no scalar-only call (an exp inside a sum: per-lane calls once vectorized in TIR).
+            one_axis = info.dom_kind() == "S" * n_lead + "R"
+            rf = _lane_partials(sch, info.block_rv, target) \
+                if one_axis and not has_scalar_calls(sch, info.block_rv) else None
             if rf is not None:
                 order.append((rf, "rf"))
             order.append((info.block_rv, None if info.is_injective() else "reduce"))
@@ -125,7 +132,7 @@ class RowReduction(ScheduleRule):
                 # Loops under the row: (lane, unit loops..., step). The lane loop goes innermost and
                 # is vectorized: each step adds one vector into the partial results; the init before
                 # the steps is one vector store. The partial results stay in the default scope: a
-                # row's 16 floats become a stack array LLVM keeps in a register, while a "local"
+                # row's one vector of them becomes a stack array LLVM keeps in a register, while a "local"
                 # buffer was allocated from the workspace pool once per row (a call each way).
                 lane, step = under[0], under[-1]
                 sch.reorder(step, *under[1:-1], lane)
@@ -154,9 +161,10 @@ def _lane_partials(sch, block, target):
     the row is reduced as ``lanes`` interleaved partial results (``rfactor``:
     block ``x_rf[lane] += x[step * lanes + lane]``), then ``block`` reduces
     the lanes once per row. The order of the additions is fixed by the
-    schedule, so results are deterministic. None, with ``block`` unchanged,
-    when its reduction loop is symbolic, shorter than two vectors or not a
-    multiple of the lanes, or when rfactor refuses the block.
+    schedule, so results are deterministic. None when the reduction loop is
+    symbolic, shorter than two vectors or not a multiple of the lanes (``block``
+    unchanged), or when rfactor refuses the block (its split loop is fused
+    back: the same single loop).
     """
     from .common import static_extent, vector_lanes, write_dtype_bits
 
