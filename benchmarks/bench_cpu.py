@@ -173,6 +173,14 @@ def lower_model(model, graph, shapes, values, out_dir: Path, args, tune: int = 0
     return out
 
 
+def work_folder(stack: contextlib.ExitStack, keep: str | None, prefix: str) -> Path:
+    """``keep`` (created if missing) when given, else a temporary folder removed when ``stack`` closes."""
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        return Path(keep)
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+
+
 def tuned_shapes(graph, feed: dict, shapes: dict | None, values: dict | None) -> dict:
     """Input shapes for the tuned lowering of one batch: the model's, with every symbolic dim fixed.
 
@@ -387,11 +395,7 @@ def main(argv=None) -> int:
     catalog = bench_models.catalog()
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
-        if args.keep:
-            workdir = Path(args.keep)
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-bench-")))
+        workdir = work_folder(stack, args.keep, "graphopt-bench-")
         for name in args.model_names:
             model = catalog[name]
             t0 = time.perf_counter()

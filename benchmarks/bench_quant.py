@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -257,16 +256,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.pipelines = [m for m in args.pipelines.split(",") if m]
-    from bench_cpu import cpu_model_name, isa_summary
+    from bench_cpu import cpu_model_name, isa_summary, work_folder
 
     env = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "cpu": f"{cpu_model_name()} ({isa_summary()})",
            "threads": args.threads or os.cpu_count()}
     with contextlib.ExitStack() as stack:
-        if args.keep:
-            work = Path(args.keep)
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-bench-quant-")))
+        work = work_folder(stack, args.keep, "graphopt-bench-quant-")
         digits = digits_rows(args, work) if args.models else []
         large = [] if args.no_large else large_rows(args, work)
         magika = [] if args.no_magika else magika_rows(args, work)

@@ -198,6 +198,18 @@ def test_amx_tiles_give_the_same_integers_as_vnni(tmp_path, x_shape, n):
     assert outs["amx"][1].tobytes() == outs["vnni"][1].tobytes()
 
 
+def _quantized_conv_chain(seed: int):
+    """Conv -> ReLU -> Conv (16 channels, 10x10, NCHW) after ``quantize`` on 4 random inputs: (graph, feeds)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, n) for n in ("w1", "w2")]
+    m = make_model([helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+                    helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+                    helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
+                   [vi("x", [1, 16, 10, 10])], [vi("y", [1, 16, 10, 10])], inits)
+    feeds = [{"x": rng.standard_normal((1, 16, 10, 10)).astype(np.float32)} for _ in range(4)]
+    return graphopt.optimize(graphopt.Graph(m), "quantize", data=graphopt.DataSource(feeds=feeds)).graph, feeds
+
+
 def test_qdq_conv_chain_stays_nhwc_between_convs():
     """ConvertLayout leaves transposes around quantize / dequantize (no layout rule for them); the QDQ
     layout pass moves them out of the chain and cancels them: two quantized convs in a row keep only the
@@ -208,15 +220,7 @@ def test_qdq_conv_chain_stays_nhwc_between_convs():
     from graphopt.targets.relax_import import import_graph, select_params
     from graphopt.targets.schedules.conv import DESIRED_LAYOUTS
 
-    rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, n) for n in ("w1", "w2")]
-    m = make_model([helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-                    helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-                    helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
-                   [vi("x", [1, 16, 10, 10])], [vi("y", [1, 16, 10, 10])], inits)
-    g = graphopt.Graph(m)
-    feeds = [{"x": rng.standard_normal((1, 16, 10, 10)).astype(np.float32)} for _ in range(4)]
-    q = graphopt.optimize(g, "quantize", data=graphopt.DataSource(feeds=feeds)).graph
+    q, _ = _quantized_conv_chain(seed=3)
     mod = import_graph(q, select_params(q))
     convert = relax.transform.ConvertLayout(DESIRED_LAYOUTS)
     before = convert(mod)["main"].script().count("R.permute_dims(")
@@ -233,19 +237,18 @@ def test_float_qdq_lowering_moves_the_transposes_too(tmp_path, opts):
     """The QDQ layout pass runs on every build, not only where integer kernels replace the convs: a QDQ conv
     chain compiled as float arithmetic (integer kernels off, or a portable build with no integer kernel)
     still matches ONNX Runtime on the QDQ graph to float rounding."""
-    rng = np.random.default_rng(5)
-    inits = [numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, n) for n in ("w1", "w2")]
-    m = make_model([helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-                    helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-                    helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
-                   [vi("x", [1, 16, 10, 10])], [vi("y", [1, 16, 10, 10])], inits)
-    feeds = [{"x": rng.standard_normal((1, 16, 10, 10)).astype(np.float32)} for _ in range(4)]
-    q = graphopt.optimize(graphopt.Graph(m), "quantize", data=graphopt.DataSource(feeds=feeds)).graph
+    import re
+
+    q, feeds = _quantized_conv_chain(seed=5)
     res = graphopt.lower(q, "cpu", tmp_path / "art", data=graphopt.DataSource(feeds=feeds[:2]), verify=True,
                          target_options=opts)
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["target"]["int8_matmuls"] == 0
     assert res.verification.ok and res.verification.max_abs < 1e-4, res.verification.summary()
+    # The compiled kernels that transpose: the network's input's and its output's only (without the pass,
+    # a third one sat between the convs, around the quantize / dequantize pair).
+    names = set(re.findall(rb"__tvm_ffi_\w*transpose\w*", (tmp_path / "art" / "main.so").read_bytes()))
+    assert len(names) == 2, sorted(names)
     # Still a quantized artifact: run/bench check it with the quantization tolerances (ONNX Runtime's fused
     # integer QDQ ops round differently from the QDQ graph's float arithmetic).
     from graphopt.reference import DEFAULT_ATOL, DEFAULT_RTOL, INT8_ATOL, INT8_RTOL, artifact_tolerance

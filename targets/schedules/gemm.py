@@ -572,13 +572,6 @@ class Matmul:
                 sch.parallel(outer)
 
 
-def _elements(shape):
-    total = 1
-    for d in shape:
-        total = total * d
-    return total
-
-
 def _inline_whole_consumers(sch, block) -> None:
     """Inline into ``block`` (the tile write-back) the consumers that cover its whole output.
 
@@ -609,8 +602,8 @@ def _inline_whole_consumers(sch, block) -> None:
                 st = sch.get(c)
             except Exception:  # noqa: BLE001 - inlined forward above: gone
                 continue
-            if len(st.writes) != 1 or not analyzer.can_prove_equal(_elements(st.writes[0].source.shape),
-                                                                      _elements(produced.shape)):
+            if len(st.writes) != 1 or not analyzer.can_prove_equal(math.prod(st.writes[0].source.shape),
+                                                                      math.prod(produced.shape)):
                 continue
             try:
                 sch.reverse_compute_inline(c)

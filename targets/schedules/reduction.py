@@ -157,7 +157,7 @@ def _lane_partials(sch, block, target):
 
     LLVM does not reassociate every float reduction TVM emits: a layer norm's
     mean came out as a chain of scalar ``vaddss``, one add per element, four
-    cycles each (a [128, 256] layer norm took 67 us; with lanes, 11 us). Here
+    cycles each (ad-hoc harness: a [128, 256] layer norm took 67 us; with lanes, 10 us). Here
     the row is reduced as ``lanes`` interleaved partial results (``rfactor``:
     block ``x_rf[lane] += x[step * lanes + lane]``), then ``block`` reduces
     the lanes once per row. The order of the additions is fixed by the
