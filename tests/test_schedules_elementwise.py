@@ -125,6 +125,34 @@ def test_elementwise_chain_is_one_parallel_function(tmp_path):
     assert "parallel" in _loop_kinds(func) and "vectorized" not in _loop_kinds(func)
 
 
+@pytest.mark.parametrize("wide", [True, False])
+def test_wide_vectors_give_512_bit_code_on_intel_avx512(tmp_path, wide):
+    """LLVM prefers 256-bit vectors on Intel AVX-512 CPUs unless told otherwise; the CPU target's
+    ``wide_vectors`` (default on) tells it, so a kernel's loops use zmm registers (compile only: the
+    mcpu is named, so this holds on any x86 host)."""
+    import platform
+
+    import tvm
+
+    from graphopt.targets.cpu import llvm_target
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 only")
+    shape = [4, 64, 256]
+    model = make_model(  # SiLU of x + b
+        [helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Sigmoid", ["a"], ["s"]),
+         helper.make_node("Mul", ["a", "s"], ["y"])],
+        [vi("x", shape)], [vi("y", shape)], [init("b", _f32(shape[-1]))])
+    res = _lower_and_check(tmp_path, model, {"x": _f32(*shape)})
+    target = llvm_target("skylake-avx512", 2, wide_vectors=wide)
+    assert ("-prefer-256-bit" in list(target.attrs.get("mattr", []))) == wide
+    with target:
+        _, func = _scheduled(_fused(res, target), "sigmoid", target)
+        func = func.with_attr("global_symbol", "silu")
+        asm = tvm.tirx.build(tvm.IRModule({"silu": func}), target=target).inspect_source("asm")
+    assert ("zmm" in asm) == wide
+
+
 @pytest.mark.parametrize("shape", [[1], [3], [17], [1, 3, 17], [5, 1, 33]])
 def test_elementwise_odd_and_tiny_sizes(tmp_path, shape):
     res = _lower_and_check(tmp_path, _chain_model(shape), {"x": _f32(*shape)})
