@@ -226,6 +226,7 @@ class CpuTarget(Target):
                 "isa_features": features,
                 "machine": platform.machine(),
                 "int8_matmuls": len(int8_used),
+                "int8_implicit_convs": sum(1 for u in int8_used if u.get("implicit")),
                 # QDQ nodes compiled: ONNX Runtime fuses them into integer ops that round differently from
                 # the QDQ graph's float arithmetic, so the artifact is checked with the quantization
                 # tolerances (graphopt.reference.artifact_tolerance) even where QDQ stays float here.

@@ -60,6 +60,7 @@ class Kernel:
     w_dtype: str  #: what the packed weight is stored as
     tile_rows: int  #: rows of C per call from the TIR caller (the C file's CALL_ROWS, or MR)
     tile_blocks: int  #: column blocks of C per call (the C file's CALL_BLOCKS, or NB)
+    conv_symbol: str | None = None  #: implicit-GEMM stride-1 convolution entry (see _conv_kernel_primfunc)
 
     @property
     def path(self) -> Path:
@@ -69,7 +70,8 @@ class Kernel:
 #: In order of preference: the first whose features the target CPU has is used.
 KERNELS = (
     Kernel("avx512vnni", "qgemm_vnni.c", "graphopt_qgemm_u8s8_avx512vnni", ("avx512f", "avx512bw", "avx512vnni"),
-           block=16, kgroup=4, a_dtype="uint8", w_dtype="int8", tile_rows=32, tile_blocks=4),
+           block=16, kgroup=4, a_dtype="uint8", w_dtype="int8", tile_rows=32, tile_blocks=4,
+           conv_symbol="graphopt_qconv_u8s8_avx512vnni"),
     Kernel("avx2", "qgemm_avx2.c", "graphopt_qgemm_s16_avx2", ("avx2",),
            block=8, kgroup=2, a_dtype="int16", w_dtype="int8", tile_rows=2, tile_blocks=4),
 )
@@ -120,12 +122,50 @@ def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, {kernel.block}, {kernel.kgroup})
     return parser.parse(src, extra_vars={"T": T})
 
 
-def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, out_dtype, c_pad=None):
+def _conv_kernel_primfunc(kernel: Kernel, cin: int, kh: int, kw: int, hp: int, wp: int, oh: int, ow: int,
+                          n_pad: int):
+    """TIR function ``(x [n, hp, wp, cin] uint8, padded; w packed) -> c [n, oh, wp, n_pad] int32``: a stride-1
+    convolution as an implicit GEMM over each image's flat padded pixels (``kernel.conv_symbol``; no im2col).
+    Row v = i*wp + j of an image's C is the window at output pixel (i, j); the rows with j >= ow (windows
+    that wrap past the right edge) are computed for a uniform row stride and dropped by the caller's slice,
+    and the last image row stops at v = (oh-1)*wp + ow, so no window reads past the image."""
+    from tvm.script import parser
+
+    T = __import__("tvm.script.tirx", fromlist=["tirx"])
+    kb, nb = kh * kw * cin // kernel.kgroup, n_pad // kernel.block
+    mr, nbt = kernel.tile_rows, kernel.tile_blocks
+    v = (oh - 1) * wp + ow
+    rows, cols = -(-v // mr), -(-nb // nbt)
+    per = rows * cols
+    # Tile order as in _kernel_primfunc: along the rows when the image's rows outnumber the columns.
+    if v >= n_pad:
+        i, j = f"(t % {per} // {cols})", f"(t % {per} % {cols})"
+    else:
+        i, j = f"(t % {per} % {rows})", f"(t % {per} // {rows})"
+    src = f'''
+@T.prim_func(private=True)
+def qconv(x: T.handle, w: T.Buffer(({nb}, {kb}, {kernel.block}, {kernel.kgroup}), "{kernel.w_dtype}"), c: T.handle):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    n = T.int64()
+    X = T.match_buffer(x, (n, {hp}, {wp}, {cin}), "uint8")
+    C = T.match_buffer(c, (n, {oh}, {wp}, {n_pad}), "int32")
+    for t in T.parallel(n * {per}):
+        T.evaluate(T.call_extern("int32", "{kernel.conv_symbol}", T.address_of(X[t // {per}, 0, 0, 0]), w.data,
+            T.address_of(C[t // {per}, 0, 0, 0]), T.int64({cin}), T.int64({kh}), T.int64({kw}), T.int64({wp}),
+            T.int64({n_pad}), {i} * {mr}, T.min(T.int64({v}) - {i} * {mr}, {mr}),
+            {j} * {nbt}, T.min(T.int64({nb}) - {j} * {nbt}, {nbt})))
+'''
+    return parser.parse(src, extra_vars={"T": T})
+
+
+def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, out_dtype, c_pad=None, padded=False):
     """TIR function: [N, OH, OW, KH, KW, C'] windows of x (NHWC, uint8) as ``out_dtype`` (widened in the copy
     for a kernel that reads int16); taps in the padding read the zero point; C innermost, so the copies are
     contiguous and vectorize. ``C' = c_pad`` (default C): channels C..C'-1 read 0, so that KH*KW*C' is a
-    multiple of the kernel's k-group (the weight rows there are 0 too). Opaque (``op_pattern`` 8): nothing
-    is fused into it, or every producer (a quantize) would be recomputed once per tap."""
+    multiple of the kernel's k-group (the weight rows there are 0 too). ``padded``: x already holds the
+    padding (zero point) and the padding channels (0), so every tap is a plain copy (``pt = pl = 0`` and
+    ``c == c_pad``). Opaque (``op_pattern`` 8): nothing is fused into it, or every producer (a quantize)
+    would be recomputed once per tap."""
     from tvm import te, tirx
 
     x = te.placeholder((n, h, w, c), "uint8", name="x")
@@ -135,6 +175,8 @@ def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, out_dty
     def tap(b, i, j, p, q, cc):
         hh = i * sh + p * dh - pt
         ww = j * sw + q * dw - pl
+        if padded:
+            return x[b, hh, ww, cc].astype(out_dtype)
         inside = tirx.all(hh >= 0, hh < h, ww >= 0, ww < w)
         v = tirx.if_then_else(inside, x[b, tirx.max(tirx.min(hh, h - 1), 0), tirx.max(tirx.min(ww, w - 1), 0),
                                         tirx.min(cc, c - 1)], z())
@@ -145,14 +187,27 @@ def _im2col_primfunc(n, c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, out_dty
     out = te.compute((n, oh, ow, kh, kw, c_pad), tap, name="im2col")
     func = te.create_prim_func([x, z, out]).without_attr("global_symbol")
     # Rows of windows in parallel; the window's C run is one vectorizable copy (the padding test does not
-    # depend on it, so LLVM hoists it).
+    # depend on it, so LLVM hoists it). Pre-padded x with unit dilation: a window row's KW taps x C are
+    # one contiguous run of x, copied as one vector (a 7x7 RGB stem: 28 bytes, not 7 copies of 4).
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
     b, i, j, p, q, cc = sch.get_loops(sch.get_sblock("im2col"))
     sch.parallel(sch.fuse(b, i))
-    sch.vectorize(cc) if c_pad <= 64 else None
+    if padded and dw == 1 and kw * c_pad <= 64:
+        sch.vectorize(sch.fuse(q, cc))
+    elif c_pad <= 64:
+        sch.vectorize(cc)
     return sch.mod["main"].with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
+
+
+def _scalar_value(expr):
+    """The Python number of a scalar constant (a zero point known at lower time), else None."""
+    value = getattr(expr, "value", None) if type(expr).__name__ in ("GenericConst", "Constant") else None
+    try:
+        return None if value is None or value.numpy().size != 1 else value.numpy().reshape(()).item()
+    except Exception:  # noqa: BLE001 - not a tensor constant we can read
+        return None
 
 
 def _constant_zero(expr) -> bool:
@@ -267,7 +322,7 @@ def int8_matmul_pass(used: list, kernel: Kernel):
 
     R = relax.op
 
-    kernels: dict[tuple[int, int], object] = {}  # (k, n_pad) -> GlobalVar of its TIR function
+    kernels: dict[tuple, object] = {}  # (k, n_pad) or ("conv", ...) -> GlobalVar of its TIR function
 
     @mutator
     class _Rewriter(PyExprMutator):
@@ -390,8 +445,40 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             nb = _int(n_batch)
             tir_n = nb if nb is not None else tvm.tirx.Var("n", "int64")  # a symbolic batch binds from x's shape
             a_dtype = "int16" if kernel.a_dtype == "int16" else "uint8"
-            im2col = bb.add_func(_im2col_primfunc(tir_n, c, h, w, kh, kw, sh, sw_, dh, dw, pt, pl, oh, ow, a_dtype,
-                                                  c_pad), f"im2col_{a_dtype}")
+            zx_value = _scalar_value(zx)
+            if zx_value is not None and x_dtype == "int8":
+                zx_value += 128
+            if (kernel.conv_symbol and a_dtype == "uint8" and sh == sw_ == 1 and dh == dw == 1 and c == c_pad
+                    and kh * kw <= 64 and zx_value is not None and _constant_zero(zw)):
+                # Stride 1: an implicit GEMM straight from the padded input (the pad fuses into the quantize
+                # that makes x), no im2col copy of KH*KW times the activations. A weight zero point that is
+                # not 0 needs the window sums (im2col's rows), so it takes the im2col route.
+                hp, wp = h + pt + pb, w + pl + pr
+                xp = xt
+                if pt or pb or pl or pr:
+                    xp = bb.emit(R.nn.pad(xt, [0, 0, pt, pb, pl, pr, 0, 0], pad_value=float(zx_value)))
+                wkn = bb.emit(R.reshape(qw, [k, o]) if nhwc else
+                              R.permute_dims(R.reshape(R.permute_dims(qw, [0, 2, 3, 1]), [o, k]), [1, 0]))
+                y = self._gemm(None, "uint8", sx, zxu, wkn, sw, zw, k, o, out_shape=[n_batch, oh, ow, o],
+                               conv=(xp, c, kh, kw, hp, wp, oh, ow))
+                if not nhwc:
+                    y = R.permute_dims(y, [0, 3, 1, 2])
+                used.append({"op": "conv2d", "k": k, "n": o, "activation": x_dtype, "implicit": True})
+                out_dtype = str(call.ty.dtype)
+                return y if out_dtype == "float32" else R.astype(y, out_dtype)
+            if c_pad != c and zx_value is not None:
+                # Few channels (an RGB input): pad x once, spatially with its zero point, then the channels
+                # with 0 (fused into the quantize before it), so im2col copies whole window rows of KW*C'
+                # bytes instead of KW*KH taps of C bytes with a bounds test each (ResNet-18's stem im2col,
+                # ad-hoc: 0.24 -> 0.05 ms).
+                xt = bb.emit(R.nn.pad(R.nn.pad(xt, [0, 0, pt, pb, pl, pr, 0, 0], pad_value=float(zx_value)),
+                                      [0, 0, 0, 0, 0, 0, 0, c_pad - c], pad_value=0.0))
+                im2col_func = _im2col_primfunc(tir_n, c_pad, h + pt + pb, w + pl + pr, kh, kw, sh, sw_, dh, dw, 0,
+                                               0, oh, ow, a_dtype, padded=True)
+            else:
+                im2col_func = _im2col_primfunc(tir_n, c, h, w, kh, kw, sh, sw_, dh, dw, pt, pl, oh, ow, a_dtype,
+                                               c_pad)
+            im2col = bb.add_func(im2col_func, f"im2col_{a_dtype}")
             cols = bb.emit(relax.call_tir(im2col, [xt, zxu],
                                           relax.TensorType([n_batch, oh, ow, kh, kw, c_pad], a_dtype)))
             k_real, k = k, c_pad * kh * kw
@@ -411,14 +498,16 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             out_dtype = str(call.ty.dtype)
             return y if out_dtype == "float32" else R.astype(y, out_dtype)
 
-        def _gemm(self, x2, x_dtype, sx, zx, wkn, sw, zw, k, n, k_real=None, out_shape=None):
+        def _gemm(self, x2, x_dtype, sx, zx, wkn, sw, zw, k, n, k_real=None, out_shape=None, conv=None):
             """float32 [M, n] (or ``out_shape``) = dequantized (q_x [M, k] x W [k, n]), through the integer kernel. ``x_dtype``
             int16: uint8 codes already widened (by the im2col copy). ``k_real``: the products that are real
             taps when columns past it are padding (x and W both 0 there), for the zero-point correction.
             ``out_shape`` (last dim n): the int32 sums are reshaped to it BEFORE the float epilogue, so the
             epilogue is element-wise on the layer's own shape and fuses with what follows (bias, ReLU, the next
             quantize) into one kernel; a reshape after it (a symbolic batch makes it opaque) split that kernel
-            in two, with a float32 tensor written and read back between them."""
+            in two, with a float32 tensor written and read back between them. ``conv`` = (x_padded, cin, kh,
+            kw, hp, wp, oh, ow): no ``x2``; the product is the implicit-GEMM stride-1 convolution of the padded
+            NHWC uint8 x (``out_shape`` = [n, oh, ow, n])."""
             bb = self.builder_
             blk, kg = kernel.block, kernel.kgroup
             n_pad = -(-n // blk) * blk
@@ -439,15 +528,26 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             corr = bb.emit(R.subtract(R.multiply(zx32, colsum), R.multiply(R.multiply(zx32, zw32),
                                                                              relax.const(k_real or k, "int32"))))
             scale = bb.emit(R.multiply(R.astype(sx, "float32"), R.astype(sw, "float32")))
-            key = (k, n_pad)
-            if key not in kernels:
-                kernels[key] = bb.add_func(_kernel_primfunc(kernel, k, n_pad), f"qgemm_{kernel.name}_k{k}_n{n_pad}")
-            m = xu.ty.shape.values[0]
-            acc = bb.emit(relax.call_tir(kernels[key], [xu, packed], relax.TensorType([m, n_pad], "int32")))
-            if n_pad != n:
-                acc = bb.emit(R.strided_slice(acc, axes=[1], begin=[0], end=[n]))
-            if out_shape is not None:
-                acc = bb.emit(R.reshape(acc, out_shape))
+            if conv is not None:
+                xp, cin, kh, kw, hp, wp, oh, ow = conv
+                key = ("conv", cin, kh, kw, hp, wp, oh, ow, n_pad)
+                if key not in kernels:
+                    kernels[key] = bb.add_func(_conv_kernel_primfunc(kernel, cin, kh, kw, hp, wp, oh, ow, n_pad),
+                                               f"qconv_{kernel.name}_k{k}_n{n_pad}")
+                acc = bb.emit(relax.call_tir(kernels[key], [xp, packed],
+                                             relax.TensorType([out_shape[0], oh, wp, n_pad], "int32")))
+                if wp != ow or n_pad != n:  # the wrapped windows' rows and the padding columns
+                    acc = bb.emit(R.strided_slice(acc, axes=[2, 3], begin=[0, 0], end=[ow, n]))
+            else:
+                key = (k, n_pad)
+                if key not in kernels:
+                    kernels[key] = bb.add_func(_kernel_primfunc(kernel, k, n_pad), f"qgemm_{kernel.name}_k{k}_n{n_pad}")
+                m = xu.ty.shape.values[0]
+                acc = bb.emit(relax.call_tir(kernels[key], [xu, packed], relax.TensorType([m, n_pad], "int32")))
+                if n_pad != n:
+                    acc = bb.emit(R.strided_slice(acc, axes=[1], begin=[0], end=[n]))
+                if out_shape is not None:
+                    acc = bb.emit(R.reshape(acc, out_shape))
             exact = R.subtract(acc, corr)
             if not _constant_zero(zw):
                 # A weight zero point not known to be 0: subtract zw * (row sums of q_x) at run time.

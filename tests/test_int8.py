@@ -102,10 +102,14 @@ def test_portable_build_keeps_float_qdq_arithmetic(tmp_path):
     (dict(dilations=[2, 2], pads=[2, 2, 2, 2]), "b"), (dict(kernel_shape=[1, 1]), 3),
     (dict(pads=[1, 1, 1, 1], channels=6, kernel_shape=[3, 1]), 2),  # K = 18: a multiple of 2, not of 4
     (dict(pads=[3, 3, 3, 3], strides=[2, 2], channels=3, kernel_shape=[7, 7]), "b"),  # an RGB stem: K = 147
+    (dict(pads=[1, 1, 1, 1], channels=64), "b"),  # implicit GEMM: 64-channel runs, whole AMX k-chunks
+    (dict(pads=[0, 2, 1, 0], channels=96), 2),  # implicit GEMM: runs of 64 + a 32-channel VNNI tail per tap
+    (dict(pads=[2, 1, 2, 1], channels=32, kernel_shape=[5, 3]), "b"),  # implicit GEMM: 32-channel k-chunks
 ])
 def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, batch, kernel, mcpu):
     """Every one-group QDQ conv gets the integer kernel: a K = KH*KW*C that is not a multiple of the kernel's
-    k-group is padded with zero channels (K = 18 -> 24 for VNNI, 147 -> 196 / 154)."""
+    k-group is padded with zero channels (K = 18 -> 24 for VNNI, 147 -> 196 / 154). With the VNNI kernel a
+    stride-1 conv whose channels are a multiple of 4 reads its padded input directly (implicit GEMM)."""
     rng = np.random.default_rng(2)
     attrs = dict(attrs)
     k, c = attrs.pop("kernel_shape", [3, 3]), attrs.pop("channels", 8)
@@ -122,6 +126,9 @@ def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, bat
                          target_options={"mcpu": mcpu})
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["target"]["int8_matmuls"] == 1 and manifest["target"]["int8_kernel"] == kernel
+    implicit = kernel == "avx512vnni" and attrs.get("strides", [1, 1]) == [1, 1] and c % 4 == 0 \
+        and "dilations" not in attrs
+    assert manifest["target"]["int8_implicit_convs"] == int(implicit)
     assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
 
 
@@ -161,14 +168,33 @@ print(json.dumps({"amx": int(amx)}))
 """
 
 
+def qdq_conv_model(c, o, kernel_shape, pads, act="uint8", seed=0):
+    """x [b, c, 9, 11] -> QuantizeLinear/DequantizeLinear (per tensor, ``act``) -> Conv with an int8 per-channel
+    weight (symmetric) and a bias -> y."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-127, 128, (o, c, *kernel_shape)).astype(np.int8)
+    zx = np.array(9 if act == "uint8" else -6, np.uint8 if act == "uint8" else np.int8)
+    inits = [numpy_helper.from_array(a, name) for a, name in (
+        (codes, "wq"), ((rng.uniform(0.5, 2.0, o) / 127 / c).astype(np.float32), "sw"), (np.zeros(o, np.int8), "zw"),
+        (np.array(0.03, np.float32), "sx"), (zx, "zx"), (rng.standard_normal(o).astype(np.float32), "bias"))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w"], name="dqw", axis=0),
+             helper.make_node("Conv", ["xd", "w", "bias"], ["y"], name="conv", pads=pads)]
+    return graphopt.Graph(make_model(nodes, [vi("x", ["b", c, 9, 11])], [vi("y", ["b", o, "h", "w"])], inits))
+
+
 @pytest.mark.skipif(not all(f in HOST for f in ("avx512vnni", "amx-int8", "amx-tile")),
                     reason="needs a CPU with AVX-512 VNNI and AMX-INT8")
-@pytest.mark.parametrize("x_shape,n", [
-    ((13, 5, 96), 64),  # 65 rows: two full 32-row tiles and a 1-row call (VNNI); K = 64 on tiles + a 32 tail
-    ((49, 200), 48),  # 32 + 17 rows (a 16-row and a 1-row tile), 3 column blocks (an odd last one), K tail 8
-    ((12, 128), 80),  # a 12-row call: one partial tile, no second row tile; 4 + 1 column blocks
+@pytest.mark.parametrize("x_shape,n,conv", [
+    ((13, 5, 96), 64, None),  # 65 rows: two full 32-row tiles and a 1-row call (VNNI); K = 64 on tiles + a 32 tail
+    ((49, 200), 48, None),  # 32 + 17 rows (a 16-row and a 1-row tile), 3 column blocks (an odd last one), K tail 8
+    ((12, 128), 80, None),  # a 12-row call: one partial tile, no second row tile; 4 + 1 column blocks
+    # Implicit-GEMM convs (int8 activations: shifted, padded with the shifted zero point), 9x11 images:
+    ((2, 96, 9, 11), 40, ([3, 3], [1, 1, 1, 1])),  # 13 x 11 flat rows per image; runs of 64 + a 32 tail per tap
+    ((1, 32, 9, 11), 24, ([5, 3], [0, 1, 2, 1])),  # 32-channel tile k-chunks, uneven padding
 ])
-def test_amx_tiles_give_the_same_integers_as_vnni(tmp_path, x_shape, n):
+def test_amx_tiles_give_the_same_integers_as_vnni(tmp_path, x_shape, n, conv):
     """On an AMX CPU the VNNI kernel runs its call tiles on the tile unit, with tiles configured to the call's
     rows (the K tail past a multiple of 64 and calls of fewer than 8 rows on VNNI): the outputs are
     bit-identical to the VNNI-only run (GRAPHOPT_NO_AMX=1), and both match ONNX Runtime."""
@@ -176,12 +202,16 @@ def test_amx_tiles_give_the_same_integers_as_vnni(tmp_path, x_shape, n):
     import subprocess
     import sys
 
-    k = x_shape[-1]
-    g = qdq_matmul_model(k=k, n=n, act="int8", w_zero=True, rank=len(x_shape))
+    if conv is None:
+        g = qdq_matmul_model(k=x_shape[-1], n=n, act="int8", w_zero=True, rank=len(x_shape))
+    else:
+        g = qdq_conv_model(x_shape[1], n, conv[0], conv[1], act="int8")
     x = np.random.default_rng(4).standard_normal(x_shape).astype(np.float32) * 2
     data = graphopt.DataSource(feeds=[{"x": x}])
     res = graphopt.lower(g, "cpu", tmp_path / "art", data=data, verify=True)
     assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["target"]["int8_implicit_convs"] == (conv is not None)
     np.savez(tmp_path / "x.npz", x=x)
     script = tmp_path / "run.py"
     script.write_text(_AMX_RUN)
