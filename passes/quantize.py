@@ -7,8 +7,10 @@ Layers are the Conv, Gemm and MatMul nodes of the main graph whose weight
   behind a DequantizeLinear; the activation input gets a QuantizeLinear /
   DequantizeLinear pair with a scale and zero point calibrated on ``--data``
   (uint8 asymmetric, or int8 symmetric with ``symmetric=true``); a constant
-  bias becomes int32 at scale ``s_x * s_w``. Standard QDQ ONNX, as ONNX
-  Runtime's own quantizer writes it.
+  bias becomes int32 at scale ``s_x * s_w``. A MatMul of two activations
+  (attention's Q x K^T and P x V) gets a QuantizeLinear / DequantizeLinear
+  pair on both inputs (``act_matmuls``, default on), calibrated the same way.
+  Standard QDQ ONNX, as ONNX Runtime's own quantizer writes it.
 * ``dynamic``: int8 weights as above; the activation is quantized at run time
   (DynamicQuantizeLinear, then DequantizeLinear).
 * ``weight-only``: weights only, ``bits`` 8/4/3/2, one grid (scale and offset,
@@ -59,7 +61,8 @@ class Layer:
     weight: str
     act: str
     w: np.ndarray  # as stored
-    layout: str  # "rows": stored [out, ...] (Conv, Gemm transB); "cols": stored [in, out] (MatMul, Gemm)
+    layout: str  # "rows": stored [out, ...] (Conv, Gemm transB); "cols": stored [in, out] (MatMul, Gemm);
+    # "act": a MatMul of two activations (static mode), ``weight`` names the second one and ``w`` is empty
     bias: str | None
     attrs: dict = field(default_factory=dict)
 
@@ -107,6 +110,8 @@ class Quantize(Pass):
                choices=("auto", "nearest", "gptq")),
         Option("bias_correction", bool, True, "weight-only: correct biases for the mean rounding error "
                "(when calibration data are given)"),
+        Option("act_matmuls", bool, True, "static: MatMuls of two activations (attention) get QDQ on both "
+               "inputs, as ONNX Runtime's quantizer does; false: they stay float"),
         Option("ops", str, "Conv,Gemm,MatMul", "op types quantized (comma list, quoted in pipeline text)"),
         Option("exclude", str, "", "node names left in float (comma list, quoted in pipeline text)"),
     )
@@ -154,8 +159,14 @@ class Quantize(Pass):
             why = None
             w_t = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
             w = array(w_t) if w_t is not None else None
+            if w is None and node.op == "MatMul" and self._act_matmul(node):
+                layers.append(Layer(key, node.op, node.inputs[1].name, node.inputs[0].name,
+                                    np.zeros(0, np.float32), "act", None))
+                continue
             if w is None:
                 why = "weight is not a constant"
+                if node.op == "MatMul" and self.opts.mode == "static" and not self.opts.act_matmuls:
+                    why = "a MatMul of two activations (act_matmuls=false)"
             elif w.dtype != np.float32:
                 why = f"weight is {w.dtype}, not float32"
             elif readers.get(id(node.inputs[1]), 0) > 1:
@@ -194,6 +205,13 @@ class Quantize(Pass):
                                 layout, bias, attrs))
         return layers, skipped
 
+    def _act_matmul(self, node: gs.Node) -> bool:
+        """Whether ``node`` is a MatMul of two float32 activations that static mode quantizes."""
+        if self.opts.mode != "static" or not self.opts.act_matmuls or len(node.inputs) != 2:
+            return False
+        return all(_constant(t) is None and (t.dtype is None or np.dtype(t.dtype) == np.float32)
+                   for t in node.inputs)
+
     # --------------------------------------------------------------------------------------- run
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         o = self.opts
@@ -223,6 +241,9 @@ class Quantize(Pass):
             self.note("calibrate", o.calibrate)
         if o.mode == "weight-only":
             self.note("rounding", self.rounding)
+        acts = [la.key for la in layers if la.layout == "act" and la.key in chosen]
+        if acts:
+            self.note("activation_matmuls", len(acts))
         before = sum(la.w.nbytes for la in layers if la.key in chosen)
         after = sum(plans["weights"][la.key]["bytes"] for la in layers if la.key in chosen)
         self.note("weight_bytes", {"before": int(before), "after": int(after),
@@ -240,6 +261,9 @@ class Quantize(Pass):
         plans: dict = {"weights": {}, "acts": {}}
         if o.mode in ("static", "dynamic"):
             for la in layers:
+                if la.layout == "act":
+                    plans["weights"][la.key] = {"bytes": 0}
+                    continue
                 codes, scale = qm.int8_per_channel(la.w2)
                 if not per_axis:  # opset < 13: one scale for the tensor
                     s = np.float32(scale.max())
@@ -294,7 +318,8 @@ class Quantize(Pass):
 
     def _calibrate(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict:
         acts = ctx.activations(graph, f"pass '{self}'")
-        names = list(dict.fromkeys(la.act for la in layers))
+        names = list(dict.fromkeys(n for la in layers for n in ([la.act, la.weight] if la.layout == "act"
+                                                               else [la.act])))
         obs = {n: qm.Observer() for n in names}
         for values in acts.stream(names):
             for n, v in values.items():
@@ -374,6 +399,10 @@ class Quantize(Pass):
                 continue
             node = nodes[la.key]
             b = Builder(g, namer, la.key, np.float32)
+            if la.layout == "act":  # both inputs are activations: a QDQ pair on each
+                for i, name in ((0, la.act), (1, la.weight)):
+                    node.inputs[i] = self._qdq(b, tensors[name], name, plans, dq_of)
+                continue
             wp = plans["weights"][la.key]
             if mode == "weight-only":
                 node.inputs[1] = self._decode(b, la, wp)
@@ -384,17 +413,7 @@ class Quantize(Pass):
             axis_attrs = {"axis": la.axis} if scale.ndim else {}
             node.inputs[1] = b.op("DequantizeLinear", [b.const(wp["codes"]), b.const(scale),
                                                       b.const(np.zeros(scale.shape, np.int8))], axis_attrs)
-            x = tensors[la.act]
-            if la.act not in dq_of:
-                if mode == "dynamic":
-                    y, s, z = b.op("DynamicQuantizeLinear", [x], n_out=3)
-                    dq_of[la.act] = b.op("DequantizeLinear", [y, s, z])
-                else:
-                    sx, zx = plans["acts"][la.act]
-                    zt = np.array(zx, np.int8 if self.opts.symmetric else np.uint8)
-                    q = b.op("QuantizeLinear", [x, b.const(np.array(sx, np.float32)), b.const(zt)])
-                    dq_of[la.act] = b.op("DequantizeLinear", [q, b.const(np.array(sx, np.float32)), b.const(zt)])
-            node.inputs[0] = dq_of[la.act]
+            node.inputs[0] = self._qdq(b, tensors[la.act], la.act, plans, dq_of)
             if mode == "static" and la.bias is not None and scale.ndim and graph.opset >= 13:
                 sx, _ = plans["acts"][la.act]
                 bscale = (np.float32(sx) * scale).astype(np.float32)
@@ -405,6 +424,20 @@ class Quantize(Pass):
                                                               b.const(np.zeros(bscale.shape, np.int32))], {"axis": 0})
         toposort(g)
         return ir.to_graph()
+
+    def _qdq(self, b: Builder, x: gs.Tensor, name: str, plans: dict, dq_of: dict) -> gs.Tensor:
+        """The dequantized copy of activation ``name`` (one QuantizeLinear / DequantizeLinear pair per tensor,
+        shared by every layer that reads it; DynamicQuantizeLinear in dynamic mode)."""
+        if name not in dq_of:
+            if self.opts.mode == "dynamic":
+                y, s, z = b.op("DynamicQuantizeLinear", [x], n_out=3)
+                dq_of[name] = b.op("DequantizeLinear", [y, s, z])
+            else:
+                sx, zx = plans["acts"][name]
+                zt = np.array(zx, np.int8 if self.opts.symmetric else np.uint8)
+                q = b.op("QuantizeLinear", [x, b.const(np.array(sx, np.float32)), b.const(zt)])
+                dq_of[name] = b.op("DequantizeLinear", [q, b.const(np.array(sx, np.float32)), b.const(zt)])
+        return dq_of[name]
 
     def _decode(self, b: Builder, la: Layer, wp: dict) -> gs.Tensor:
         """Graph ops turning the packed codes back into the float weight, in the layer's stored layout."""

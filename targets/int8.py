@@ -61,6 +61,8 @@ class Kernel:
     tile_rows: int  #: rows of C per call from the TIR caller (the C file's CALL_ROWS, or MR)
     tile_blocks: int  #: column blocks of C per call (the C file's CALL_BLOCKS, or NB)
     conv_symbol: str | None = None  #: implicit-GEMM stride-1 convolution entry (see _conv_kernel_primfunc)
+    pack_symbol: str | None = None  #: run-time packing of an activation B with its column sums
+    zp_symbol: str | None = None  #: the GEMM with both zero points taken out in the kernel (B packed at run time)
 
     @property
     def path(self) -> Path:
@@ -71,7 +73,8 @@ class Kernel:
 KERNELS = (
     Kernel("avx512vnni", "qgemm_vnni.c", "graphopt_qgemm_u8s8_avx512vnni", ("avx512f", "avx512bw", "avx512vnni"),
            block=16, kgroup=4, a_dtype="uint8", w_dtype="int8", tile_rows=32, tile_blocks=4,
-           conv_symbol="graphopt_qconv_u8s8_avx512vnni"),
+           conv_symbol="graphopt_qconv_u8s8_avx512vnni", pack_symbol="graphopt_qpack_b_avx512vnni",
+           zp_symbol="graphopt_qgemm_zp_u8s8_avx512vnni"),
     Kernel("avx2", "qgemm_avx2.c", "graphopt_qgemm_s16_avx2", ("avx2",),
            block=8, kgroup=2, a_dtype="int16", w_dtype="int8", tile_rows=2, tile_blocks=4),
 )
@@ -118,6 +121,91 @@ def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, {kernel.block}, {kernel.kgroup})
         T.evaluate(T.call_extern("int32", "{kernel.symbol}", A.data, w.data, C.data, T.int64({k}), T.int64({n_pad}),
             {i} * {mr}, T.min(m - {i} * {mr}, {mr}),
             {j} * {nbt}, T.min(T.int64({nb}) - {j} * {nbt}, {nbt})))
+'''
+    return parser.parse(src, extra_vars={"T": T})
+
+
+def _batched_kernel_primfunc(kernel: Kernel, k: int, n_pad: int):
+    """TIR function ``(a [b, m, k], w [b, n_pad/block, k/kgroup, block, kgroup]) -> c [b, m, n_pad] int32``: one
+    GEMM per batch entry (a matmul of two activations: attention's heads), parallel over the entries' tiles."""
+    from tvm.script import parser
+
+    T = __import__("tvm.script.tirx", fromlist=["tirx"])
+    kb, nb = k // kernel.kgroup, n_pad // kernel.block
+    mr, nbt = kernel.tile_rows, kernel.tile_blocks
+    rows, cols = f"((m + {mr - 1}) // {mr})", -(-nb // nbt)
+    per = f"({rows} * {cols})"
+    i, j = f"(t % {per} // {cols})", f"(t % {per} % {cols})"
+    src = f'''
+@T.prim_func(private=True)
+def qbgemm(a: T.handle, w: T.handle, c: T.handle):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    bn = T.int64()
+    m = T.int64()
+    A = T.match_buffer(a, (bn, m, {k}), "{kernel.a_dtype}")
+    W = T.match_buffer(w, (bn, {nb}, {kb}, {kernel.block}, {kernel.kgroup}), "{kernel.w_dtype}")
+    C = T.match_buffer(c, (bn, m, {n_pad}), "int32")
+    for t in T.parallel(bn * {per}):
+        T.evaluate(T.call_extern("int32", "{kernel.symbol}", T.address_of(A[t // {per}, 0, 0]),
+            T.address_of(W[t // {per}, 0, 0, 0, 0]), T.address_of(C[t // {per}, 0, 0]), T.int64({k}),
+            T.int64({n_pad}), {i} * {mr}, T.min(m - {i} * {mr}, {mr}), {j} * {nbt},
+            T.min(T.int64({nb}) - {j} * {nbt}, {nbt})))
+'''
+    return parser.parse(src, extra_vars={"T": T})
+
+
+def _pack_b_primfunc(kernel: Kernel, k: int, n: int, n_pad: int, dtype: str):
+    """TIR function ``b [bn, k, n] (uint8 or int8) -> (packed [bn, n_pad/block, k/kgroup, block, kgroup] int8,
+    colsum [bn, n_pad] int32)``: ``kernel.pack_symbol`` once per matrix, in parallel."""
+    from tvm.script import parser
+
+    T = __import__("tvm.script.tirx", fromlist=["tirx"])
+    kb, nb = k // kernel.kgroup, n_pad // kernel.block
+    src = f'''
+@T.prim_func(private=True, s_tir=True)
+def qpack(b: T.handle, p: T.handle, s: T.handle):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    bn = T.int64()
+    B = T.match_buffer(b, (bn, {k}, {n}), "{dtype}")
+    P = T.match_buffer(p, (bn, {nb}, {kb}, {kernel.block}, {kernel.kgroup}), "int8")
+    S = T.match_buffer(s, (bn, {n_pad}), "int32")
+    # A root block: with one input, Relax's reshape detection (RewriteDataflowReshape) inspects the function
+    # and expects one.
+    with T.sblock("root"):
+        for t in T.parallel(bn):
+            T.evaluate(T.call_extern("int32", "{kernel.pack_symbol}", T.address_of(B[t, 0, 0]),
+                T.address_of(P[t, 0, 0, 0, 0]), T.address_of(S[t, 0]), T.int64({k}), T.int64({n}), T.int64({n_pad}),
+                T.int32({int(dtype == "uint8")})))
+'''
+    return parser.parse(src, extra_vars={"T": T})
+
+
+def _zp_kernel_primfunc(kernel: Kernel, k: int, n_pad: int, za: int, zb: int):
+    """TIR function ``(a [bn, m, k] uint8, packed b, colsum [bn, n_pad]) -> c [bn, m, n_pad] int32``, the exact
+    sum of (a - za)(b' - zb) per batch entry (``kernel.zp_symbol``), parallel over the entries' tiles."""
+    from tvm.script import parser
+
+    T = __import__("tvm.script.tirx", fromlist=["tirx"])
+    kb, nb = k // kernel.kgroup, n_pad // kernel.block
+    mr, nbt = kernel.tile_rows, kernel.tile_blocks
+    rows, cols = f"((m + {mr - 1}) // {mr})", -(-nb // nbt)
+    per = f"({rows} * {cols})"
+    i, j = f"(t % {per} // {cols})", f"(t % {per} % {cols})"
+    src = f'''
+@T.prim_func(private=True)
+def qbgemm(a: T.handle, w: T.handle, s: T.handle, c: T.handle):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    bn = T.int64()
+    m = T.int64()
+    A = T.match_buffer(a, (bn, m, {k}), "uint8")
+    W = T.match_buffer(w, (bn, {nb}, {kb}, {kernel.block}, {kernel.kgroup}), "int8")
+    S = T.match_buffer(s, (bn, {n_pad}), "int32")
+    C = T.match_buffer(c, (bn, m, {n_pad}), "int32")
+    for t in T.parallel(bn * {per}):
+        T.evaluate(T.call_extern("int32", "{kernel.zp_symbol}", T.address_of(A[t // {per}, 0, 0]),
+            T.address_of(W[t // {per}, 0, 0, 0, 0]), T.address_of(S[t // {per}, 0]), T.address_of(C[t // {per}, 0, 0]),
+            T.int64({k}), T.int64({n_pad}), {i} * {mr}, T.min(m - {i} * {mr}, {mr}), {j} * {nbt},
+            T.min(T.int64({nb}) - {j} * {nbt}, {nbt}), T.int32({za}), T.int32({zb})))
 '''
     return parser.parse(src, extra_vars={"T": T})
 
@@ -353,6 +441,9 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             qx, sx, zx = x_dq.args
             qw, sw, zw = w_dq.args
             x_dtype = str(qx.ty.dtype)
+            if not transposed and len(_static_shape(qw) or []) >= 3:
+                # A batched matmul: two activations (attention), or a stacked weight: one GEMM per leading index.
+                return self._rewrite_activations(qx, sx, zx, qw, sw, zw, str(call.ty.dtype))
             if x_dtype not in ("uint8", "int8") or str(qw.ty.dtype) != "int8":
                 return None
             if _static_shape(sx) != [] or _static_shape(zx) != []:
@@ -378,6 +469,99 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             y = self._gemm(x2, x_dtype, sx, zx, wkn, sw, zw, k, n, out_shape=[*lead, n] if len(xshape) != 2 else None)
             used.append({"op": "matmul", "k": k, "n": n, "activation": x_dtype})
             out_dtype = str(call.ty.dtype)
+            return y if out_dtype == "float32" else R.astype(y, out_dtype)
+
+        def _rewrite_activations(self, qx, sx, zx, qw, sw, zw, out_dtype):
+            """matmul(dequantize(q_x), dequantize(q_w)) of two activations (or a stacked weight), [B..., M, K] x
+            [B..., K, N] with the same leading dims, both per tensor: q_w is shifted to int8 if uint8 and packed at run time, one GEMM
+            per leading index (attention's Q x K^T and P x V)."""
+            bb = self.builder_
+            xs, ws = _static_shape(qx), _static_shape(qw)
+            if not xs or not ws or len(xs) != len(ws) or len(xs) < 3:
+                return None
+            if any(_static_shape(p) != [] for p in (sx, zx, sw, zw)):
+                return None
+            x_dtype, w_dtype = str(qx.ty.dtype), str(qw.ty.dtype)
+            if x_dtype not in ("uint8", "int8") or w_dtype not in ("uint8", "int8"):
+                return None
+            k, n = _int(ws[-2]), _int(ws[-1])
+            if k is None or n is None or _int(xs[-1]) != k or k % kernel.kgroup:
+                return None
+            import tvm_ffi
+
+            lead = list(xs[:-2])
+            for a, b in zip(lead, ws[:-2]):
+                if not tvm_ffi.structural_equal(a, b, map_free_vars=False):
+                    return None  # broadcast leading dims: keep the float matmul
+            m = xs[-2]
+            blk, kg = kernel.block, kernel.kgroup
+            n_pad = -(-n // blk) * blk
+            i32 = "int32"
+            za, zb = _scalar_value(zx), _scalar_value(zw)
+            if kernel.zp_symbol and za is not None and zb is not None:
+                # Zero points known at lower time: B is packed (and its column sums taken) by one C call per
+                # matrix, and the GEMM takes both zero points out itself; no sum or transpose kernels.
+                xu = qx
+                if x_dtype == "int8":
+                    xu = bb.emit(R.astype(R.add(R.astype(qx, i32), relax.const(128, i32)), "uint8"))
+                    za += 128
+                if w_dtype == "uint8":
+                    zb -= 128
+                x3 = bb.emit(R.reshape(xu, [-1, m, k]))
+                w3 = bb.emit(R.reshape(qw, [-1, k, n]))
+                bn = x3.ty.shape.values[0]
+                pkey = ("pack", k, n, n_pad, w_dtype)
+                if pkey not in kernels:
+                    kernels[pkey] = bb.add_func(_pack_b_primfunc(kernel, k, n, n_pad, w_dtype), f"qpack_{kernel.name}")
+                packed = bb.emit(relax.call_tir(kernels[pkey], [w3], [
+                    relax.TensorType([bn, n_pad // blk, k // kg, blk, kg], "int8"),
+                    relax.TensorType([bn, n_pad], i32)]))
+                key = ("zp", k, n_pad, int(za), int(zb))
+                if key not in kernels:
+                    kernels[key] = bb.add_func(_zp_kernel_primfunc(kernel, k, n_pad, int(za), int(zb)),
+                                               f"qbgemm_{kernel.name}_k{k}_n{n_pad}")
+                acc = bb.emit(relax.call_tir(kernels[key], [x3, bb.emit(relax.TupleGetItem(packed, 0)),
+                                                            bb.emit(relax.TupleGetItem(packed, 1))],
+                                             relax.TensorType([bn, m, n_pad], i32)))
+                if n_pad != n:
+                    acc = bb.emit(R.strided_slice(acc, axes=[2], begin=[0], end=[n]))
+                acc = bb.emit(R.reshape(acc, [*lead, m, n]))
+                y = R.multiply(R.astype(acc, "float32"), R.multiply(R.astype(sx, "float32"), R.astype(sw, "float32")))
+                used.append({"op": "matmul", "k": k, "n": n, "activation": x_dtype, "weights": "activation"})
+                return y if out_dtype == "float32" else R.astype(y, out_dtype)
+            # Activations as the kernel reads them (uint8, or int16 for AVX2), weights as int8 (u8 - 128).
+            zx32 = R.astype(zx, i32)
+            xu = qx
+            if x_dtype == "int8":
+                xu = bb.emit(R.astype(R.add(R.astype(qx, i32), relax.const(128, i32)), "uint8"))
+                zx32 = R.add(zx32, relax.const(128, i32))
+            zw32 = R.astype(zw, i32)
+            w8 = qw
+            if w_dtype == "uint8":
+                w8 = bb.emit(R.astype(R.subtract(R.astype(qw, i32), relax.const(128, i32)), "int8"))
+                zw32 = R.subtract(zw32, relax.const(128, i32))
+            x3 = bb.emit(R.reshape(xu, [-1, m, k]))
+            xk = bb.emit(R.astype(x3, "int16")) if kernel.a_dtype == "int16" else x3
+            w3 = bb.emit(R.reshape(w8, [-1, k, n]))
+            if n_pad != n:
+                w3 = bb.emit(R.nn.pad(w3, [0, 0, 0, 0, 0, n_pad - n]))
+            packed = bb.emit(R.permute_dims(R.reshape(w3, [-1, k // kg, kg, n_pad // blk, blk]), [0, 3, 1, 4, 2]))
+            key = ("batched", k, n_pad)
+            if key not in kernels:
+                kernels[key] = bb.add_func(_batched_kernel_primfunc(kernel, k, n_pad),
+                                           f"qbgemm_{kernel.name}_k{k}_n{n_pad}")
+            acc = bb.emit(relax.call_tir(kernels[key], [xk, packed],
+                                         relax.TensorType([x3.ty.shape.values[0], m, n_pad], i32)))
+            if n_pad != n:
+                acc = bb.emit(R.strided_slice(acc, axes=[2], begin=[0], end=[n]))
+            acc = bb.emit(R.reshape(acc, [*lead, m, n]))
+            # acc - zx*colsum(w) - zw*rowsum(x) + K*zx*zw, all at run time.
+            colsum = R.sum(R.astype(w8, i32), axis=[-2], keepdims=True)
+            rowsum = R.sum(R.astype(xu, i32), axis=[-1], keepdims=True)
+            exact = R.add(R.subtract(R.subtract(acc, R.multiply(zx32, colsum)), R.multiply(zw32, rowsum)),
+                          R.multiply(R.multiply(zx32, zw32), relax.const(k, i32)))
+            y = R.multiply(R.astype(exact, "float32"), R.multiply(R.astype(sx, "float32"), R.astype(sw, "float32")))
+            used.append({"op": "matmul", "k": k, "n": n, "activation": x_dtype, "weights": "activation"})
             return y if out_dtype == "float32" else R.astype(y, out_dtype)
 
         def _operands(self, call):

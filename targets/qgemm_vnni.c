@@ -310,5 +310,62 @@ int32_t graphopt_qconv_u8s8_avx512vnni(const uint8_t* X, const int8_t* W, int32_
   return product(&a, W, C + v0 * N, N, KH * KW * Cin / 4, rows, jb0, nb);
 }
 
+/* ------------------------------------------------------------------- a matmul of two activations */
+
+/* Packs B ([K, N] row-major, uint8 when `is_u8`, else int8) for the kernels: P = [n_pad/16][K/4][16][4] int8 of
+ * b' = b - 128 (uint8) or b (int8), columns N..n_pad-1 zero; colsum[n] = sum over k of b'[k][n] (0 past N). K a
+ * multiple of 4. One call per matrix (the TIR caller parallelizes over a batch of them). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+int32_t graphopt_qpack_b_avx512vnni(const uint8_t* B, int8_t* P, int32_t* colsum, int64_t K, int64_t N, int64_t n_pad,
+                                    int32_t is_u8) {
+  const int64_t KB = K / 4;
+  const __m128i flip = _mm_set1_epi8(is_u8 ? (char)0x80 : 0); /* u8 - 128 as int8: the top bit flipped */
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t jb = 0; jb < n_pad / 16; ++jb) {
+    const int64_t n0 = jb * 16;
+    /* Columns past N read nothing and pack as 0 (the flip is masked off too). */
+    const __mmask16 m = n0 + 16 <= N ? (__mmask16)0xFFFF : n0 < N ? (__mmask16)((1u << (N - n0)) - 1) : 0;
+    int8_t* pj = P + jb * KB * 64;
+    __m512i sums = _mm512_setzero_si512();
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const uint8_t* b = B + kb * 4 * N + n0;
+      /* 4 rows of 16 columns -> 16 columns of 4 consecutive k (a 4 x 16 byte transpose). */
+      __m128i r0 = _mm_xor_si128(_mm_maskz_loadu_epi8(m, b), _mm_maskz_mov_epi8(m, flip));
+      __m128i r1 = _mm_xor_si128(_mm_maskz_loadu_epi8(m, b + N), _mm_maskz_mov_epi8(m, flip));
+      __m128i r2 = _mm_xor_si128(_mm_maskz_loadu_epi8(m, b + 2 * N), _mm_maskz_mov_epi8(m, flip));
+      __m128i r3 = _mm_xor_si128(_mm_maskz_loadu_epi8(m, b + 3 * N), _mm_maskz_mov_epi8(m, flip));
+      __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+      __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+      __m512i v = _mm512_inserti32x4(_mm512_castsi128_si512(_mm_unpacklo_epi16(t0, t2)), _mm_unpackhi_epi16(t0, t2), 1);
+      v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(t1, t3), 2);
+      v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(t1, t3), 3);
+      _mm512_storeu_si512((void*)(pj + kb * 64), v);
+      sums = _mm512_dpbusd_epi32(sums, ones, v); /* column c: the sum of its 4 k */
+    }
+    _mm512_storeu_si512((void*)(colsum + n0), sums);
+  }
+  return 0;
+}
+
+/* C[i0:i0+rows, 16*jb0 : 16*(jb0+nb)] = sum over k of (A[r, k] - za) * (b'[k, c] - zb), exact int32: the product of
+ * graphopt_qgemm_u8s8_avx512vnni, then A's row sums (computed here) and B's column sums (from the packing) take
+ * the zero points out, so no separate sum kernels run. */
+__attribute__((target("avx512f,avx512bw")))
+int32_t graphopt_qgemm_zp_u8s8_avx512vnni(const uint8_t* A, const int8_t* W, const int32_t* colsum, int32_t* C,
+                                          int64_t K, int64_t N, int64_t i0, int64_t rows, int64_t jb0, int64_t nb,
+                                          int32_t za, int32_t zb) {
+  graphopt_qgemm_u8s8_avx512vnni(A, W, C, K, N, i0, rows, jb0, nb);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* a = A + (i0 + r) * K;
+    int32_t rowsum = 0;
+    for (int64_t k = 0; k < K; ++k) rowsum += a[k];
+    const int32_t row_term = zb * rowsum - (int32_t)K * za * zb;
+    int32_t* c = C + (i0 + r) * N + jb0 * 16;
+    const int32_t* cs = colsum + jb0 * 16;
+    for (int64_t j = 0; j < nb * 16; ++j) c[j] -= za * cs[j] + row_term;
+  }
+  return 0;
+}
+
 /* 1 when this process runs call tiles of AMX_MIN_ROWS rows or more on AMX (asks for the tile state on first use), else 0. */
 int32_t graphopt_qgemm_amx_in_use(void) { return amx_usable(); }

@@ -132,6 +132,45 @@ def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, bat
     assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
 
 
+def qdq_act_matmul_model(k=16, n=20, a_act="uint8", b_act="uint8", heads=3, m=10):
+    """x [b, heads, m, k] and y [b, heads, k, n], each through QuantizeLinear/DequantizeLinear (per tensor), then
+    MatMul: a matmul of two activations, as attention's Q x K^T and P x V."""
+    def zp(act, v):
+        return np.array(v if act == "uint8" else v - 128, np.uint8 if act == "uint8" else np.int8)
+
+    inits = [numpy_helper.from_array(a, name) for a, name in (
+        (np.array(0.02, np.float32), "sa"), (zp(a_act, 131), "za"), (np.array(0.03, np.float32), "sb"),
+        (zp(b_act, 119), "zb"))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sa", "za"], ["xq"], name="qa"),
+             helper.make_node("DequantizeLinear", ["xq", "sa", "za"], ["xd"], name="dqa"),
+             helper.make_node("QuantizeLinear", ["y", "sb", "zb"], ["yq"], name="qb"),
+             helper.make_node("DequantizeLinear", ["yq", "sb", "zb"], ["yd"], name="dqb"),
+             helper.make_node("MatMul", ["xd", "yd"], ["z"], name="mm")]
+    return graphopt.Graph(make_model(nodes, [vi("x", ["b", heads, m, k]), vi("y", ["b", heads, k, n])],
+                                     [vi("z", ["b", heads, m, n])], inits))
+
+
+@kernels
+@pytest.mark.parametrize("case", [
+    dict(), dict(a_act="int8"), dict(b_act="int8", n=16), dict(a_act="int8", b_act="int8", k=64, n=70, m=37),
+    dict(k=18),  # K = 18: not a multiple of VNNI's 4 (float matmul), a multiple of AVX2's 2 (integer)
+])
+def test_matmuls_of_two_activations_become_int8_kernels(tmp_path, case, kernel, mcpu):
+    """Attention-style matmuls of two quantized activations run on the integer kernel too: B is packed at run
+    time (with its column sums, by the VNNI kernel's packing routine), zero points of both sides taken out
+    exactly; the result matches ONNX Runtime on the QDQ graph."""
+    g = qdq_act_matmul_model(**case)
+    rng = np.random.default_rng(5)
+    k, n, m = case.get("k", 16), case.get("n", 20), case.get("m", 10)
+    feeds = [{"x": rng.standard_normal((2, 3, m, k)).astype(np.float32),
+              "y": rng.standard_normal((2, 3, k, n)).astype(np.float32)}]
+    res = graphopt.lower(g, "cpu", tmp_path / "art", data=graphopt.DataSource(feeds=feeds), verify=True,
+                         target_options={"mcpu": mcpu})
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["target"]["int8_matmuls"] == int(k % next(kk for kk in int8.KERNELS if kk.name == kernel).kgroup == 0)
+    assert res.verification.ok and res.verification.max_rel < 1e-5, res.verification.summary()
+
+
 @kernels
 def test_int8_artifacts_are_byte_identical_across_runs(tmp_path, kernel, mcpu):
     """The micro-kernel object is compiled per lowering; main.so must still be the same bytes every time."""

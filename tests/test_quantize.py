@@ -164,6 +164,44 @@ def test_static_qdq_form_is_what_onnx_runtime_expects():
     np.testing.assert_allclose(inits[b_dq.input[1]], inits[x_dq.input[1]] * inits[w_dq.input[1]], rtol=1e-6)
 
 
+def _attention_model():
+    """x [n, 6, 8] -> q, k, v projections -> softmax(q k^T / sqrt(8)) v: two MatMuls of activations."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.4).astype(np.float32), n) for n in ("wq", "wk", "wv")]
+    inits.append(numpy_helper.from_array(np.array(8 ** -0.5, np.float32), "scale"))
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="proj_q"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="proj_k"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="proj_v"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+             helper.make_node("Mul", ["s", "scale"], ["ss"]),
+             helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["y"], name="context")]
+    return graphopt.Graph(make_model(nodes, [vi("x", ["n", 6, 8])], [vi("y", ["n", 6, 8])], inits))
+
+
+def test_static_mode_quantizes_matmuls_of_two_activations_unless_told_not_to():
+    """Attention's Q x K^T and P x V get a QDQ pair on both inputs (as ONNX Runtime's quantizer does), calibrated
+    like every activation; act_matmuls=false leaves them float and says why."""
+    g = _attention_model()
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 6, 8)).astype(np.float32)} for i in range(6)]
+    res = graphopt.optimize(g, "quantize", data=DataSource(feeds=feeds))
+    out = res.graph
+    onnx.checker.check_model(out.model)
+    d = res.records[0].details
+    assert d["quantized"] == 5 and d["activation_matmuls"] == 2, d
+    producers = {o: n for n in out.graph.node for o in n.output}
+    for name in ("scores", "context"):
+        node = next(n for n in out.graph.node if n.name == name)
+        assert [producers[i].op_type for i in node.input] == ["DequantizeLinear"] * 2
+        assert [producers[producers[i].input[0]].op_type for i in node.input] == ["QuantizeLinear"] * 2
+    err = output_error(run_reference(g, feeds), run_reference(out, feeds), ["y"])
+    assert err.cosine > 0.99, err
+    kept = graphopt.optimize(g, "quantize(act_matmuls=false)", data=DataSource(feeds=feeds)).records[0].details
+    assert kept["quantized"] == 3 and "activation_matmuls" not in kept
+    assert kept["not_quantized"]["scores"] == "a MatMul of two activations (act_matmuls=false)"
+
+
 def test_old_opset_gets_per_tensor_weights_and_opset_9_is_refused():
     res = graphopt.optimize(_layers_model(opset=11), "quantize", data=DataSource(feeds=_feeds()))
     onnx.checker.check_model(res.graph.model)
