@@ -80,3 +80,30 @@ def test_concurrent_calls_from_threads_keep_their_own_inputs(tmp_path):
 
     with ThreadPoolExecutor(4) as pool:
         assert sum(pool.map(work, range(1, 9))) == 0
+
+
+def test_large_inputs_reuse_one_staging_buffer_and_aligned_ones_are_not_copied(tmp_path):
+    """An unaligned input of any size up to STAGE_MAX_BYTES is copied into one buffer per thread and input,
+    kept while its shape stays (a fresh aligned copy per call cost 120 us for 128 KiB); a new shape replaces
+    it; an aligned, contiguous, writable input of ZERO_COPY_MIN_BYTES or more is passed as it is."""
+    art = _identity_and_double(tmp_path, ("n", 64, 256))  # 64 KiB per batch row
+    prog = art.programs["main"]
+    x = np.zeros(2 * 64 * 256 * 4 + 4, np.uint8)[4:].view(np.float32).reshape(2, 64, 256)  # misaligned
+    x[:] = 3
+    ptrs = set()
+    for k in range(3):
+        x[:] = k
+        t, ptr = prog._tensor(0, x)
+        ptrs.add(ptr)
+        same, twice = prog([x])
+        assert np.all(same == k) and np.all(twice == 2 * k)
+    assert len(ptrs) == 1 and ptr % 64 == 0  # one staging buffer for the three calls
+    first = art.run({"x": x})
+    bigger = np.full((3, 64, 256), 7, np.float32)
+    other = np.zeros(x.nbytes + 8, np.uint8)[8:].view(np.float32).reshape(x.shape)  # another misaligned array
+    assert prog._tensor(0, other)[1] == ptr  # same shape: same buffer
+    assert np.all(art.run({"x": bigger})["twice"] == 14) and np.all(first["same"] == 2)  # earlier results intact
+    aligned = prog._aligned_empty((2, 64, 256), np.dtype(np.float32))
+    aligned[:] = 1
+    _, ptr4 = prog._tensor(0, aligned)
+    assert ptr4 == aligned.ctypes.data  # zero-copy
