@@ -138,6 +138,7 @@ class Quantize(Pass):
 
     # --------------------------------------------------------------------------------- find layers
     def _layers(self, graph: Graph) -> tuple[list[Layer], dict[str, str]]:
+        self._types = None  # tensor name -> numpy dtype from ONNX type inference, made on first need
         ir = IR(graph)
         readers: dict[int, int] = {}
         for n in ir.g.nodes:
@@ -159,7 +160,7 @@ class Quantize(Pass):
             why = None
             w_t = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
             w = array(w_t) if w_t is not None else None
-            if w is None and node.op == "MatMul" and self._act_matmul(node):
+            if w is None and node.op == "MatMul" and self._act_matmul(node, graph):
                 layers.append(Layer(key, node.op, node.inputs[1].name, node.inputs[0].name,
                                     np.zeros(0, np.float32), "act", None))
                 continue
@@ -205,12 +206,22 @@ class Quantize(Pass):
                                 layout, bias, attrs))
         return layers, skipped
 
-    def _act_matmul(self, node: gs.Node) -> bool:
-        """Whether ``node`` is a MatMul of two float32 activations that static mode quantizes."""
+    def _act_matmul(self, node: gs.Node, graph: Graph) -> bool:
+        """Whether ``node`` is a MatMul of two float32 activations that static mode quantizes (an input of
+        unknown type is looked up in ONNX type inference, run once; MatMul also takes integer tensors)."""
         if self.opts.mode != "static" or not self.opts.act_matmuls or len(node.inputs) != 2:
             return False
-        return all(_constant(t) is None and (t.dtype is None or np.dtype(t.dtype) == np.float32)
-                   for t in node.inputs)
+        if any(_constant(t) is not None for t in node.inputs):
+            return False
+        for t in node.inputs:
+            dtype = t.dtype
+            if dtype is None:
+                if self._types is None:
+                    self._types = _inferred_types(graph)
+                dtype = self._types.get(t.name)
+            if dtype is None or np.dtype(dtype) != np.float32:
+                return False
+        return True
 
     # --------------------------------------------------------------------------------------- run
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
@@ -480,6 +491,23 @@ class Quantize(Pass):
             add = gs.Node("Add", b.namer.fresh(f"{la.key}/bias_correction"), inputs=[fresh, b.const(delta)],
                           outputs=[y])
             g.nodes.append(add)
+
+
+def _inferred_types(graph: Graph) -> dict:
+    """Tensor name -> numpy dtype, from ONNX shape/type inference on the main graph ({} if inference fails)."""
+    import onnx
+    from onnx import helper, shape_inference
+
+    try:
+        model = shape_inference.infer_shapes(graph.model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - a model inference cannot read: the types stay unknown
+        return {}
+    out = {}
+    for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        elem = vi.type.tensor_type.elem_type
+        if elem != onnx.TensorProto.UNDEFINED:
+            out[vi.name] = helper.tensor_dtype_to_np_dtype(elem)
+    return out
 
 
 def _summary(quantized: int, left: dict) -> str:

@@ -441,8 +441,9 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             qx, sx, zx = x_dq.args
             qw, sw, zw = w_dq.args
             x_dtype = str(qx.ty.dtype)
-            if not transposed and len(_static_shape(qw) or []) >= 3:
-                # A batched matmul: two activations (attention), or a stacked weight: one GEMM per leading index.
+            if not transposed and (len(_static_shape(qw) or []) >= 3 or str(qw.ty.dtype) == "uint8"):
+                # A batched matmul of two activations (attention) or a stacked weight: one GEMM per leading
+                # index; a 2-D uint8 B can only be an activation (weights are int8) and goes the same way.
                 return self._rewrite_activations(qx, sx, zx, qw, sw, zw, str(call.ty.dtype))
             if x_dtype not in ("uint8", "int8") or str(qw.ty.dtype) != "int8":
                 return None
@@ -477,7 +478,7 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             per leading index (attention's Q x K^T and P x V)."""
             bb = self.builder_
             xs, ws = _static_shape(qx), _static_shape(qw)
-            if not xs or not ws or len(xs) != len(ws) or len(xs) < 3:
+            if not xs or not ws or len(xs) != len(ws) or len(xs) < 2:
                 return None
             if any(_static_shape(p) != [] for p in (sx, zx, sw, zw)):
                 return None
@@ -632,8 +633,8 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             zx_value = _scalar_value(zx)
             if zx_value is not None and x_dtype == "int8":
                 zx_value += 128
-            if (kernel.conv_symbol and a_dtype == "uint8" and sh == sw_ == 1 and dh == dw == 1 and c == c_pad
-                    and kh * kw <= 64 and zx_value is not None and _constant_zero(zw)):
+            if (kernel.conv_symbol and a_dtype == "uint8" and sh == sw_ == 1 and dh == dw == 1
+                    and c % kernel.kgroup == 0 and kh * kw <= 64 and zx_value is not None and _constant_zero(zw)):
                 # Stride 1: an implicit GEMM straight from the padded input (the pad fuses into the quantize
                 # that makes x), no im2col copy of KH*KW times the activations. A weight zero point that is
                 # not 0 needs the window sums (im2col's rows), so it takes the im2col route.

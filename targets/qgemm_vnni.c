@@ -363,10 +363,12 @@ int32_t graphopt_qgemm_zp_u8s8_avx512vnni(const uint8_t* A, const int8_t* W, con
     const uint8_t* a = A + (i0 + r) * K;
     int32_t rowsum = 0;
     for (int64_t k = 0; k < K; ++k) rowsum += a[k];
-    const int32_t row_term = zb * rowsum - (int32_t)K * za * zb;
+    /* In int64, then back: no signed overflow on the way (the exact sum itself fits int32 for any K a model
+     * has; past ~2^31 / 255^2 products it would wrap, as the accumulator would). */
+    const int64_t row_term = (int64_t)zb * rowsum - K * (int64_t)za * zb;
     int32_t* c = C + (i0 + r) * N + jb0 * 16;
     const int32_t* cs = colsum + jb0 * 16;
-    for (int64_t j = 0; j < nb * 16; ++j) c[j] -= za * cs[j] + row_term;
+    for (int64_t j = 0; j < nb * 16; ++j) c[j] = (int32_t)((int64_t)c[j] - (int64_t)za * cs[j] - row_term);
   }
   return 0;
 }

@@ -105,6 +105,8 @@ def test_portable_build_keeps_float_qdq_arithmetic(tmp_path):
     (dict(pads=[1, 1, 1, 1], channels=64), "b"),  # implicit GEMM: 64-channel runs, whole AMX k-chunks
     (dict(pads=[0, 2, 1, 0], channels=96), 2),  # implicit GEMM: runs of 64 + a 32-channel VNNI tail per tap
     (dict(pads=[2, 1, 2, 1], channels=32, kernel_shape=[5, 3]), "b"),  # implicit GEMM: 32-channel k-chunks
+    (dict(pads=[0, 1, 0, 1], channels=2, kernel_shape=[2, 2]), "b"),  # K = 8 but C = 2: im2col, not implicit
+    (dict(channels=6, kernel_shape=[1, 2]), 2),  # K = 12, C = 6: im2col
 ])
 def test_quantized_convolutions_become_im2col_and_int8_gemm(tmp_path, attrs, batch, kernel, mcpu):
     """Every one-group QDQ conv gets the integer kernel: a K = KH*KW*C that is not a multiple of the kernel's
@@ -146,14 +148,16 @@ def qdq_act_matmul_model(k=16, n=20, a_act="uint8", b_act="uint8", heads=3, m=10
              helper.make_node("QuantizeLinear", ["y", "sb", "zb"], ["yq"], name="qb"),
              helper.make_node("DequantizeLinear", ["yq", "sb", "zb"], ["yd"], name="dqb"),
              helper.make_node("MatMul", ["xd", "yd"], ["z"], name="mm")]
-    return graphopt.Graph(make_model(nodes, [vi("x", ["b", heads, m, k]), vi("y", ["b", heads, k, n])],
-                                     [vi("z", ["b", heads, m, n])], inits))
+    lead = ["b", heads] if heads else []
+    return graphopt.Graph(make_model(nodes, [vi("x", [*lead, m, k]), vi("y", [*lead, k, n])],
+                                     [vi("z", [*lead, m, n])], inits))
 
 
 @kernels
 @pytest.mark.parametrize("case", [
     dict(), dict(a_act="int8"), dict(b_act="int8", n=16), dict(a_act="int8", b_act="int8", k=64, n=70, m=37),
     dict(k=18),  # K = 18: not a multiple of VNNI's 4 (float matmul), a multiple of AVX2's 2 (integer)
+    dict(heads=None),  # 2-D: [m, k] x [k, n], B uint8
 ])
 def test_matmuls_of_two_activations_become_int8_kernels(tmp_path, case, kernel, mcpu):
     """Attention-style matmuls of two quantized activations run on the integer kernel too: B is packed at run
@@ -162,8 +166,9 @@ def test_matmuls_of_two_activations_become_int8_kernels(tmp_path, case, kernel, 
     g = qdq_act_matmul_model(**case)
     rng = np.random.default_rng(5)
     k, n, m = case.get("k", 16), case.get("n", 20), case.get("m", 10)
-    feeds = [{"x": rng.standard_normal((2, 3, m, k)).astype(np.float32),
-              "y": rng.standard_normal((2, 3, k, n)).astype(np.float32)}]
+    lead = (2, 3) if case.get("heads", 3) else ()
+    feeds = [{"x": rng.standard_normal((*lead, m, k)).astype(np.float32),
+              "y": rng.standard_normal((*lead, k, n)).astype(np.float32)}]
     res = graphopt.lower(g, "cpu", tmp_path / "art", data=graphopt.DataSource(feeds=feeds), verify=True,
                          target_options={"mcpu": mcpu})
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
