@@ -73,7 +73,7 @@ def llvm_target(mcpu: str, cores: int | None = None, wide_vectors: bool = True):
     CPUs with AVX-512 (Ice Lake, Rocket Lake, Sapphire Rapids...). Clang marks a function that uses
     512-bit intrinsics so that it keeps them; TVM's generated functions carry no such mark, so with the
     flag set LLVM split every 512-bit vector of a kernel into 256-bit halves and its own vectorizer
-    chose 8-wide loops (measured: a GELU + quantize epilogue 75 -> 40 us, the encoder int8 1.98 ->
+    chose 8-wide loops (measured: a GELU + quantize epilogue 75 -> 54 us, the encoder int8 1.98 ->
     1.73 ms, benchmarks/bench_quant.py). It changes nothing on CPUs without AVX-512."""
     import tvm
 
@@ -326,7 +326,7 @@ class _Runner:
 
     #: Inputs up to this many bytes are staged: copied into an aligned buffer kept per thread and input
     #: (replaced when the shape changes). A fresh aligned copy per call (mmap, page faults, munmap) cost
-    #: 120 us for a 128 KiB input, 8 % of an int8 encoder's call; larger inputs still get one.
+    #: 120 us for a 128 KiB input, 7 % of an int8 encoder's call; larger inputs still get one.
     STAGE_MAX_BYTES = 1 << 26
     #: Inputs at least this large that TVM can take as they are (C-contiguous, 64-byte aligned, native,
     #: writable) are passed without a copy; below it the copy is cheaper than the zero-copy exchange.

@@ -272,7 +272,7 @@ def softmax_te(x, axis: int):
     k2 = te.reduce_axis((0, x.shape[axis]), name="k")
     s = te.compute(red_shape, lambda *i: te.sum(e(*full(i, k2)), axis=k2), name="T_softmax_expsum")
     # One division per row: the reciprocal is loop-invariant along the axis, and LLVM hoists it (a division
-    # per element was a third of the kernel's time).
+    # per element: a [1, 4, 128, 128] softmax 28 -> 26 us, ad-hoc on this Xeon).
     return te.compute(x.shape, lambda *i: e(*i) * (_f(1.0) / s(*reduced(i))), name="T_softmax_norm",
                       attrs={"axis": axis})
 

@@ -125,9 +125,11 @@ def qgemm(a: T.handle, w: T.Buffer(({nb}, {kb}, {kernel.block}, {kernel.kgroup})
     return parser.parse(src, extra_vars={"T": T})
 
 
-def _batched_kernel_primfunc(kernel: Kernel, k: int, n_pad: int):
+def _batched_kernel_primfunc(kernel: Kernel, k: int, n_pad: int, zero_points: tuple[int, int] | None = None):
     """TIR function ``(a [b, m, k], w [b, n_pad/block, k/kgroup, block, kgroup]) -> c [b, m, n_pad] int32``: one
-    GEMM per batch entry (a matmul of two activations: attention's heads), parallel over the entries' tiles."""
+    GEMM per batch entry (a matmul of two activations: attention's heads), parallel over the entries' tiles.
+    With ``zero_points = (za, zb)``: ``(a uint8, w, colsum [b, n_pad]) -> c``, the exact sum of (a - za)(b' - zb)
+    (``kernel.zp_symbol``; w and colsum from :func:`_pack_b_primfunc`)."""
     from tvm.script import parser
 
     T = __import__("tvm.script.tirx", fromlist=["tirx"])
@@ -136,20 +138,26 @@ def _batched_kernel_primfunc(kernel: Kernel, k: int, n_pad: int):
     rows, cols = f"((m + {mr - 1}) // {mr})", -(-nb // nbt)
     per = f"({rows} * {cols})"
     i, j = f"(t % {per} // {cols})", f"(t % {per} % {cols})"
+    zp = zero_points is not None
+    a_dtype, symbol = ("uint8", kernel.zp_symbol) if zp else (kernel.a_dtype, kernel.symbol)
+    sums_param = " s: T.handle," if zp else ""
+    sums_buffer = f'\n    S = T.match_buffer(s, (bn, {n_pad}), "int32")' if zp else ""
+    sums_arg = " T.address_of(S[t // {per}, 0]),".format(per=per) if zp else ""
+    zp_args = f", T.int32({zero_points[0]}), T.int32({zero_points[1]})" if zp else ""
     src = f'''
 @T.prim_func(private=True)
-def qbgemm(a: T.handle, w: T.handle, c: T.handle):
+def qbgemm(a: T.handle, w: T.handle,{sums_param} c: T.handle):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     bn = T.int64()
     m = T.int64()
-    A = T.match_buffer(a, (bn, m, {k}), "{kernel.a_dtype}")
-    W = T.match_buffer(w, (bn, {nb}, {kb}, {kernel.block}, {kernel.kgroup}), "{kernel.w_dtype}")
+    A = T.match_buffer(a, (bn, m, {k}), "{a_dtype}")
+    W = T.match_buffer(w, (bn, {nb}, {kb}, {kernel.block}, {kernel.kgroup}), "{kernel.w_dtype}"){sums_buffer}
     C = T.match_buffer(c, (bn, m, {n_pad}), "int32")
     for t in T.parallel(bn * {per}):
-        T.evaluate(T.call_extern("int32", "{kernel.symbol}", T.address_of(A[t // {per}, 0, 0]),
-            T.address_of(W[t // {per}, 0, 0, 0, 0]), T.address_of(C[t // {per}, 0, 0]), T.int64({k}),
+        T.evaluate(T.call_extern("int32", "{symbol}", T.address_of(A[t // {per}, 0, 0]),
+            T.address_of(W[t // {per}, 0, 0, 0, 0]),{sums_arg} T.address_of(C[t // {per}, 0, 0]), T.int64({k}),
             T.int64({n_pad}), {i} * {mr}, T.min(m - {i} * {mr}, {mr}), {j} * {nbt},
-            T.min(T.int64({nb}) - {j} * {nbt}, {nbt})))
+            T.min(T.int64({nb}) - {j} * {nbt}, {nbt}){zp_args}))
 '''
     return parser.parse(src, extra_vars={"T": T})
 
@@ -176,36 +184,6 @@ def qpack(b: T.handle, p: T.handle, s: T.handle):
             T.evaluate(T.call_extern("int32", "{kernel.pack_symbol}", T.address_of(B[t, 0, 0]),
                 T.address_of(P[t, 0, 0, 0, 0]), T.address_of(S[t, 0]), T.int64({k}), T.int64({n}), T.int64({n_pad}),
                 T.int32({int(dtype == "uint8")})))
-'''
-    return parser.parse(src, extra_vars={"T": T})
-
-
-def _zp_kernel_primfunc(kernel: Kernel, k: int, n_pad: int, za: int, zb: int):
-    """TIR function ``(a [bn, m, k] uint8, packed b, colsum [bn, n_pad]) -> c [bn, m, n_pad] int32``, the exact
-    sum of (a - za)(b' - zb) per batch entry (``kernel.zp_symbol``), parallel over the entries' tiles."""
-    from tvm.script import parser
-
-    T = __import__("tvm.script.tirx", fromlist=["tirx"])
-    kb, nb = k // kernel.kgroup, n_pad // kernel.block
-    mr, nbt = kernel.tile_rows, kernel.tile_blocks
-    rows, cols = f"((m + {mr - 1}) // {mr})", -(-nb // nbt)
-    per = f"({rows} * {cols})"
-    i, j = f"(t % {per} // {cols})", f"(t % {per} % {cols})"
-    src = f'''
-@T.prim_func(private=True)
-def qbgemm(a: T.handle, w: T.handle, s: T.handle, c: T.handle):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
-    bn = T.int64()
-    m = T.int64()
-    A = T.match_buffer(a, (bn, m, {k}), "uint8")
-    W = T.match_buffer(w, (bn, {nb}, {kb}, {kernel.block}, {kernel.kgroup}), "int8")
-    S = T.match_buffer(s, (bn, {n_pad}), "int32")
-    C = T.match_buffer(c, (bn, m, {n_pad}), "int32")
-    for t in T.parallel(bn * {per}):
-        T.evaluate(T.call_extern("int32", "{kernel.zp_symbol}", T.address_of(A[t // {per}, 0, 0]),
-            T.address_of(W[t // {per}, 0, 0, 0, 0]), T.address_of(S[t // {per}, 0]), T.address_of(C[t // {per}, 0, 0]),
-            T.int64({k}), T.int64({n_pad}), {i} * {mr}, T.min(m - {i} * {mr}, {mr}), {j} * {nbt},
-            T.min(T.int64({nb}) - {j} * {nbt}, {nbt}), T.int32({za}), T.int32({zb})))
 '''
     return parser.parse(src, extra_vars={"T": T})
 
@@ -403,6 +381,7 @@ def int8_matmul_pass(used: list, kernel: Kernel):
     """The Relax module pass (see the module docstring) calling ``kernel``; appends to ``used`` one entry per
     matmul rewritten."""
     import tvm
+    import tvm_ffi
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -474,8 +453,8 @@ def int8_matmul_pass(used: list, kernel: Kernel):
 
         def _rewrite_activations(self, qx, sx, zx, qw, sw, zw, out_dtype):
             """matmul(dequantize(q_x), dequantize(q_w)) of two activations (or a stacked weight), [B..., M, K] x
-            [B..., K, N] with the same leading dims, both per tensor: q_w is shifted to int8 if uint8 and packed at run time, one GEMM
-            per leading index (attention's Q x K^T and P x V)."""
+            [B..., K, N] with the same leading dims, both per tensor: q_w is shifted to int8 if uint8 and packed at
+            run time, one GEMM per leading index (attention's Q x K^T and P x V)."""
             bb = self.builder_
             xs, ws = _static_shape(qx), _static_shape(qw)
             if not xs or not ws or len(xs) != len(ws) or len(xs) < 2:
@@ -488,8 +467,6 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             k, n = _int(ws[-2]), _int(ws[-1])
             if k is None or n is None or _int(xs[-1]) != k or k % kernel.kgroup:
                 return None
-            import tvm_ffi
-
             lead = list(xs[:-2])
             for a, b in zip(lead, ws[:-2]):
                 if not tvm_ffi.structural_equal(a, b, map_free_vars=False):
@@ -498,69 +475,52 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             blk, kg = kernel.block, kernel.kgroup
             n_pad = -(-n // blk) * blk
             i32 = "int32"
-            za, zb = _scalar_value(zx), _scalar_value(zw)
-            if kernel.zp_symbol and za is not None and zb is not None:
-                # Zero points known at lower time: B is packed (and its column sums taken) by one C call per
-                # matrix, and the GEMM takes both zero points out itself; no sum or transpose kernels.
-                xu = qx
-                if x_dtype == "int8":
-                    xu = bb.emit(R.astype(R.add(R.astype(qx, i32), relax.const(128, i32)), "uint8"))
-                    za += 128
-                if w_dtype == "uint8":
-                    zb -= 128
-                x3 = bb.emit(R.reshape(xu, [-1, m, k]))
-                w3 = bb.emit(R.reshape(qw, [-1, k, n]))
-                bn = x3.ty.shape.values[0]
-                pkey = ("pack", k, n, n_pad, w_dtype)
-                if pkey not in kernels:
-                    kernels[pkey] = bb.add_func(_pack_b_primfunc(kernel, k, n, n_pad, w_dtype), f"qpack_{kernel.name}")
-                packed = bb.emit(relax.call_tir(kernels[pkey], [w3], [
-                    relax.TensorType([bn, n_pad // blk, k // kg, blk, kg], "int8"),
-                    relax.TensorType([bn, n_pad], i32)]))
-                key = ("zp", k, n_pad, int(za), int(zb))
-                if key not in kernels:
-                    kernels[key] = bb.add_func(_zp_kernel_primfunc(kernel, k, n_pad, int(za), int(zb)),
-                                               f"qbgemm_{kernel.name}_k{k}_n{n_pad}")
-                acc = bb.emit(relax.call_tir(kernels[key], [x3, bb.emit(relax.TupleGetItem(packed, 0)),
-                                                            bb.emit(relax.TupleGetItem(packed, 1))],
-                                             relax.TensorType([bn, m, n_pad], i32)))
-                if n_pad != n:
-                    acc = bb.emit(R.strided_slice(acc, axes=[2], begin=[0], end=[n]))
-                acc = bb.emit(R.reshape(acc, [*lead, m, n]))
-                y = R.multiply(R.astype(acc, "float32"), R.multiply(R.astype(sx, "float32"), R.astype(sw, "float32")))
-                used.append({"op": "matmul", "k": k, "n": n, "activation": x_dtype, "weights": "activation"})
-                return y if out_dtype == "float32" else R.astype(y, out_dtype)
-            # Activations as the kernel reads them (uint8, or int16 for AVX2), weights as int8 (u8 - 128).
-            zx32 = R.astype(zx, i32)
-            xu = qx
+            # Activations as the kernel reads them (uint8: int8 codes shifted by 128, zero point too).
+            xu, zx32, za, zb = qx, R.astype(zx, i32), _scalar_value(zx), _scalar_value(zw)
             if x_dtype == "int8":
                 xu = bb.emit(R.astype(R.add(R.astype(qx, i32), relax.const(128, i32)), "uint8"))
                 zx32 = R.add(zx32, relax.const(128, i32))
-            zw32 = R.astype(zw, i32)
-            w8 = qw
-            if w_dtype == "uint8":
-                w8 = bb.emit(R.astype(R.subtract(R.astype(qw, i32), relax.const(128, i32)), "int8"))
-                zw32 = R.subtract(zw32, relax.const(128, i32))
+                za = None if za is None else za + 128
             x3 = bb.emit(R.reshape(xu, [-1, m, k]))
-            xk = bb.emit(R.astype(x3, "int16")) if kernel.a_dtype == "int16" else x3
-            w3 = bb.emit(R.reshape(w8, [-1, k, n]))
-            if n_pad != n:
-                w3 = bb.emit(R.nn.pad(w3, [0, 0, 0, 0, 0, n_pad - n]))
-            packed = bb.emit(R.permute_dims(R.reshape(w3, [-1, k // kg, kg, n_pad // blk, blk]), [0, 3, 1, 4, 2]))
-            key = ("batched", k, n_pad)
+            bn = x3.ty.shape.values[0]
+            in_kernel = kernel.zp_symbol is not None and za is not None and zb is not None
+            if in_kernel:
+                # Zero points known at lower time: B is packed (and its column sums taken) by one C call per
+                # matrix, and the GEMM takes both zero points out itself; no sum or transpose kernels.
+                zb = zb - 128 if w_dtype == "uint8" else zb
+                pkey = ("pack", k, n, n_pad, w_dtype)
+                if pkey not in kernels:
+                    kernels[pkey] = bb.add_func(_pack_b_primfunc(kernel, k, n, n_pad, w_dtype), f"qpack_{kernel.name}")
+                packed = bb.emit(relax.call_tir(kernels[pkey], [bb.emit(R.reshape(qw, [-1, k, n]))], [
+                    relax.TensorType([bn, n_pad // blk, k // kg, blk, kg], "int8"), relax.TensorType([bn, n_pad], i32)]))
+                args = [x3, bb.emit(relax.TupleGetItem(packed, 0)), bb.emit(relax.TupleGetItem(packed, 1))]
+                key = ("zp", k, n_pad, int(za), int(zb))
+            else:
+                # Weights as int8 (u8 - 128), packed by Relax ops; the activations widened for AVX2's kernel.
+                zw32, w8 = R.astype(zw, i32), qw
+                if w_dtype == "uint8":
+                    w8 = bb.emit(R.astype(R.subtract(R.astype(qw, i32), relax.const(128, i32)), "int8"))
+                    zw32 = R.subtract(zw32, relax.const(128, i32))
+                w3 = bb.emit(R.reshape(w8, [-1, k, n]))
+                if n_pad != n:
+                    w3 = bb.emit(R.nn.pad(w3, [0, 0, 0, 0, 0, n_pad - n]))
+                packed = bb.emit(R.permute_dims(R.reshape(w3, [-1, k // kg, kg, n_pad // blk, blk]), [0, 3, 1, 4, 2]))
+                args = [bb.emit(R.astype(x3, "int16")) if kernel.a_dtype == "int16" else x3, packed]
+                key = ("batched", k, n_pad)
             if key not in kernels:
-                kernels[key] = bb.add_func(_batched_kernel_primfunc(kernel, k, n_pad),
+                zero_points = (int(za), int(zb)) if in_kernel else None
+                kernels[key] = bb.add_func(_batched_kernel_primfunc(kernel, k, n_pad, zero_points),
                                            f"qbgemm_{kernel.name}_k{k}_n{n_pad}")
-            acc = bb.emit(relax.call_tir(kernels[key], [xk, packed],
-                                         relax.TensorType([x3.ty.shape.values[0], m, n_pad], i32)))
+            acc = bb.emit(relax.call_tir(kernels[key], args, relax.TensorType([bn, m, n_pad], i32)))
             if n_pad != n:
                 acc = bb.emit(R.strided_slice(acc, axes=[2], begin=[0], end=[n]))
-            acc = bb.emit(R.reshape(acc, [*lead, m, n]))
-            # acc - zx*colsum(w) - zw*rowsum(x) + K*zx*zw, all at run time.
-            colsum = R.sum(R.astype(w8, i32), axis=[-2], keepdims=True)
-            rowsum = R.sum(R.astype(xu, i32), axis=[-1], keepdims=True)
-            exact = R.add(R.subtract(R.subtract(acc, R.multiply(zx32, colsum)), R.multiply(zw32, rowsum)),
-                          R.multiply(R.multiply(zx32, zw32), relax.const(k, i32)))
+            exact = bb.emit(R.reshape(acc, [*lead, m, n]))
+            if not in_kernel:
+                # acc - zx*colsum(w) - zw*rowsum(x) + K*zx*zw, all at run time.
+                colsum = R.sum(R.astype(w8, i32), axis=[-2], keepdims=True)
+                rowsum = R.sum(R.astype(xu, i32), axis=[-1], keepdims=True)
+                exact = R.add(R.subtract(R.subtract(exact, R.multiply(zx32, colsum)), R.multiply(zw32, rowsum)),
+                              R.multiply(R.multiply(zx32, zw32), relax.const(k, i32)))
             y = R.multiply(R.astype(exact, "float32"), R.multiply(R.astype(sx, "float32"), R.astype(sw, "float32")))
             used.append({"op": "matmul", "k": k, "n": n, "activation": x_dtype, "weights": "activation"})
             return y if out_dtype == "float32" else R.astype(y, out_dtype)
@@ -633,53 +593,47 @@ def int8_matmul_pass(used: list, kernel: Kernel):
             zx_value = _scalar_value(zx)
             if zx_value is not None and x_dtype == "int8":
                 zx_value += 128
-            if (kernel.conv_symbol and a_dtype == "uint8" and sh == sw_ == 1 and dh == dw == 1
-                    and c % kernel.kgroup == 0 and kh * kw <= 64 and zx_value is not None and _constant_zero(zw)):
+            implicit = (kernel.conv_symbol is not None and a_dtype == "uint8" and sh == sw_ == 1 and dh == dw == 1
+                        and c % kernel.kgroup == 0 and kh * kw <= 64 and zx_value is not None and _constant_zero(zw))
+            if implicit:
                 # Stride 1: an implicit GEMM straight from the padded input (the pad fuses into the quantize
                 # that makes x), no im2col copy of KH*KW times the activations. A weight zero point that is
                 # not 0 needs the window sums (im2col's rows), so it takes the im2col route.
-                hp, wp = h + pt + pb, w + pl + pr
                 xp = xt
                 if pt or pb or pl or pr:
                     xp = bb.emit(R.nn.pad(xt, [0, 0, pt, pb, pl, pr, 0, 0], pad_value=float(zx_value)))
-                wkn = bb.emit(R.reshape(qw, [k, o]) if nhwc else
-                              R.permute_dims(R.reshape(R.permute_dims(qw, [0, 2, 3, 1]), [o, k]), [1, 0]))
-                y = self._gemm(None, "uint8", sx, zxu, wkn, sw, zw, k, o, out_shape=[n_batch, oh, ow, o],
-                               conv=(xp, c, kh, kw, hp, wp, oh, ow))
-                if not nhwc:
-                    y = R.permute_dims(y, [0, 3, 1, 2])
-                used.append({"op": "conv2d", "k": k, "n": o, "activation": x_dtype, "implicit": True})
-                out_dtype = str(call.ty.dtype)
-                return y if out_dtype == "float32" else R.astype(y, out_dtype)
-            if c_pad != c and zx_value is not None:
-                # Few channels (an RGB input): pad x once, spatially with its zero point, then the channels
-                # with 0 (fused into the quantize before it), so im2col copies whole window rows of KW*C'
-                # bytes instead of KW*KH taps of C bytes with a bounds test each (ResNet-18's stem im2col,
-                # ad-hoc: 0.24 -> 0.05 ms).
-                xt = bb.emit(R.nn.pad(R.nn.pad(xt, [0, 0, pt, pb, pl, pr, 0, 0], pad_value=float(zx_value)),
-                                      [0, 0, 0, 0, 0, 0, 0, c_pad - c], pad_value=0.0))
-                im2col_func = _im2col_primfunc(tir_n, c_pad, h + pt + pb, w + pl + pr, kh, kw, sh, sw_, dh, dw, 0,
-                                               0, oh, ow, a_dtype, padded=True)
+                x2, k_real, conv = None, None, (xp, c, kh, kw, h + pt + pb, w + pl + pr, oh, ow)
             else:
-                im2col_func = _im2col_primfunc(tir_n, c, h, w, kh, kw, sh, sw_, dh, dw, pt, pl, oh, ow, a_dtype,
-                                               c_pad)
-            im2col = bb.add_func(im2col_func, f"im2col_{a_dtype}")
-            cols = bb.emit(relax.call_tir(im2col, [xt, zxu],
-                                          relax.TensorType([n_batch, oh, ow, kh, kw, c_pad], a_dtype)))
-            k_real, k = k, c_pad * kh * kw
-            x2 = bb.emit(R.reshape(cols, [-1, k]))
-            if c_pad != c:  # zero weights for the padding channels (a weight-only transform: lower time)
-                widths = [0, 0, 0, 0, 0, c_pad - c, 0, 0] if nhwc else [0, 0, 0, c_pad - c, 0, 0, 0, 0]
-                qw = bb.emit(R.nn.pad(qw, widths))
-            # Weight columns in the im2col order (KH, KW, C): a weight-only transform, done at lower time.
+                if c_pad != c and zx_value is not None:
+                    # Few channels (an RGB input): pad x once, spatially with its zero point, then the channels
+                    # with 0 (fused into the quantize before it), so im2col copies whole window rows of KW*C'
+                    # bytes instead of KW*KH taps of C bytes with a bounds test each (ResNet-18's stem im2col,
+                    # ad-hoc: 0.24 -> 0.09 ms).
+                    xt = bb.emit(R.nn.pad(R.nn.pad(xt, [0, 0, pt, pb, pl, pr, 0, 0], pad_value=float(zx_value)),
+                                          [0, 0, 0, 0, 0, 0, 0, c_pad - c], pad_value=0.0))
+                    im2col_func = _im2col_primfunc(tir_n, c_pad, h + pt + pb, w + pl + pr, kh, kw, sh, sw_, dh, dw,
+                                                   0, 0, oh, ow, a_dtype, padded=True)
+                else:
+                    im2col_func = _im2col_primfunc(tir_n, c, h, w, kh, kw, sh, sw_, dh, dw, pt, pl, oh, ow, a_dtype,
+                                                   c_pad)
+                im2col = bb.add_func(im2col_func, f"im2col_{a_dtype}")
+                cols = bb.emit(relax.call_tir(im2col, [xt, zxu],
+                                              relax.TensorType([n_batch, oh, ow, kh, kw, c_pad], a_dtype)))
+                k_real, k, conv = k, c_pad * kh * kw, None
+                x2 = bb.emit(R.reshape(cols, [-1, k]))
+                if c_pad != c:  # zero weights for the padding channels (a weight-only transform: lower time)
+                    widths = [0, 0, 0, 0, 0, c_pad - c, 0, 0] if nhwc else [0, 0, 0, c_pad - c, 0, 0, 0, 0]
+                    qw = bb.emit(R.nn.pad(qw, widths))
+            # Weight columns in the window order (KH, KW, C): a weight-only transform, done at lower time.
             if nhwc:
                 wkn = bb.emit(R.reshape(qw, [k, o]))
             else:
                 wkn = bb.emit(R.permute_dims(R.reshape(R.permute_dims(qw, [0, 2, 3, 1]), [o, k]), [1, 0]))
-            y = self._gemm(x2, a_dtype, sx, zxu, wkn, sw, zw, k, o, k_real=k_real, out_shape=[n_batch, oh, ow, o])
+            y = self._gemm(x2, a_dtype, sx, zxu, wkn, sw, zw, k, o, k_real=k_real, out_shape=[n_batch, oh, ow, o],
+                           conv=conv)
             if not nhwc:
                 y = R.permute_dims(y, [0, 3, 1, 2])
-            used.append({"op": "conv2d", "k": k, "n": o, "activation": x_dtype})
+            used.append({"op": "conv2d", "k": k, "n": o, "activation": x_dtype, "implicit": implicit})
             out_dtype = str(call.ty.dtype)
             return y if out_dtype == "float32" else R.astype(y, out_dtype)
 
