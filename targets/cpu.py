@@ -125,6 +125,10 @@ class CpuTarget(Target):
                "3x3 stride-1 float32 convolutions over large images as Winograd F(4x4)/F(2x2) kernels "
                "(see targets/schedules/winograd.py; outputs differ from a direct conv by float rounding, "
                "the transformed weights add at most the model's own weight bytes again); false: direct convolution only"),
+        Option("lowbit_kernels", bool, True,
+               "MatMul / Gemm weights that quantize(mode=weight-only) stored as packed low-bit codes stay packed: "
+               "the decode runs inside the GEMM (see targets/lowbit.py); false: the importer folds the decode "
+               "into float32 weights"),
         Option("wide_vectors", bool, True,
                "on x86 CPUs with AVX-512, let every kernel use 512-bit vectors (LLVM otherwise prefers 256-bit "
                "ones on Intel CPUs); false: LLVM's default"),
@@ -151,7 +155,22 @@ class CpuTarget(Target):
         raise_if_unsupported(graph, self.name, native=recurrent.OPS)
 
     def select_params(self, graph: Graph) -> list[str]:
-        return select_params(graph)
+        # The codes of fused low-bit decodes are weights too (integer tensors otherwise are not: shapes,
+        # indices), so they reach the GEMM packed instead of as constants folded into float.
+        codes = {d.codes for d in self._lowbit_decodes(graph)}
+        base = set(select_params(graph))
+        return [t.name for t in graph.graph.initializer if t.name in base or t.name in codes]
+
+    def _lowbit_decodes(self, graph: Graph) -> list:
+        """The low-bit decodes of ``graph`` (targets/lowbit.py) that this build fuses; found once per graph."""
+        from . import lowbit
+
+        if not self.opts.lowbit_kernels:
+            return []
+        cached = getattr(self, "_lowbit_cache", None)
+        if cached is None or cached[0] is not graph:
+            self._lowbit_cache = (graph, lowbit.find_decodes(lowbit.named(graph)))
+        return self._lowbit_cache[1]
 
     def lower(self, graph: Graph, out_dir: Path, ctx: LowerContext) -> dict:
         import tvm
@@ -170,14 +189,19 @@ class CpuTarget(Target):
 
             tuner = Tuner(ctx.tune_trials, ctx.tuning_db, target, threads=ctx.threads, progress=ctx.progress,
                           log=ctx.native_log, default_rules=default_rules)
-        from . import int8, recurrent
+        from . import int8, lowbit, recurrent
 
+        decodes = self._lowbit_decodes(graph)
+        lowbit_used: list = []  # LowBitMatMul nodes imported (targets/lowbit.py)
         int8_used: list = []
         winograd_used: list = []  # {"m", "extra_bytes"} of each conv lowered as Winograd F(m x m, 3 x 3)
         recurrences: list = []  # LSTM/GRU/RNN nodes imported whole (targets/recurrent.py)
         int8_kernel = int8.select_kernel(features) if self.opts.int8_kernels else None
         with step(ctx.progress, "import into TVM Relax"):
-            mod = import_graph(graph, ctx.params, converters=recurrent.converters(features, recurrences))
+            # The importer sees the decodes fused; the artifact's model.onnx (the reference) keeps them.
+            imported = lowbit.fuse_decodes(lowbit.named(graph), decodes) if decodes else graph
+            mod = import_graph(imported, ctx.params, converters={**recurrent.converters(features, recurrences),
+                                                                 **lowbit.converters(features, lowbit_used)})
         outputs = output_specs(mod, graph)  # what the program returns, not what the model declared
         try:
             with step(ctx.progress, "prepack weights"):
@@ -191,7 +215,7 @@ class CpuTarget(Target):
                                           winograd_used=winograd_used, after_layout=quantized)
                     mod, plan = lift_weight_transforms(
                         mod, target, passes, n_weights=len(ctx.params),
-                        allowance=lambda: sum(u["extra_bytes"] for u in winograd_used))
+                        allowance=lambda: sum(u["extra_bytes"] for u in winograd_used) + lowbit.repacked_bytes(decodes))
                     weights, params = self._pack(plan, out_dir, ctx, target)
                 if plan.note:
                     ctx.native_log.append(f"note: {plan.note}")
@@ -205,6 +229,8 @@ class CpuTarget(Target):
                     addons.append(str(int8.kernel_object(scratch, int8_kernel)))
                 if recurrences:
                     addons.append(str(recurrent.kernel_object(scratch)))
+                if lowbit_used:
+                    addons.append(str(lowbit.kernel_object(scratch)))
                 ex.export_library(str(out_dir / "main.so"), addons=addons)
                 for a in addons:
                     Path(a).unlink(missing_ok=True)
@@ -236,6 +262,8 @@ class CpuTarget(Target):
                 "winograd_extra_bytes": sum(u["extra_bytes"] for u in winograd_used),
                 "recurrences": len(recurrences),
                 "recurrence_kernel": recurrent.variant(features) if recurrences else None,
+                "lowbit_matmuls": len(lowbit_used),
+                "lowbit_kernel": lowbit.variant(features) if lowbit_used else None,
             },
             "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu", "params": params}],
             "weights": weights,

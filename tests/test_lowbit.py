@@ -1,0 +1,140 @@
+"""Weight-only low-bit weights lowered packed: the decode fused into the GEMM (targets/lowbit.py, lowbit.c).
+
+Each case quantizes a small model once (no lowering) and lowers the quantized graph with the default,
+lossless pipeline, verified against ONNX Runtime on that graph (decode, then float MatMul / Gemm).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import graphopt
+from graphopt.data import DataSource
+from graphopt.graph import Graph
+from graphopt.targets import lowbit
+
+from .conftest import init, make_model, vi
+
+K, H, N = 72, 264, 24  # N and H not multiples of the kernel's 32-column blocks; K not a multiple of 16
+
+
+def _model(batch="b") -> Graph:
+    """x [batch, 3, K] -> MatMul (3-D activation, symbolic batch) -> Relu -> Gemm transB=1 with a bias."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((K, H)).astype(np.float32) / 8
+    w2 = rng.standard_normal((N, H)).astype(np.float32) / 6
+    b2 = rng.standard_normal(N).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "flat"], ["r2"], name="flatten"),
+             helper.make_node("Gemm", ["r2", "w2", "b2"], ["y"], name="gemm", transB=1)]
+    m = make_model(nodes, [vi("x", [batch, 3, K])], [vi("y", [None, N])],
+                   [init("w1", w1), init("w2", w2), init("b2", b2),
+                    init("flat", np.array([-1, H], dtype=np.int64))])
+    return Graph(m)
+
+
+def _feeds(count=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((5, 3, K)).astype(np.float32)} for _ in range(count)]
+
+
+def _quantized(bits: int, group: int) -> Graph:
+    q = f"quantize(mode=weight-only,bits={bits},rounding=nearest" + (f",group={group}" if group else "") + ")"
+    return graphopt.optimize(_model(), q).graph
+
+
+@pytest.mark.parametrize("bits,group,mcpu,kernel", [
+    (4, 16, "host", None),
+    (2, 0, "host", None),
+    (3, 16, "x86-64-v3", "avx2"),
+    (8, 0, "portable", "generic"),
+])
+def test_lowbit_matmul_and_gemm_match_onnx_runtime_and_stay_packed(tmp_path, bits, group, mcpu, kernel):
+    import platform
+
+    if mcpu == "x86-64-v3" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 CPU name")
+    g = _quantized(bits, group)
+    res = graphopt.lower(g, "cpu", tmp_path / "a", target_options={"mcpu": mcpu}, verify=True,
+                         data=DataSource(feeds=_feeds()))
+    assert res.verification.ok, res.verification.summary()
+    t = res.manifest["target"]
+    assert t["lowbit_matmuls"] == 2, t
+    if kernel is not None:
+        assert t["lowbit_kernel"] == kernel
+    # No float copy of a weight anywhere: weights.bin holds the codes twice (as the graph stores them, for the
+    # reference, and in the kernel's containers) and the float16 scale and offset per group, twice; the
+    # float weights would be 4 * (K*H + N*H) bytes. 0.15 of slack for padding, alignment and the skeleton.
+    float_bytes = 4 * (K * H + N * H)
+    grid_bits = 2 * 16 / group if group else 0
+    art = Path(res.artifact)
+    stored = (art / "weights.bin").stat().st_size + (art / "model.onnx").stat().st_size
+    assert stored < float_bytes * ((bits + lowbit.container_bits(bits) + 2 * grid_bits) / 32 + 0.15), (stored, float_bytes)
+    big_floats = [w for w in res.manifest["weights"] if w["dtype"] == "float32" and w["nbytes"] >= 4 * N * H]
+    assert not big_floats, big_floats
+    assert (art / "main.so").stat().st_size < 200_000  # no folded float weights compiled in either
+    # The repacked codes reached the program as weights, not as constants compiled into main.so.
+    assert any(w["name"].startswith("main.packed") for w in res.manifest["weights"])
+    # Other batch sizes (the batch is symbolic: one row task, several, and a partial one).
+    a = graphopt.load(art)
+    for batch in (1, 30):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, K)).astype(np.float32)
+        got = a.run({"x": x})
+        got = got["y"] if isinstance(got, dict) else got[0]
+        import onnxruntime as ort
+
+        ref = ort.InferenceSession(g.model.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_lowbit_kernels_off_folds_the_decode_into_float(tmp_path):
+    g = _quantized(4, 0)
+    res = graphopt.lower(g, "cpu", tmp_path / "a", target_options={"lowbit_kernels": False}, verify=True,
+                         data=DataSource(feeds=_feeds()))
+    assert res.verification.ok
+    assert res.manifest["target"]["lowbit_matmuls"] == 0
+    assert res.manifest["target"]["lowbit_kernel"] is None
+
+
+def test_recognition_is_numerical_not_by_shape():
+    """A decode whose scale is altered after the multiply (an extra Mul) is not the quantizer's decode:
+    the recognized reading would compute a different weight, so nothing is fused."""
+    g = lowbit.named(_quantized(4, 0))
+    assert len(lowbit.find_decodes(g)) == 2
+    mm = next(n for n in g.graph.node if n.name == "mm")
+    w = mm.input[1]
+    g.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.001, np.float32), "tweak"))
+    g.graph.node.insert(list(g.graph.node).index(mm),
+                        helper.make_node("Mul", [w, "tweak"], ["w_tweaked"], name="tweak_mul"))
+    mm.input[1] = "w_tweaked"
+    found = lowbit.find_decodes(g)
+    assert [d.node for d in found] == ["gemm"]
+
+
+def test_fused_graph_drops_the_decode_and_keeps_the_codes():
+    g = lowbit.named(_quantized(2, 16))
+    decodes = lowbit.find_decodes(g)
+    fused = lowbit.fuse_decodes(g, decodes)
+    kinds = [n.op_type for n in fused.graph.node]
+    assert kinds.count(lowbit.OP) == 2 and "Floor" not in kinds and "MatMul" not in kinds, kinds
+    names = {t.name for t in fused.graph.initializer}
+    assert {d.codes for d in decodes} <= names
+    # The graph given stays as it was (the artifact's model.onnx keeps the decode).
+    assert "Floor" in {n.op_type for n in g.graph.node}
+
+
+def test_weight_only_conv_is_left_to_the_float_path(tmp_path):
+    """Only MatMul / Gemm weights are fused; a weight-only conv still lowers and verifies."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                   [vi("x", [1, 4, 8, 8])], [vi("y", [1, 8, 8, 8])], [init("w", w)])
+    g = graphopt.optimize(Graph(m), "quantize(mode=weight-only,bits=4,rounding=nearest)").graph
+    res = graphopt.lower(g, "cpu", tmp_path / "a", verify=True)
+    assert res.verification.ok and res.manifest["target"]["lowbit_matmuls"] == 0
