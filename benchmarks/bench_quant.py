@@ -12,7 +12,12 @@
    (``graphopt.bench.measure``, worker processes, same threads).
 3. Latency rows for the ResNet-18-style CNN and the 4-layer encoder of ``bench_cpu.py``
    (``quantize(mode=static)`` calibrated on 8 seeded inputs, batch 1) against the same two baselines.
-4. Top-1 agreement of ``quantize(mode=static)`` with the float model on a real corpus model fed real
+4. Weight-only low-bit rows (size and batch-1 latency; accuracy is the digits rows' job): an MLP
+   1024-4096-1024 with seeded random weights and the encoder, each float, ``quantize(mode=weight-only,
+   bits=4|2,rounding=nearest)`` with the fused low-bit kernels (``targets/lowbit.py``), and bits=4 with
+   ``--target-opt lowbit_kernels=false`` (the decode folded back into float weights), against ONNX Runtime
+   fp32 on the float model.
+5. Top-1 agreement of ``quantize(mode=static)`` with the float model on a real corpus model fed real
    inputs: magika on the bytes of files of this Python installation (calibrated on 64 files, tested on
    256 others).
 
@@ -20,6 +25,7 @@ Usage::
 
     python benchmarks/bench_quant.py                    # everything
     python benchmarks/bench_quant.py --models cnn --seconds 1 --no-large --no-magika
+    python benchmarks/bench_quant.py --models '' --no-large --no-magika   # the low-bit rows only
     python benchmarks/bench_quant.py --json out.json
 
 Absolute times depend on the machine and its load; compare ratios from one run.
@@ -161,6 +167,70 @@ def large_rows(args, work: Path) -> list[dict]:
     return rows
 
 
+LOWBIT_PIPELINES = {
+    "float": ("", {}),
+    "w4": ("quantize(mode=weight-only,bits=4,rounding=nearest)", {}),
+    "w2": ("quantize(mode=weight-only,bits=2,rounding=nearest)", {}),
+    "w4, lowbit_kernels=false": ("quantize(mode=weight-only,bits=4,rounding=nearest)", {"lowbit_kernels": False}),
+}
+
+
+def big_mlp():
+    """An MLP 1024-4096-1024 (MatMul + bias, ReLU, Gemm transB) at batch 1, seeded random weights: 33.6 MB
+    of float32 weights, where a batch-1 run is bound by reading them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import graphopt
+
+    rng = np.random.default_rng(0)
+    k, h = 1024, 4096
+    inits = [numpy_helper.from_array((rng.standard_normal((k, h)) / 32).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(h).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((k, h)) / 64).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["ha"]),
+             helper.make_node("Relu", ["ha"], ["r"]), helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "mlp-1024-4096-1024", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return graphopt.Graph(m), {"x": rng.standard_normal((1, k)).astype(np.float32)}
+
+
+def lowbit_rows(args, work: Path) -> list[dict]:
+    import graphopt
+
+    import models as bench_models
+    from bench_cpu import dir_bytes
+
+    cat = bench_models.catalog()
+    enc, _, _ = bench_models.build(cat["encoder"])
+    rows = []
+    for name, (graph, feed) in (("mlp-1024-4096-1024", big_mlp()),
+                                ("encoder", (enc, bench_models.feed(cat["encoder"], 1)))):
+        original = work / f"{name}.onnx"
+        graph.save(original)
+        runners, info = {"ort-fp32": ("ort", str(original))}, {}
+        for label, (text, opts) in LOWBIT_PIPELINES.items():
+            out = work / f"{name}-lowbit-{label.replace(', ', '-').replace('=', '-')}"
+            t0 = time.perf_counter()
+            res = graphopt.lower(graph, "cpu", out, pipeline=("cleanup," + text + ",cleanup") if text else None,
+                                 target_options=opts, threads=args.threads, verify=True, verify_passes=False)
+            info[label] = {"lower_s": time.perf_counter() - t0, "artifact_bytes": dir_bytes(out),
+                           "lowbit_matmuls": res.manifest["target"].get("lowbit_matmuls", 0),
+                           "lowbit_kernel": res.manifest["target"].get("lowbit_kernel"),
+                           "verification": res.verification.summary()}
+            runners[label] = ("graphopt", str(out))
+        lat = latency(runners, feed, [o.name for o in graph.outputs], args)
+        for label in LOWBIT_PIPELINES:
+            rows.append({"model": name, "label": label, "pipeline": LOWBIT_PIPELINES[label][0] or "(float)",
+                         "latency_ms": lat[label], "ort_fp32_ms": lat["ort-fp32"],
+                         "float_ms": lat["float"], **info[label]})
+            print(f"[{name} {label}] {lat[label]:.3f} ms (ORT fp32 {lat['ort-fp32']:.3f} ms), artifact "
+                  f"{info[label]['artifact_bytes'] / 2**20:.1f} MiB, {info[label]['lowbit_matmuls']} low-bit matmuls",
+                  flush=True)
+    return rows
+
+
 def magika_files(count: int, seed: int) -> list[bytes]:
     """Contents of ``count`` distinct files of this Python installation (sources, binaries, data), seeded."""
     roots = [Path(sys.prefix), Path(os.__file__).parent]
@@ -206,7 +276,7 @@ def magika_rows(args, work: Path) -> list[dict]:
     return rows
 
 
-def render(digits: list[dict], large: list[dict], magika: list[dict], env: dict) -> str:
+def render(digits: list[dict], large: list[dict], magika: list[dict], env: dict, lowbit: list[dict] = ()) -> str:
     lines = [f"graphopt quantization benchmark — {env['date']}, {env['cpu']}, {env['threads']} threads", ""]
     if digits:
         lines += ["| model | pipeline | weights smaller | accuracy (Δ pt) | top-1 agreement | graphopt ms | "
@@ -233,6 +303,14 @@ def render(digits: list[dict], large: list[dict], magika: list[dict], env: dict)
             lines.append(f"| {r['model']} | {t['graphopt-int8']:.3f} | {t['graphopt-fp32']:.3f} | {t['ort-fp32']:.3f} | "
                          f"{t['ort-int8']:.3f} | {t['graphopt-int8'] / t['ort-fp32']:.2f}× | "
                          f"{t['graphopt-int8'] / t['ort-int8']:.2f}× |")
+    if lowbit:
+        lines += ["", "| model (batch 1) | pipeline | low-bit matmuls | artifact | graphopt ms | vs ORT fp32 | "
+                  "vs graphopt float |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in lowbit:
+            opts = "" if "lowbit_kernels" not in r["label"] else ", `lowbit_kernels=false`"
+            lines.append(f"| {r['model']} | `{r['pipeline']}`{opts} | {r['lowbit_matmuls']} | "
+                         f"{r['artifact_bytes'] / 2**20:.2f} MiB | {r['latency_ms']:.3f} | "
+                         f"{r['latency_ms'] / r['ort_fp32_ms']:.2f}× | {r['latency_ms'] / r['float_ms']:.2f}× |")
     for m in magika:
         budget = f" with `--budget {m['budget']}` ({m['quantized']} layers quantized, kept in float: " \
                  f"{', '.join(k.rsplit('/', 2)[-2] for k in m['kept_float'])})" if m["budget"] is not None else \
@@ -251,6 +329,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-large", action="store_true", help="skip the ResNet-18 and encoder latency rows")
     p.add_argument("--no-magika", action="store_true", help="skip the real-model agreement row")
+    p.add_argument("--no-lowbit", action="store_true", help="skip the weight-only low-bit latency rows")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--keep", metavar="DIR", help="write the models and artifacts under DIR instead of a temporary folder")
     args = p.parse_args(argv)
@@ -264,11 +343,13 @@ def main(argv=None) -> int:
         work = work_folder(stack, args.keep, "graphopt-bench-quant-")
         digits = digits_rows(args, work) if args.models else []
         large = [] if args.no_large else large_rows(args, work)
+        lowbit = [] if args.no_lowbit else lowbit_rows(args, work)
         magika = [] if args.no_magika else magika_rows(args, work)
     print()
-    print(render(digits, large, magika, env))
+    print(render(digits, large, magika, env, lowbit))
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "digits": digits, "large": large, "magika": magika},
+        Path(args.json).write_text(json.dumps({"env": env, "digits": digits, "large": large, "magika": magika,
+                                               "lowbit": lowbit},
                                               indent=2, default=str))
     return 0
 
