@@ -178,7 +178,6 @@ LOWBIT_PIPELINES = {
 def big_mlp():
     """An MLP 1024-4096-1024 (MatMul + bias, ReLU, Gemm transB) at batch 1, seeded random weights: 33.6 MB
     of float32 weights, where a batch-1 run is bound by reading them."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     import graphopt

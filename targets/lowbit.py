@@ -45,8 +45,10 @@ OP = "LowBitMatMul"
 BLOCK = 32
 #: Rows of the activation per parallel task: the panel decoded for a block is reused over these rows.
 TASK_ROWS = 64
-#: Constant cones larger than this (bytes of their tensors) are not evaluated to check a decode.
-MAX_CONE_BYTES = 1 << 30
+#: Decoded float32 weights evaluated together (in one ONNX Runtime session) to check their decodes: a large
+#: model's weights are checked a batch at a time, never all decoded at once; a single weight past this is
+#: not fused.
+MAX_CONE_BYTES = 1 << 28
 
 
 def variant(features) -> str:
@@ -185,7 +187,6 @@ def find_decodes(graph) -> list[Decode]:
     Node names must be unique and non-empty (:func:`fuse_decodes` names them first).
     """
     import onnx
-    from onnx import helper
 
     from graphopt.graph import tensor_array
 
@@ -199,34 +200,20 @@ def find_decodes(graph) -> list[Decode]:
                and inits[x].dims[2] == 1]
         if len(u8) != 1 or len(f16) != 2 or list(inits[f16[0]].dims) != list(inits[f16[1]].dims):
             continue
-        if sum(int(np.prod(inits[x].dims, dtype=np.int64)) * 4 for x in leaves) > MAX_CONE_BYTES:
+        # At most 8 codes per byte: the decoded float32 weight is at most 32 bytes per code byte.
+        cost = 32 * int(np.prod(inits[u8[0]].dims, dtype=np.int64))
+        if cost > MAX_CONE_BYTES:
             continue
-        plans.append((node, w, layout, nodes, leaves, u8[0], f16))
+        plans.append((node, w, layout, nodes, leaves, u8[0], f16, cost))
     if not plans:
         return []
-    # Every candidate weight evaluated in one ONNX Runtime session over the union of their cones.
-    cone_nodes = {}
-    leaves_all = set()
-    for _, _, _, nodes, leaves, _, _ in plans:
-        cone_nodes.update({id(n): n for n in nodes})
-        leaves_all |= leaves
-    ordered = [n for n in g.node if id(n) in cone_nodes]
-    outs = sorted({p[1] for p in plans})
-    sub = helper.make_graph(ordered, "cones", [], [onnx.ValueInfoProto(name=o) for o in outs],
-                            [inits[x] for x in sorted(leaves_all)])
-    model = helper.make_model(sub, opset_imports=list(graph.model.opset_import), ir_version=graph.model.ir_version)
-    try:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        values = dict(zip(outs, sess.run(outs, {})))
-    except Exception:  # an external-data weight, an op ONNX Runtime lacks...: nothing is fused
-        return []
-    for node, w, layout, nodes, leaves, u8, f16 in plans:
-        wt = values[w]
+    values = {}
+    for batch in _batches(plans):
+        values.update(_evaluate(graph, [p[3] for p in batch], [p[4] for p in batch], [p[1] for p in batch]))
+    for node, w, layout, nodes, leaves, u8, f16, _ in plans:
+        wt = values.get(w)
+        if wt is None:
+            continue
         if wt.dtype != np.float32 or wt.ndim != 2:
             continue
         w_nk = wt if layout == "nk" else wt.T
@@ -246,6 +233,50 @@ def find_decodes(graph) -> list[Decode]:
         if hit:
             found.append(hit)
     return found
+
+
+def _batches(plans):
+    """``plans`` in runs whose cones hold at most MAX_CONE_BYTES of float32 leaves together (a large model's
+    weights are never all decoded at once)."""
+    batch, size = [], 0
+    for p in plans:
+        b = p[-1]
+        if batch and size + b > MAX_CONE_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(p)
+        size += b
+    if batch:
+        yield batch
+
+
+def _evaluate(graph, cones, leaf_sets, outs) -> dict:
+    """The values ``outs`` of ``graph``'s constant ``cones`` (node lists), evaluated together in one ONNX
+    Runtime session without graph optimizations; {} where that fails (an external-data weight, an op ONNX
+    Runtime lacks...: nothing of this batch is fused)."""
+    import onnx
+    from onnx import helper
+
+    g = graph.graph
+    inits = _initializers(g)
+    wanted = {id(n) for nodes in cones for n in nodes}
+    ordered = [n for n in g.node if id(n) in wanted]
+    leaves = sorted(set().union(*leaf_sets))
+    outs = sorted(set(outs))
+    sub = helper.make_graph(ordered, "cones", [], [onnx.ValueInfoProto(name=o) for o in outs],
+                            [inits[x] for x in leaves])
+    model = helper.make_model(sub, opset_imports=list(graph.model.opset_import), ir_version=graph.model.ir_version)
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return dict(zip(outs, sess.run(outs, {})))
+    except Exception:  # noqa: BLE001 - any failure only means: not recognized
+        return {}
 
 
 def named(graph):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 import graphopt
 from graphopt.data import DataSource
@@ -138,3 +138,16 @@ def test_weight_only_conv_is_left_to_the_float_path(tmp_path):
     g = graphopt.optimize(Graph(m), "quantize(mode=weight-only,bits=4,rounding=nearest)").graph
     res = graphopt.lower(g, "cpu", tmp_path / "a", verify=True)
     assert res.verification.ok and res.manifest["target"]["lowbit_matmuls"] == 0
+
+
+def test_large_models_are_checked_a_batch_at_a_time(monkeypatch):
+    """The decodes are evaluated in batches bounded by MAX_CONE_BYTES; one weight past it is not fused."""
+    g = lowbit.named(_quantized(4, 0))
+    calls = []
+    real = lowbit._evaluate
+    monkeypatch.setattr(lowbit, "_evaluate", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(lowbit, "MAX_CONE_BYTES", 32 * (K * H // 2))  # room for the first weight's codes only
+    assert [d.node for d in lowbit.find_decodes(g)] == ["mm", "gemm"]
+    assert len(calls) == 2
+    monkeypatch.setattr(lowbit, "MAX_CONE_BYTES", 32 * (N * H // 2))  # the second (smaller) weight only
+    assert [d.node for d in lowbit.find_decodes(g)] == ["gemm"]
