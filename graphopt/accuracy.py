@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import onnx
 
 from .data import Feed, check_feed
 from .errors import DataError
@@ -212,10 +213,130 @@ def compare_layers(reference: Graph, graph: Graph, feeds, *, threshold_db: float
         a = acc[o]
         if a is None:
             continue
-        cos = a[2] / np.sqrt(a[0] * a[1]) if a[0] > 0 and a[1] > 0 else (1.0 if a[3] == 0 else 0.0)
-        snr = float("inf") if a[3] == 0 else 10 * np.log10(max(a[0], 1e-300) / a[3])
-        layers.append({"value": o, "op": op, "node": node, "cosine": float(cos),
+        cos, snr = _cosine_snr(a)
+        layers.append({"value": o, "op": op, "node": node, "cosine": cos,
                        "snr_db": snr if np.isfinite(snr) else "inf"})
         if first is None and snr < threshold_db:
             first = layers[-1]
     return {"layers": layers, "first_divergent": first, "threshold_db": threshold_db}
+
+
+def _cosine_snr(a) -> tuple[float, float]:
+    """Cosine and SNR (dB) from the sums [r·r, g·g, r·g, (r-g)·(r-g)] of a reference r and a value g."""
+    cos = a[2] / np.sqrt(a[0] * a[1]) if a[0] > 0 and a[1] > 0 else (1.0 if a[3] == 0 else 0.0)
+    snr = float("inf") if a[3] == 0 else 10 * np.log10(max(a[0], 1e-300) / a[3])
+    return float(cos), float(snr)
+
+
+#: ``--verify-layers`` on ``lower``: an intermediate value of the compiled artifact whose SNR against ONNX
+#: Runtime's value of the same name, on the graph the artifact compiled, falls below this diverges. Both
+#: compute the same graph, so only float rounding separates them (float artifacts: SNR above 100 dB; the
+#: reordered sums of fast_math or Winograd convs lose a few bits, still far above 40 dB). Measured, worst value
+#: per model: 130-146 dB on small MLPs, CNNs and a transformer encoder, 103 dB ppocr-cls, 114 dB orientation;
+#: 64 dB on ppocrv4-det's final sigmoid (values near zero; its next worst 111 dB), 75 dB on ppocrv6-rec's final
+#: softmax (next worst 101 dB).
+ARTIFACT_DIVERGENCE_SNR_DB = 40.0
+#: The same for an artifact with integer kernels or compiled quantize nodes (see
+#: :func:`graphopt.reference.artifact_tolerance`): exact int32 sums against ONNX Runtime's float QDQ arithmetic
+#: flip a QuantizeLinear's rounding now and then (one step, about 1/255 of that tensor's range) and the flips
+#: propagate, more with every layer. Measured with ``quantize(mode=static)`` on 4 feeds, worst value per model:
+#: 132-137 dB on MLPs and a small CNN (no flip), 73 dB the digits CNN, 70 dB a 2-layer transformer encoder; deep
+#: networks drift down layer by layer, no layer dropping at once: ppocr-cls (MobileNetV3) 28.6 dB, ppocrv4-det
+#: 24.0 dB (its final sigmoid 8.6 dB on values near zero, max|Δ| 9e-5: under ``atol``), orientation (PP-LCNet)
+#: 22.7 dB, ppocrv6-rec (SVTR: convs, then attention) 17.4 dB. Bugs simulated in one layer of the compiled probe
+#: (digits CNN / orientation, SNR at that layer): kernel taps flipped -1.1 / -2.7 dB, per-channel scales of the
+#: wrong channels 6.5 / 1.2 dB, bias dropped 38.8 / 1.4 dB, an activation zero point off by one 37.2 / 23.1 dB,
+#: a weight scale 5 % off 26.0 / 25.2 dB. So 12 dB, halfway (in dB) between the deepest drift and the gross
+#: bugs; a bug of a step or a few percent is within a deep network's drift: no SNR threshold catches it.
+ARTIFACT_INT8_DIVERGENCE_SNR_DB = 12.0
+#: Most intermediate values the probe artifact of ``--verify-layers`` exposes (beyond: evenly spaced in node order).
+MAX_PROBE_VALUES = 256
+
+
+def probe_graph(graph: Graph, cap: int = MAX_PROBE_VALUES) -> tuple[Graph, list[tuple[str, str, str]], int]:
+    """A copy of ``graph`` whose outputs also hold its intermediate values, for ``--verify-layers`` to read
+    from the compiled copy; returns (copy, the values as (value, op, node), how many qualified).
+
+    The values: float outputs of the main graph's nodes whose rank shape inference knows and that depend on
+    a graph input (a value computed from weights alone is the same on every input: not a layer), in node
+    order; at most ``cap`` of them, evenly spaced in node order when more qualify.
+    """
+    probe = graph.infer_shapes()
+    known = {vi.name: vi for vi in (*probe.graph.value_info, *probe.graph.output)
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    specs = probe.value_specs()
+    live = {i.name for i in graph.inputs}
+    found = []
+    for n in probe.graph.node:
+        subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+        if not (subgraph or any(i in live for i in n.input if i)):
+            continue
+        for o in n.output:
+            if not o:
+                continue
+            live.add(o)
+            if o in known and specs[o].dtype.startswith("float"):
+                found.append((o, n.op_type, n.name or o))
+    chosen = found
+    if len(found) > cap:
+        chosen = [found[i] for i in sorted({int(round(i)) for i in np.linspace(0, len(found) - 1, cap)})]
+    declared = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(known[v] for v, _, _ in chosen if v not in declared)
+    return probe, chosen, len(found)
+
+
+def compare_artifact_layers(graph: Graph, values: Sequence[tuple[str, str, str]], feeds,
+                            run: Callable[[Feed], dict], *, threshold_db: float = ARTIFACT_DIVERGENCE_SNR_DB,
+                            atol: float = 0.0) -> dict:
+    """``values`` (from :func:`probe_graph`) as ``run`` (a compiled artifact exposing them) computes them,
+    against ONNX Runtime's values of the same names on ``graph``, feed by feed.
+
+    Per value: cosine, SNR (dB) and max|Δ|. A value whose shape differs, or that is NaN/inf where the other is
+    not, has SNR -inf. ``first_divergent`` is the first in node order whose SNR is below ``threshold_db`` and
+    whose max|Δ| exceeds ``atol``: a value near zero everywhere (a sigmoid's background) can have a low SNR
+    from differences that ``--verify``'s absolute tolerance accepts.
+    """
+    from .activations import Activations
+
+    names = [v for v, _, _ in values]
+    acc: dict[str, list | str] = {v: [0.0, 0.0, 0.0, 0.0, 0.0] for v in names}  # the sums of _cosine_snr, max|Δ|
+    feeds = list(feeds)
+    for feed, ref in zip(feeds, Activations(graph, feeds).stream(names)):
+        got = run(feed)
+        for v in names:
+            a = acc[v]
+            if isinstance(a, str):
+                continue
+            r = np.asarray(ref[v]).astype(np.float64).ravel()
+            g = np.asarray(got[v])
+            if np.asarray(ref[v]).shape != g.shape:
+                acc[v] = f"shape {list(g.shape)}, ONNX Runtime's {list(np.shape(ref[v]))}"
+                continue
+            g = g.astype(np.float64).ravel()
+            fr, fg = np.isfinite(r), np.isfinite(g)
+            if not (np.array_equal(fr, fg) and np.array_equal(r[~fr], g[~fg], equal_nan=True)):
+                acc[v] = f"{int(np.sum(fr != fg))} values NaN or infinite on one side only"
+                continue
+            r, g = r[fr], g[fg]
+            d = r - g
+            a[0] += float(r @ r)
+            a[1] += float(g @ g)
+            a[2] += float(r @ g)
+            a[3] += float(d @ d)
+            a[4] = max(a[4], float(np.abs(d).max()) if d.size else 0.0)
+    layers, first = [], None
+    for v, op, node in values:
+        a = acc[v]
+        if isinstance(a, str):
+            row = {"value": v, "op": op, "node": node, "cosine": 0.0, "snr_db": "-inf", "max_abs": None,
+                   "mismatch": a}
+            snr = float("-inf")
+        else:
+            cos, snr = _cosine_snr(a)
+            row = {"value": v, "op": op, "node": node, "cosine": cos, "snr_db": snr if np.isfinite(snr) else "inf",
+                   "max_abs": a[4]}
+        layers.append(row)
+        if first is None and snr < threshold_db and not (row["max_abs"] is not None and row["max_abs"] <= atol):
+            first = row
+    return {"layers": layers, "first_divergent": first, "threshold_db": threshold_db, "atol": atol,
+            "samples": len(feeds)}

@@ -278,6 +278,10 @@ def lower(
                     pipe = Pipeline([p for p in pipe if p.lossless])
             artifact_vs_float = None
             lossy = any(not p.lossless for p in pipe)
+            if layers is not None:
+                # Before the verification: a failed one's report says where the artifact went wrong too.
+                layers["artifact"] = _artifact_layers(graph, original, pipe, tgt, tmp, lctx, data, manifest, progress)
+                rep.update(layers=layers)
             if verify:
                 with progress.step("verify against ONNX Runtime"):
                     # A lossy pipeline changed the model on purpose: the artifact must match the graph it
@@ -390,6 +394,67 @@ def _layers(original: Graph, graph: Graph, data: DataSource) -> dict:
     from .accuracy import compare_layers
 
     return compare_layers(original, graph, data.samples(original, limit=8))
+
+
+#: Inside an artifact's temporary folder: the probe artifact of ``--verify-layers`` (removed after use).
+PROBE_DIR = ".verify-layers"
+
+
+def _artifact_layers(graph: Graph, original: Graph, pipe: Pipeline, tgt: Target, tmp: Path, lctx: LowerContext,
+                     data: DataSource, manifest: dict, progress: Progress) -> dict:
+    """``--verify-layers`` on ``lower``: the compiled code's intermediate values against the graph it compiled.
+
+    ``graph`` is lowered again (same target object and options) with its intermediate values (see
+    :func:`graphopt.accuracy.probe_graph`) as extra outputs, into a folder inside the artifact's temporary
+    folder that is removed afterwards; that probe artifact runs on the feeds of the graph-vs-float section
+    and each value is compared with ONNX Runtime's on ``graph``. A probe that cannot be lowered or run does
+    not fail the run: the section says why, in ``skipped``.
+    """
+    import dataclasses
+    import shutil
+
+    from .accuracy import (ARTIFACT_DIVERGENCE_SNR_DB, ARTIFACT_INT8_DIVERGENCE_SNR_DB, compare_artifact_layers,
+                           probe_graph)
+    from .reference import DEFAULT_ATOL, DEFAULT_RTOL, quantized_artifact
+    from .signals import raise_if_interrupted
+
+    threshold = ARTIFACT_INT8_DIVERGENCE_SNR_DB if quantized_artifact(manifest) else ARTIFACT_DIVERGENCE_SNR_DB
+    section: dict = {"layers": [], "first_divergent": None, "threshold_db": threshold}
+    probe_dir = tmp / PROBE_DIR
+    doing = "choose the intermediate values to compare"
+    try:
+        probe, values, total = probe_graph(graph)
+        if not values:
+            return {**section, "skipped": "the compiled graph has no float intermediate values to compare"}
+        section.update(values=len(values), total_values=total, note=(
+            "values of the same graph compiled with these tensors as extra outputs (materializing a tensor can "
+            "change what the compiler fuses), against ONNX Runtime on the graph the artifact compiled"
+            + (f"; {len(values)} of {total} values, evenly spaced in node order" if total > len(values) else "")))
+        doing = "compile the graph with its intermediate values as outputs"
+        with progress.step(f"lower again with {len(values)} intermediate values as outputs (--verify-layers)"):
+            probe_dir.mkdir()
+            probe_manifest, _ = _build_artifact(probe, original, pipe, tgt, probe_dir, dataclasses.replace(lctx))
+            art = Artifact(probe_dir)
+            # What the target reports counting (integer kernels, Winograd convs...) that came out otherwise.
+            built, probed = manifest.get("target") or {}, probe_manifest.get("target") or {}
+            differs = {k: [v, probed.get(k)] for k, v in built.items()
+                       if type(v) is int and k != "threads" and probed.get(k) != v}
+            if differs:
+                section["build_differs"] = differs
+                section["note"] += "; the probe's build differs: " + ", ".join(
+                    f"{k} {p} (the artifact: {a})" for k, (a, p) in sorted(differs.items()))
+            doing = "run the compiled graph with its intermediate values as outputs"
+            feeds = data.samples(original, limit=8)
+            # --verify's absolute tolerance for this artifact: below it, a low SNR is a value near zero.
+            atol, _ = artifact_tolerance(manifest, DEFAULT_ATOL, DEFAULT_RTOL)
+            return {**section, **compare_artifact_layers(graph, values, feeds, art.run, threshold_db=threshold,
+                                                         atol=atol)}
+    except Exception as e:  # noqa: BLE001 - TVM raises its own types; the run goes on without the section
+        raise_if_interrupted()  # a stop request that TVM turned into an error of its own
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return {**section, "skipped": f"could not {doing}: {msg}"}
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
 
 
 def _dir_bytes(path: Path, skip: Path | None = None) -> int:

@@ -76,7 +76,9 @@ def _pipeline_args(p: argparse.ArgumentParser, default_help: str) -> None:
                         "stay within it, and a pipeline that still exceeds it fails (exit 1)")
     p.add_argument("--verify-layers", action="store_true",
                    help="compare every intermediate value of the optimized graph with the input model's "
-                        "(ONNX Runtime, on --data) and name the first layer whose SNR falls below 20 dB")
+                        "(ONNX Runtime, on --data) and name the first layer whose SNR falls below 20 dB; lower "
+                        "also compares the compiled code's intermediate values with ONNX Runtime's on the graph "
+                        "it compiled (a second, probe build)")
     p.add_argument("--report", metavar="FILE.json",
                    help="write the per-pass JSON record here (also on failure: \"ok\": false and the error)")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
@@ -254,19 +256,53 @@ def _record_lines(records):
 
 
 def _layer_lines(layers):
-    """``--verify-layers``: where the error starts, and the worst layers."""
+    """``--verify-layers``: where the error starts, and the worst layers; then one line for the compiled
+    artifact's intermediate values (``lower`` only)."""
     if not layers:
         return
-    rows = layers["layers"]
-    first = layers["first_divergent"]
-    if first is None:
-        yield f"layers: {len(rows)} values compared with the input model, none below {layers['threshold_db']:g} dB SNR"
+    if "layers" in layers:
+        rows = layers["layers"]
+        first = layers["first_divergent"]
+        if first is None:
+            yield f"layers: {len(rows)} values compared with the input model, none below {layers['threshold_db']:g} dB SNR"
+        else:
+            yield (f"layers: first to diverge (SNR below {layers['threshold_db']:g} dB) is {first['op']} "
+                   f"'{first['node']}' (value '{first['value']}': SNR {float(first['snr_db']):.1f} dB, "
+                   f"cosine {first['cosine']:.5f})")
+        worst = sorted((r for r in rows if r["snr_db"] != "inf"), key=lambda r: float(r["snr_db"]))[:5]
+        for r in worst:
+            yield f"  {r['op']:<12} {r['node'][:60]:<60} SNR {float(r['snr_db']):6.1f} dB  cosine {r['cosine']:.5f}"
+    if layers.get("artifact"):
+        yield _artifact_layer_line(layers["artifact"])
+
+
+def _artifact_layer_line(art: dict) -> str:
+    """The artifact section of ``--verify-layers`` (see :func:`graphopt.api._artifact_layers`) in one line."""
+    if "skipped" in art:
+        return f"artifact layers: not compared ({art['skipped']})"
+    rows, first = art["layers"], art["first_divergent"]
+    of = f" of {art['total_values']}" if art.get("total_values", len(rows)) > len(rows) else ""
+    differs = art.get("build_differs") or {}
+    tail = ("; the probe's build differs: " + ", ".join(f"{k} {p} (the artifact: {a})"
+                                                         for k, (a, p) in sorted(differs.items()))) if differs else ""
+    if first is not None:
+        if "mismatch" in first:
+            what = first["mismatch"]
+        else:
+            what = f"SNR {float(first['snr_db']):.1f} dB, cosine {first['cosine']:.5f}, max|Δ| {first['max_abs']:.3g}"
+        return (f"artifact layers: first to diverge from ONNX Runtime on the compiled graph (SNR below "
+                f"{art['threshold_db']:g} dB, {len(rows)}{of} values compared) is {first['op']} '{first['node']}' "
+                f"(value '{first['value']}': {what}){tail}")
+    finite = [r for r in rows if r["snr_db"] != "inf"]
+    if finite:
+        w = min(finite, key=lambda r: float(r["snr_db"]))
+        worst = f"worst SNR {float(w['snr_db']):.1f} dB, '{w['value']}'"
+        if float(w["snr_db"]) < art["threshold_db"]:  # a value near zero: its differences are within atol
+            worst += f", max|Δ| {w['max_abs']:.3g} within atol {art.get('atol', 0):g}"
     else:
-        yield (f"layers: first to diverge (SNR below {layers['threshold_db']:g} dB) is {first['op']} '{first['node']}' "
-               f"(value '{first['value']}': SNR {float(first['snr_db']):.1f} dB, cosine {first['cosine']:.5f})")
-    worst = sorted((r for r in rows if r["snr_db"] != "inf"), key=lambda r: float(r["snr_db"]))[:5]
-    for r in worst:
-        yield f"  {r['op']:<12} {r['node'][:60]:<60} SNR {float(r['snr_db']):6.1f} dB  cosine {r['cosine']:.5f}"
+        worst = "all identical"
+    return (f"artifact layers: {len(rows)}{of} values agree with ONNX Runtime on the compiled graph "
+            f"({worst}; threshold {art['threshold_db']:g} dB){tail}")
 
 
 def _accuracy_lines(acc):
