@@ -155,22 +155,23 @@ class CpuTarget(Target):
         raise_if_unsupported(graph, self.name, native=recurrent.OPS)
 
     def select_params(self, graph: Graph) -> list[str]:
-        # The codes of fused low-bit decodes are weights too (integer tensors otherwise are not: shapes,
-        # indices), so they reach the GEMM packed instead of as constants folded into float.
-        codes = {d.codes for d in self._lowbit_decodes(graph)}
+        # The codes of weight-only decodes are weights too (integer tensors otherwise are not: shapes,
+        # indices): a fused decode reaches its GEMM packed, and one that is not fused is decoded once at
+        # lower time instead of folded into constants (targets/lowbit.py, decode_codes).
+        codes = set(self._lowbit(graph)[1])
         base = set(select_params(graph))
         return [t.name for t in graph.graph.initializer if t.name in base or t.name in codes]
 
-    def _lowbit_decodes(self, graph: Graph) -> list:
-        """The low-bit decodes of ``graph`` (targets/lowbit.py) that this build fuses; found once per graph."""
+    def _lowbit(self, graph: Graph) -> tuple[list, dict]:
+        """``(decodes this build fuses, {codes of every weight-only decode: decoded float32 bytes})`` of
+        ``graph`` (targets/lowbit.py); found once per graph."""
         from . import lowbit
 
-        if not self.opts.lowbit_kernels:
-            return []
         cached = getattr(self, "_lowbit_cache", None)
-        if cached is None or cached[0] is not graph:
-            self._lowbit_cache = (graph, lowbit.find_decodes(lowbit.named(graph)))
-        return self._lowbit_cache[1]
+        if cached is None or cached[0] is not graph:  # the cache holds the graph: its identity stays unique
+            fused = lowbit.find_decodes(lowbit.named(graph)) if self.opts.lowbit_kernels else []
+            self._lowbit_cache = (graph, fused, lowbit.decode_codes(graph))
+        return self._lowbit_cache[1], self._lowbit_cache[2]
 
     def lower(self, graph: Graph, out_dir: Path, ctx: LowerContext) -> dict:
         import tvm
@@ -191,7 +192,9 @@ class CpuTarget(Target):
                           log=ctx.native_log, default_rules=default_rules)
         from . import int8, lowbit, recurrent
 
-        decodes = self._lowbit_decodes(graph)
+        decodes, decode_codes = self._lowbit(graph)
+        # Decodes left unfused become float weights at lower time: deliberate growth, like Winograd's.
+        unfused_bytes = sum(v for c, v in decode_codes.items() if c not in {d.codes for d in decodes})
         lowbit_used: list = []  # LowBitMatMul nodes imported (targets/lowbit.py)
         int8_used: list = []
         winograd_used: list = []  # {"m", "extra_bytes"} of each conv lowered as Winograd F(m x m, 3 x 3)
@@ -215,7 +218,8 @@ class CpuTarget(Target):
                                           winograd_used=winograd_used, after_layout=quantized)
                     mod, plan = lift_weight_transforms(
                         mod, target, passes, n_weights=len(ctx.params),
-                        allowance=lambda: sum(u["extra_bytes"] for u in winograd_used) + lowbit.repacked_bytes(decodes))
+                        allowance=lambda: (sum(u["extra_bytes"] for u in winograd_used) + lowbit.repacked_bytes(decodes)
+                                           + unfused_bytes))
                     weights, params = self._pack(plan, out_dir, ctx, target)
                 if plan.note:
                     ctx.native_log.append(f"note: {plan.note}")

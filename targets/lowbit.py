@@ -9,7 +9,8 @@ float weights again) or run on every call. The CPU target instead:
 
 1. finds every MatMul / Gemm whose weight is such a decode (:func:`find_decodes`):
    the weight's constant cone reads one uint8 tensor of codes and two float16
-   ``[N, groups, 1]`` tensors, and *evaluating the cone with ONNX Runtime
+   ``[N, groups, 1]`` tensors (float32 holding float16 values where a clean-up
+   folded their Cast), and *evaluating the cone with ONNX Runtime
    gives exactly* ``code * scale + offset`` for one reading of those tensors
    (bit-planes of ``B`` bits or bytes; which is the scale). The check is
    numerical, so a graph that merely looks like the quantizer's output is left
@@ -80,8 +81,8 @@ class Decode:
 
     node: str  #: the consumer's node name (unique after :func:`named`)
     codes: str  #: uint8 initializer: bit-planes [ceil(n*cols/8), bits], or bytes [n, cols] (bits = 8)
-    scales: str  #: float16 initializer [n, groups, 1]
-    offsets: str  #: float16 initializer [n, groups, 1]
+    scales: str  #: float16 (or float32 holding float16 values) initializer [n, groups, 1]
+    offsets: str  #: the same
     bits: int
     k: int  #: inputs of the matmul (the weight's reduced dim)
     n: int  #: outputs
@@ -143,7 +144,9 @@ def _decoded(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, group: in
     n, cols = codes.shape
     ng = scale.shape[1]
     f = codes.astype(np.float32).reshape(n, ng, cols // ng)
-    w = f * scale.astype(np.float32).reshape(n, ng, 1) + offset.astype(np.float32).reshape(n, ng, 1)
+    # The kernel reads the grids as float16: a float32 grid must hold float16 values for the reading to match.
+    s16, o16 = (np.asarray(t).astype(np.float16).astype(np.float32) for t in (scale, offset))
+    w = f * s16.reshape(n, ng, 1) + o16.reshape(n, ng, 1)
     return w.reshape(n, cols)[:, :k]
 
 
@@ -181,12 +184,62 @@ def _candidates(graph):
         yield node, w, layout, cone
 
 
+def _structure(cone_leaves, inits):
+    """``(codes, [grid, grid])`` when a constant cone's leaves look like a weight-only decode: one uint8
+    tensor and exactly two float16 or float32 tensors of one shape ``[N, groups, 1]`` (float32 where a
+    clean-up folded the graph's Cast of the float16 grids), else None."""
+    import onnx
+
+    u8 = [x for x in cone_leaves if inits[x].data_type == onnx.TensorProto.UINT8]
+    grids: dict[tuple, list] = {}
+    for x in cone_leaves:
+        t = inits[x]
+        if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT) and len(t.dims) == 3 and t.dims[2] == 1:
+            grids.setdefault((t.data_type, *t.dims), []).append(x)
+    pairs = [sorted(v) for v in grids.values() if len(v) == 2]
+    if len(u8) != 1 or len(pairs) != 1:
+        return None
+    return u8[0], pairs[0]
+
+
+def decode_codes(graph) -> dict[str, int]:
+    """``{codes initializer: decoded float32 bytes}`` for every constant input of a main-graph node that
+    looks like a weight-only decode (see :func:`_structure`; structure only, not checked numerically),
+    whatever reads it (a Conv too).
+
+    The CPU target makes these codes weights, so a decode that is not fused (:func:`find_decodes`) is a
+    weight transform run once at lower time (the float weight stored, laid out for its kernel) instead of
+    a constant folded into ``main.so``, where its consumer gets no prepacked layout (measured ad hoc: a
+    64-channel 3x3 conv pair 2.2x, an MLP 1024-4096-1024 7x slower than the float artifact).
+    """
+    g = graph.graph
+    inits = _initializers(g)
+    producers = {o: n for n in g.node for o in n.output}
+    out, seen = {}, set()
+    for node in g.node:
+        for v in node.input:
+            if not v or v in inits or v in seen or v not in producers:
+                continue
+            seen.add(v)
+            cone = _cone(v, producers, inits)
+            if cone is None or not cone[0]:
+                continue
+            found = _structure(cone[1], inits)
+            if found is None:
+                continue
+            codes = inits[found[0]]
+            n_codes = int(np.prod(codes.dims, dtype=np.int64))
+            # Bit-planes [ceil(count/8), bits] hold 8 codes per row; bytes [n, cols] one code each.
+            count = 8 * int(codes.dims[0]) if len(codes.dims) == 2 and 1 <= codes.dims[1] <= 7 else n_codes
+            out[found[0]] = out.get(found[0], 0) + 4 * count
+    return out
+
+
 def find_decodes(graph) -> list[Decode]:
     """The MatMul / Gemm nodes of ``graph``'s main graph whose weight is a low-bit decode (module docstring).
 
     Node names must be unique and non-empty (:func:`fuse_decodes` names them first).
     """
-    import onnx
 
     from graphopt.graph import tensor_array
 
@@ -195,11 +248,10 @@ def find_decodes(graph) -> list[Decode]:
     found = []
     plans = []
     for node, w, layout, (nodes, leaves) in _candidates(graph):
-        u8 = [x for x in leaves if inits[x].data_type == onnx.TensorProto.UINT8]
-        f16 = [x for x in leaves if inits[x].data_type == onnx.TensorProto.FLOAT16 and len(inits[x].dims) == 3
-               and inits[x].dims[2] == 1]
-        if len(u8) != 1 or len(f16) != 2 or list(inits[f16[0]].dims) != list(inits[f16[1]].dims):
+        leaf_roles = _structure(leaves, inits)
+        if leaf_roles is None:
             continue
+        u8, f16 = [leaf_roles[0]], leaf_roles[1]
         # At most 8 codes per byte: the decoded float32 weight is at most 32 bytes per code byte.
         cost = 32 * int(np.prod(inits[u8[0]].dims, dtype=np.int64))
         if cost > MAX_CONE_BYTES:
@@ -397,7 +449,9 @@ def _repack_grid(t, n: int, ng: int, nb: int):
 
     def body(b, g, j):
         col = tirx.Cast("int64", b * BLOCK + j)
-        return tirx.if_then_else(col < n, t[tirx.min(col, n - 1), g, 0], tirx.const(0, "float16"))
+        v = t[tirx.min(col, n - 1), g, 0]
+        v = v if str(v.dtype) == "float16" else tirx.Cast("float16", v)  # a folded Cast: float16 values in float32
+        return tirx.if_then_else(col < n, v, tirx.const(0, "float16"))
 
     return te.compute((nb, ng, BLOCK), body, name="lowbit_grid")
 

@@ -93,13 +93,18 @@ def test_lowbit_matmul_and_gemm_match_onnx_runtime_and_stay_packed(tmp_path, bit
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_lowbit_kernels_off_folds_the_decode_into_float(tmp_path):
+def test_lowbit_kernels_off_decodes_once_at_lower_time(tmp_path):
+    """Unfused, the decode is a weight transform run once at lower time: the float weights are stored (laid
+    out for their kernel) instead of compiled into main.so as constants, where their GEMMs were ~7x slower."""
     g = _quantized(4, 0)
     res = graphopt.lower(g, "cpu", tmp_path / "a", target_options={"lowbit_kernels": False}, verify=True,
                          data=DataSource(feeds=_feeds()))
     assert res.verification.ok
     assert res.manifest["target"]["lowbit_matmuls"] == 0
     assert res.manifest["target"]["lowbit_kernel"] is None
+    decoded = [w for w in res.manifest["weights"] if w["name"].startswith("main.packed") and w["dtype"] == "float32"]
+    assert sum(w["nbytes"] for w in decoded) >= 4 * (K * H + N * H)
+    assert (Path(res.artifact) / "main.so").stat().st_size < 200_000
 
 
 def test_recognition_is_numerical_not_by_shape():
@@ -129,8 +134,9 @@ def test_fused_graph_drops_the_decode_and_keeps_the_codes():
     assert "Floor" in {n.op_type for n in g.graph.node}
 
 
-def test_weight_only_conv_is_left_to_the_float_path(tmp_path):
-    """Only MatMul / Gemm weights are fused; a weight-only conv still lowers and verifies."""
+def test_weight_only_conv_is_decoded_once_at_lower_time(tmp_path):
+    """Only MatMul / Gemm weights are fused; a weight-only conv's decode runs once at lower time (its float
+    weight stored in the conv kernel's layout), and the artifact verifies."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
     m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
@@ -138,6 +144,9 @@ def test_weight_only_conv_is_left_to_the_float_path(tmp_path):
     g = graphopt.optimize(Graph(m), "quantize(mode=weight-only,bits=4,rounding=nearest)").graph
     res = graphopt.lower(g, "cpu", tmp_path / "a", verify=True)
     assert res.verification.ok and res.manifest["target"]["lowbit_matmuls"] == 0
+    assert lowbit.decode_codes(g) and set(lowbit.decode_codes(g)) <= {w["name"] for w in res.manifest["weights"]}
+    decoded = [w for w in res.manifest["weights"] if w["name"].startswith("main.packed") and w["dtype"] == "float32"]
+    assert sum(w["nbytes"] for w in decoded) >= w.nbytes
 
 
 def test_large_models_are_checked_a_batch_at_a_time(monkeypatch):
@@ -151,3 +160,20 @@ def test_large_models_are_checked_a_batch_at_a_time(monkeypatch):
     assert len(calls) == 2
     monkeypatch.setattr(lowbit, "MAX_CONE_BYTES", 32 * (N * H // 2))  # the second (smaller) weight only
     assert [d.node for d in lowbit.find_decodes(g)] == ["gemm"]
+
+
+def test_small_layers_whose_grid_casts_were_folded_are_fused(tmp_path):
+    """The default lower pipeline folds small constants: a narrow layer's float16 grids arrive as float32
+    (holding float16 values) and are still recognized; a float32 grid that is not float16 is not."""
+    rng = np.random.default_rng(0)
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="narrow")], [vi("x", [2, 40])],
+                   [vi("y", [2, 8])], [init("w", rng.standard_normal((40, 8)).astype(np.float32))])
+    g = graphopt.optimize(Graph(m), "quantize(mode=weight-only,bits=4,rounding=nearest)").graph
+    res = graphopt.lower(g, "cpu", tmp_path / "a", verify=True)
+    assert res.verification.ok and res.manifest["target"]["lowbit_matmuls"] == 1
+    folded = lowbit.named(res.graph)
+    grids = [t for t in folded.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [8, 1, 1]]
+    assert len(grids) == 2 and len(lowbit.find_decodes(folded)) == 1
+    bumped = onnx.numpy_helper.to_array(grids[0]) * np.float32(1 + 2 ** -20)  # not a float16 value any more
+    grids[0].CopyFrom(onnx.numpy_helper.from_array(bumped.astype(np.float32), grids[0].name))
+    assert lowbit.find_decodes(folded) == []
