@@ -27,7 +27,8 @@ from .outputs import Reporting, check_dumps, check_outputs, default_artifact_pat
 from .passbase import PassContext, PassRecord
 from .pipeline import Pipeline
 from .plugins import Registry, get_registry
-from .reference import artifact_tolerance, check_value_sizes, Comparison, compare_outputs, reference_session
+from .reference import (artifact_tolerance, check_value_sizes, Comparison, compare_artifact_outputs,
+                        reference_session)
 from .stats import graph_stats
 from .target import LowerContext, Target, resolve_threads
 
@@ -287,9 +288,11 @@ def lower(
                     # A lossy pipeline changed the model on purpose: the artifact must match the graph it
                     # compiled; how far it is from the original is measured, not judged (same run of it).
                     art = Artifact(tmp)
-                    ref, got = _reference_and_artifact_outputs(art, graph if lossy else original, data)
-                    atol_, rtol_ = artifact_tolerance(art.manifest, atol, rtol)
-                    comparison = compare_outputs(ref, got, [o.name for o in art.outputs], atol=atol_, rtol=rtol_)
+                    checked = graph if lossy else original
+                    ref, got, feeds_, session = _reference_and_artifact_outputs(art, checked, data)
+                    comparison = compare_artifact_outputs(art.manifest, ref, got, [o.name for o in art.outputs],
+                                                          atol=atol, rtol=rtol, graph=checked, feeds=feeds_,
+                                                          session=session)
                     if lossy:
                         from .accuracy import output_error
 
@@ -463,12 +466,13 @@ def _dir_bytes(path: Path, skip: Path | None = None) -> int:
 
 
 def _reference_and_artifact_outputs(artifact: Artifact, reference: Graph, data: DataSource):
-    """ONNX Runtime's outputs of ``reference`` and the artifact's, on the data source's samples (generated: 2)."""
+    """``(ref, got, feeds, session)``: ONNX Runtime's outputs of ``reference`` and the artifact's on the data
+    source's samples (generated: 2), those samples and the reference session."""
     feeds = data.samples(reference, limit=None if not data.generated else 2)
     # ONNX Runtime on as many threads as the artifact (the same machine share on both sides).
     session = reference_session(reference, threads=artifact.threads or 0)
     ref = data.reference_outputs(reference, feeds, session)  # fails as the inputs' fault, not the artifact's
-    return ref, artifact.run_many(feeds)
+    return ref, artifact.run_many(feeds), feeds, session
 
 
 def verify_artifact(
@@ -482,11 +486,13 @@ def verify_artifact(
     """Run ``artifact`` and ONNX Runtime (on ``reference``, default: the artifact's own graph) on the same inputs.
 
     An artifact with integer kernels is checked with the wider quantization tolerances when ``atol`` and
-    ``rtol`` are the defaults (see :func:`graphopt.reference.artifact_tolerance`).
+    ``rtol`` are the defaults, and then within the model's own drift (see
+    :func:`graphopt.reference.compare_artifact_outputs`).
     """
-    ref, got = _reference_and_artifact_outputs(artifact, reference or artifact.reference_graph(), data or DataSource())
-    atol, rtol = artifact_tolerance(artifact.manifest, atol, rtol)
-    return compare_outputs(ref, got, [o.name for o in artifact.outputs], atol=atol, rtol=rtol)
+    reference = reference or artifact.reference_graph()
+    ref, got, feeds, session = _reference_and_artifact_outputs(artifact, reference, data or DataSource())
+    return compare_artifact_outputs(artifact.manifest, ref, got, [o.name for o in artifact.outputs], atol=atol,
+                                    rtol=rtol, graph=reference, feeds=feeds, session=session)
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:

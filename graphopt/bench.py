@@ -352,10 +352,10 @@ def bench(
     names = [o["name"] for o in manifest["outputs"]]
     from .reference import artifact_tolerance
 
-    atol, rtol = artifact_tolerance(manifest, atol, rtol)
+    atol_q, rtol_q = artifact_tolerance(manifest, atol, rtol)
     runners = {"graphopt": ("graphopt", path), "onnxruntime": ("ort", path / GRAPH_FILE)}
     m = measure(runners, feed, names, threads=threads, seconds=seconds, warmup=warmup, reference="onnxruntime",
-                atol=atol, rtol=rtol, profile="graphopt" if profile else None)
+                atol=atol_q, rtol=rtol_q, profile="graphopt" if profile else None)
     notes = []
     if "graphopt" in m["disagree"]:
         # ONNX Runtime as users run it (graph optimizations on) fuses QDQ into its own integer kernels, which
