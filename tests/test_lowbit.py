@@ -105,6 +105,8 @@ def test_lowbit_kernels_off_decodes_once_at_lower_time(tmp_path):
     decoded = [w for w in res.manifest["weights"] if w["name"].startswith("main.packed") and w["dtype"] == "float32"]
     assert sum(w["nbytes"] for w in decoded) >= 4 * (K * H + N * H)
     assert (Path(res.artifact) / "main.so").stat().st_size < 200_000
+    # ... and laid out in the GEMM's panels [N/c, K, c] like a float weight (targets/schedules/gemm.py)
+    assert any(len(w["shape"]) == 3 and w["shape"][1] == K for w in decoded), decoded
 
 
 def test_recognition_is_numerical_not_by_shape():

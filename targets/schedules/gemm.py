@@ -630,7 +630,7 @@ def pack_gemm_weights(target):
     (3-D) weights and symbolic K/N are left alone (an N that is not a multiple of ``c`` is padded to one and
     the product sliced back); so
     are GEMVs (M <= 2 rows, where the rule picks wider tiles) and weights decoded
-    from other dtypes (quantized codes: the decode stays inlined in the GEMM).
+    from constants of other dtypes (quantized codes: the decode stays inlined in the GEMM).
     """
     import tvm
     from tvm import relax, te
@@ -675,17 +675,20 @@ def pack_gemm_weights(target):
             return self.builder_.get()
 
         def _weight_only(self, expr, dtype, depth=0) -> bool:
-            """Whether ``expr`` is computed from weights (and constants) of ``dtype`` only.
+            """Whether ``expr`` is computed from weights and constants of ``dtype`` only.
 
-            Leaves of another dtype (int8/int4 codes of a quantized weight) do not count: lifting their
-            decoded copy would inflate the artifact past prepack's limit, and packing it on every call
-            would add a pass over the weight that the GEMM's inlined decode does not need."""
+            Constants of another dtype (int8 codes of a QDQ weight, compiled into the program) do not
+            count: lifting their decoded copy would inflate the artifact past prepack's limit, and packing
+            it on every call would add a pass over the weight that the GEMM's inlined decode does not
+            need. Weight *parameters* of any dtype do: an integer weight parameter is the codes of a
+            weight-only decode that the CPU target chose to run at lower time (targets/lowbit.py,
+            ``decode_codes``; its growth is allowed for), so the decoded weight is packed there too."""
             if isinstance(expr, tvm.ir.Constant):
                 return str(expr.ty.dtype) == dtype
             if not isinstance(expr, relax.Var) or depth > 16:
                 return False
             if expr in self.weights:
-                return str(expr.ty.dtype) == dtype
+                return True
             if (expr, dtype) in self.memo:
                 return self.memo[(expr, dtype)]
             bound = self.lookup_binding(expr)
