@@ -209,24 +209,55 @@ DRIFT_PERTURBATION = 1e-6
 DRIFT_FACTOR = 3.0
 
 
-def reference_drift(session, graph: Graph, feeds: Sequence[Feed], ref: Sequence[Sequence[np.ndarray]]) -> float | None:
-    """Max |Δ| of ``graph``'s float outputs on ``feeds`` when the float inputs are perturbed (see
-    DRIFT_PERTURBATION), against ``ref`` (its unperturbed outputs); None when no input is float."""
-    if not any(np.asarray(v).dtype.kind == "f" for f in feeds for v in f.values()):
+#: The drift of an output may be at most this fraction of its range (max|ref|) to count: past it, the
+#: perturbation flipped a discrete decision (an index, a mask, a threshold), not a rounding.
+MAX_DRIFT_FRACTION = 0.1
+
+
+def _perturbable(v) -> bool:
+    """A float input whose values are not all whole numbers (those are indices, masks or counts: perturbing
+    them is not a rounding-sized change of data)."""
+    a = np.asarray(v)
+    return a.dtype.kind == "f" and a.size > 0 and not np.all(np.isfinite(a) & (a == np.round(a)))
+
+
+def reference_drift(session, graph: Graph, feeds: Sequence[Feed], ref: Sequence[Sequence[np.ndarray]]) -> list | None:
+    """Per output, the max |Δ| of ``graph``'s outputs on ``feeds`` when the float data inputs are perturbed
+    (see DRIFT_PERTURBATION; inputs holding whole numbers only are left alone), against ``ref`` (the
+    unperturbed outputs); an output's entry is None where the drift does not apply (not float, its shape
+    or non-finite values moved, or the drift is past MAX_DRIFT_FRACTION of its range). None when no input
+    can be perturbed or the perturbed run fails."""
+    if not any(_perturbable(v) for f in feeds for v in f.values()):
         return None
-    worst = 0.0
+    n_out = len(ref[0]) if ref else 0
+    worst: list = [0.0] * n_out
     for seed in (0, 1):
         rng = np.random.default_rng(seed)
         moved = [{k: (v * (1 + DRIFT_PERTURBATION * rng.standard_normal(np.shape(v)))).astype(v.dtype)
-                  if np.asarray(v).dtype.kind == "f" else v for k, v in f.items()} for f in feeds]
-        for r_outs, p_outs in zip(ref, run_reference(graph, moved, session)):
-            for r, p in zip(r_outs, p_outs):
+                  if _perturbable(v) else v for k, v in f.items()} for f in feeds]
+        try:
+            perturbed = run_reference(graph, moved, session)
+        except Exception:  # noqa: BLE001 - a perturbation the model cannot take: no drift, no second chance
+            return None
+        for r_outs, p_outs in zip(ref, perturbed):
+            for i, (r, p) in enumerate(zip(r_outs, p_outs)):
                 r, p = np.asarray(r), np.asarray(p)
-                if r.dtype.kind != "f" or r.shape != p.shape:
+                if worst[i] is None:
                     continue
-                fin = np.isfinite(r) & np.isfinite(p)
+                if r.dtype.kind != "f" or r.shape != p.shape or not np.array_equal(np.isfinite(r), np.isfinite(p)):
+                    worst[i] = None
+                    continue
+                fin = np.isfinite(r)
                 if fin.any():
-                    worst = max(worst, float(np.abs(r[fin].astype(np.float64) - p[fin]).max()))
+                    d = float(np.abs(r[fin].astype(np.float64) - p[fin]).max())
+                    worst[i] = max(worst[i], d)
+    for i in range(n_out):
+        if worst[i] is None:
+            continue
+        scale = max((float(np.abs(np.asarray(outs[i])[np.isfinite(outs[i])]).max()) for outs in ref
+                     if np.isfinite(outs[i]).any()), default=0.0)
+        if worst[i] > MAX_DRIFT_FRACTION * scale:
+            worst[i] = None
     return worst
 
 
@@ -234,8 +265,9 @@ def compare_artifact_outputs(manifest: dict, ref, got, names: Sequence[str], *, 
                              graph: Graph, feeds: Sequence[Feed], session) -> Comparison:
     """An artifact's outputs ``got`` against ONNX Runtime's ``ref`` on ``graph`` (with ``session``, on
     ``feeds``): with :func:`artifact_tolerance`; a quantized artifact checked at the default tolerances that
-    fails them is checked again with ``DRIFT_FACTOR`` times :func:`reference_drift` added to ``atol`` (the
-    result says so: ``drift``). A float artifact, or explicit tolerances, get no second chance."""
+    fails them is checked again, each output with ``DRIFT_FACTOR`` times its own :func:`reference_drift`
+    added to ``atol`` (the result reports the worst output, first failing one, with its ``drift``). A float artifact, explicit
+    tolerances, or an output the drift does not apply to get no second chance."""
     atol_, rtol_ = artifact_tolerance(manifest, atol, rtol)
     first = compare_outputs(ref, got, names, atol=atol_, rtol=rtol_)
     if first.ok or not quantized_artifact(manifest) or (atol, rtol) != (DEFAULT_ATOL, DEFAULT_RTOL) \
@@ -244,9 +276,20 @@ def compare_artifact_outputs(manifest: dict, ref, got, names: Sequence[str], *, 
     drift = reference_drift(session, graph, feeds, ref)
     if drift is None:
         return first
-    second = compare_outputs(ref, got, names, atol=atol_ + DRIFT_FACTOR * drift, rtol=rtol_)
-    second.drift = drift
-    return second
+    # Output by output, each within its own drift.
+    parts = []
+    for i, name in enumerate(names):
+        if drift[i] is None:
+            part = compare_outputs([[o[i]] for o in ref], [[o[i]] for o in got], [name], atol=atol_, rtol=rtol_)
+        else:
+            part = compare_outputs([[o[i]] for o in ref], [[o[i]] for o in got], [name],
+                                   atol=atol_ + DRIFT_FACTOR * drift[i], rtol=rtol_)
+            part.drift = drift[i]
+        parts.append(part)
+    failed = [p for p in parts if not p.ok]
+    worst = failed[0] if failed else max(parts, key=lambda p: p.max_abs)
+    return Comparison(max(p.max_abs for p in parts), max(p.max_rel for p in parts), min(p.cosine for p in parts),
+                      min(p.snr_db for p in parts), worst.worst_output, worst.atol, rtol_, not failed, worst.drift)
 
 
 def quantized_artifact(manifest: dict) -> bool:
