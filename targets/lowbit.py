@@ -131,7 +131,8 @@ def _hypotheses(packed: np.ndarray, s: np.ndarray, k: int):
     if packed.ndim == 2 and 1 <= packed.shape[1] <= 7:
         bits, nb = packed.shape[1], packed.shape[0]
         lo = -(-k // ng)
-        hi = k // (ng - 1) if ng > 1 else k
+        # One group may be wider than k (cols padded up to the group size): as wide as the codes allow.
+        hi = k // (ng - 1) if ng > 1 else max(k, (nb * 8) // max(n, 1))
         for group in range(lo, hi + 1):
             cols = group * ng
             if -(-k // group) != ng or cols < k or -(-(n * cols) // 8) != nb:
@@ -238,11 +239,8 @@ def decode_codes(graph) -> dict[str, int]:
 def find_decodes(graph) -> list[Decode]:
     """The MatMul / Gemm nodes of ``graph``'s main graph whose weight is a low-bit decode (module docstring).
 
-    Node names must be unique and non-empty (:func:`fuse_decodes` names them first).
+    Node names must be unique and non-empty (:func:`named` makes them so).
     """
-
-    from graphopt.graph import tensor_array
-
     g = graph.graph
     inits = _initializers(g)
     found = []
@@ -252,44 +250,48 @@ def find_decodes(graph) -> list[Decode]:
         if leaf_roles is None:
             continue
         u8, f16 = [leaf_roles[0]], leaf_roles[1]
-        # At most 8 codes per byte: the decoded float32 weight is at most 32 bytes per code byte.
-        cost = 32 * int(np.prod(inits[u8[0]].dims, dtype=np.int64))
+        # The decode's largest float32 value: 4 bytes per code, and bit-planes hold 8 codes per row of bytes.
+        dims = list(inits[u8[0]].dims)
+        codes = 8 * dims[0] if len(dims) == 2 and 1 <= dims[1] <= 7 else int(np.prod(dims, dtype=np.int64))
+        cost = 4 * codes
         if cost > MAX_CONE_BYTES:
             continue
         plans.append((node, w, layout, nodes, leaves, u8[0], f16, cost))
     if not plans:
         return []
-    values = {}
+    # Checked a batch at a time; a batch's decoded weights are dropped before the next is evaluated.
     for batch in _batches(plans):
-        values.update(_evaluate(graph, [p[3] for p in batch], [p[4] for p in batch], [p[1] for p in batch]))
-    for node, w, layout, nodes, leaves, u8, f16, _ in plans:
-        wt = values.get(w)
-        if wt is None:
-            continue
-        if wt.dtype != np.float32 or wt.ndim != 2:
-            continue
-        w_nk = wt if layout == "nk" else wt.T
-        n, k = w_nk.shape
-        packed = np.asarray(tensor_array(inits[u8]))
-        a, b = (np.asarray(tensor_array(inits[x])) for x in f16)
-        if a.shape[0] != n:
-            continue
-        hit = None
-        for bits, cols, group, codes in _hypotheses(packed, a, k):
-            for s_name, o_name, s, o in ((f16[0], f16[1], a, b), (f16[1], f16[0], b, a)):
-                if _matches(w_nk, _decoded(codes, s, o, group, k)):
-                    hit = Decode(node.name, u8, s_name, o_name, bits, k, n, cols, group)
-                    break
+        values = _evaluate(graph, [p[3] for p in batch], [p[4] for p in batch], [p[1] for p in batch])
+        for node, w, layout, nodes, leaves, u8, f16, _ in batch:
+            hit = _match(node, values.get(w), layout, inits, u8, f16)
             if hit:
-                break
-        if hit:
-            found.append(hit)
+                found.append(hit)
+        del values
     return found
 
 
+def _match(node, wt, layout: str, inits: dict, u8: str, f16: list) -> Decode | None:
+    """The reading of ``u8`` and the grids ``f16`` that reproduces the evaluated weight ``wt``, if any."""
+    from graphopt.graph import tensor_array
+
+    if wt is None or wt.dtype != np.float32 or wt.ndim != 2:
+        return None
+    w_nk = wt if layout == "nk" else wt.T
+    n, k = w_nk.shape
+    packed = np.asarray(tensor_array(inits[u8]))
+    a, b = (np.asarray(tensor_array(inits[x])) for x in f16)
+    if a.shape[0] != n:
+        return None
+    for bits, cols, group, codes in _hypotheses(packed, a, k):
+        for s_name, o_name, s, o in ((f16[0], f16[1], a, b), (f16[1], f16[0], b, a)):
+            if _matches(w_nk, _decoded(codes, s, o, group, k)):
+                return Decode(node.name, u8, s_name, o_name, bits, k, n, cols, group)
+    return None
+
+
 def _batches(plans):
-    """``plans`` in runs whose cones hold at most MAX_CONE_BYTES of float32 leaves together (a large model's
-    weights are never all decoded at once)."""
+    """``plans`` in runs whose decoded weights total at most MAX_CONE_BYTES (a large model's weights are
+    never all decoded at once)."""
     batch, size = [], 0
     for p in plans:
         b = p[-1]
@@ -315,8 +317,12 @@ def _evaluate(graph, cones, leaf_sets, outs) -> dict:
     ordered = [n for n in g.node if id(n) in wanted]
     leaves = sorted(set().union(*leaf_sets))
     outs = sorted(set(outs))
+    from graphopt.graph import is_lazy, tensor_array
+
+    # A lazy tensor (a large model's weight left on disk) goes in inline: the batch bounds what that loads.
     sub = helper.make_graph(ordered, "cones", [], [onnx.ValueInfoProto(name=o) for o in outs],
-                            [inits[x] for x in leaves])
+                            [onnx.numpy_helper.from_array(np.asarray(tensor_array(inits[x])), x) if is_lazy(inits[x])
+                             else inits[x] for x in leaves])
     model = helper.make_model(sub, opset_imports=list(graph.model.opset_import), ir_version=graph.model.ir_version)
     try:
         import onnxruntime as ort
@@ -332,17 +338,20 @@ def _evaluate(graph, cones, leaf_sets, outs) -> dict:
 
 
 def named(graph):
-    """``graph`` with every main-graph node named (unnamed ones get a fresh unique name), as a copy."""
+    """``graph`` as a copy whose main-graph nodes have unique names: an unnamed node, or one whose name an
+    earlier node took, gets a fresh one (the same on every call: positions decide)."""
     g = graph.copy()
     taken = {n.name for n in g.graph.node if n.name}
+    seen: set = set()
     for i, node in enumerate(g.graph.node):
-        if not node.name:
+        if not node.name or node.name in seen:
             name, j = f"graphopt_node_{i}", 0
             while name in taken:
                 j += 1
                 name = f"graphopt_node_{i}_{j}"
             node.name = name
             taken.add(name)
+        seen.add(node.name)
     return g
 
 
@@ -413,34 +422,53 @@ def lowbit_gemm(x: T.handle, codes: T.Buffer(({nb}, {k}, {4 * cb}), "uint8"),
     return parser.parse(src, extra_vars={"T": T})
 
 
+def _code(packed, bits: int, n: int, cols: int, col, kk):
+    """TE expression: the uint8 code of output column ``col`` and input ``kk`` (0 past column n)."""
+    from tvm import tirx
+
+    zero = tirx.const(0, "uint8")
+    col64 = tirx.Cast("int64", col)
+    if bits == 8:
+        v = packed[tirx.min(col64, n - 1), kk]
+    else:
+        idx = tirx.min(col64, n - 1) * cols + tirx.Cast("int64", kk)
+        t = tirx.Cast("uint8", idx % 8)
+        v = zero
+        for p in range(bits):
+            v = v | (((packed[idx // 8, p] >> t) & tirx.const(1, "uint8")) << tirx.const(p, "uint8"))
+    return tirx.if_then_else(col64 < n, v, zero)
+
+
 def _repack_codes(packed, bits: int, k: int, n: int, cols: int, nb: int):
     """TE: the codes in the kernel's layout [nb, k, 4*cb] (see lowbit.c)."""
     from tvm import te, tirx
 
     cb = container_bits(bits)
     zero = tirx.const(0, "uint8")
-
-    def code(col, kk):
-        col64 = tirx.Cast("int64", col)
-        if bits == 8:
-            v = packed[tirx.min(col64, n - 1), kk]
-        else:
-            idx = tirx.min(col64, n - 1) * cols + tirx.Cast("int64", kk)
-            t = tirx.Cast("uint8", idx % 8)
-            v = zero
-            for p in range(bits):
-                v = v | (((packed[idx // 8, p] >> t) & tirx.const(1, "uint8")) << tirx.const(p, "uint8"))
-        return tirx.if_then_else(col64 < n, v, zero)
-
     per = 32 // (8 // cb)  # codes per container byte lane: 32, 16 or 8 byte positions
 
     def body(b, kk, j):
         v = zero
         for lane in range(8 // cb):
-            v = v | (code(b * BLOCK + j + lane * per, kk) << tirx.const(lane * cb, "uint8"))
+            v = v | (_code(packed, bits, n, cols, b * BLOCK + j + lane * per, kk) << tirx.const(lane * cb, "uint8"))
         return v
 
     return te.compute((nb, k, 4 * cb), body, name="lowbit_codes")
+
+
+def _decode_weight(packed, scales, offsets, bits: int, k: int, n: int, cols: int, group: int):
+    """TE: the float32 weight [k, n] the graph's decode computes (``code * scale + offset``), for a
+    :data:`OP` whose activation's shape the importer does not know (decoded at lower time instead)."""
+    from tvm import te, tirx
+
+    def grid(t, col, g):
+        return tirx.Cast("float32", t[col, g, 0])
+
+    def body(kk, col):
+        g = kk // group
+        return tirx.Cast("float32", _code(packed, bits, n, cols, col, kk)) * grid(scales, col, g) + grid(offsets, col, g)
+
+    return te.compute((k, n), body, name="lowbit_decode")
 
 
 def _repack_grid(t, n: int, ng: int, nb: int):
@@ -461,6 +489,15 @@ def _convert(bb, inputs, attr, symbol: str, used: list):
 
     x, packed, scales, offsets = inputs
     bits, k, n, cols, group = (int(attr[a]) for a in ("bits", "k", "n", "cols", "group"))
+    used.append(attr.get("tvm_custom", {}).get("name") or "?")
+    shape = getattr(x.ty, "shape", None)
+    if getattr(shape, "values", None) is None:
+        # The importer does not know x's shape (a dynamic slice, a branch's output): the weight is decoded
+        # at lower time (its codes are a weight) and an ordinary matmul takes x as it comes.
+        used.pop()
+        w = bb.emit_te(_decode_weight, packed, scales, offsets, bits, k, n, cols, group,
+                       primfunc_name_hint="lowbit_decode")
+        return bb.emit(relax.op.matmul(x, w))
     ng = -(-cols // group)
     nb = -(-n // BLOCK)
     cb = container_bits(bits)
@@ -473,7 +510,6 @@ def _convert(bb, inputs, attr, symbol: str, used: list):
     gv = bb.add_func(_gemm_primfunc(symbol, k, n, nb, cb, ng, group), "lowbit_gemm")
     m = x2.ty.shape.values[0]
     y = emit(relax.call_tir(gv, [x2, codes, s, o], relax.TensorType([m, n], "float32")))
-    used.append(attr.get("tvm_custom", {}).get("name") or "?")
     return emit(relax.op.reshape(y, [*lead, n])) if len(lead) != 1 else y
 
 

@@ -157,10 +157,10 @@ def test_large_models_are_checked_a_batch_at_a_time(monkeypatch):
     calls = []
     real = lowbit._evaluate
     monkeypatch.setattr(lowbit, "_evaluate", lambda *a: calls.append(a[3]) or real(*a))
-    monkeypatch.setattr(lowbit, "MAX_CONE_BYTES", 32 * (K * H // 2))  # room for the first weight's codes only
+    monkeypatch.setattr(lowbit, "MAX_CONE_BYTES", 4 * K * H)  # room for the first decoded weight only
     assert [d.node for d in lowbit.find_decodes(g)] == ["mm", "gemm"]
     assert len(calls) == 2
-    monkeypatch.setattr(lowbit, "MAX_CONE_BYTES", 32 * (N * H // 2))  # the second (smaller) weight only
+    monkeypatch.setattr(lowbit, "MAX_CONE_BYTES", 4 * N * H)  # the second (smaller) weight only
     assert [d.node for d in lowbit.find_decodes(g)] == ["gemm"]
 
 
@@ -179,3 +179,38 @@ def test_small_layers_whose_grid_casts_were_folded_are_fused(tmp_path):
     bumped = onnx.numpy_helper.to_array(grids[0]) * np.float32(1 + 2 ** -20)  # not a float16 value any more
     grids[0].CopyFrom(onnx.numpy_helper.from_array(bumped.astype(np.float32), grids[0].name))
     assert lowbit.find_decodes(folded) == []
+
+
+def test_activation_of_unknown_shape_decodes_at_lower_time(tmp_path):
+    """x from a Slice with a run-time end: the importer does not know its shape, so the node is a decode
+    (at lower time) and an ordinary matmul instead of the fused call; it still verifies."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(0)
+    m = make_model([helper.make_node("MatMul", ["x2", "w"], ["y"], name="mm")], [vi("x2", [3, K])],
+                   [vi("y", [3, H])], [init("w", (rng.standard_normal((K, H)) / 4).astype(np.float32))])
+    g = graphopt.optimize(Graph(m), "quantize(mode=weight-only,bits=4,rounding=nearest)").graph.model
+    del g.graph.input[:]
+    g.graph.input.extend([vi("x", [6, K]), vi("end", [1], TensorProto.INT64)])
+    g.graph.initializer.extend([init("start", np.array([0], np.int64)), init("axis", np.array([0], np.int64))])
+    g.graph.node.insert(0, helper.make_node("Slice", ["x", "start", "end", "axis"], ["x2"], name="slice"))
+    g.graph.output[0].CopyFrom(vi("y", ["a", H]))
+    feeds = [{"x": rng.standard_normal((6, K)).astype(np.float32), "end": np.array([e], np.int64)} for e in (3, 5)]
+    res = graphopt.lower(Graph(g), "cpu", tmp_path / "a", verify=True, data=DataSource(feeds=feeds))
+    assert res.verification.ok and res.manifest["target"]["lowbit_matmuls"] == 0
+
+
+def test_one_group_wider_than_k_is_recognized():
+    """group=1000 on K=72: one group whose codes are padded to 1000 columns."""
+    g = lowbit.named(graphopt.optimize(_model(), "quantize(mode=weight-only,bits=4,rounding=nearest,group=1000)").graph)
+    found = {d.node: d for d in lowbit.find_decodes(g)}
+    assert set(found) == {"mm", "gemm"}
+    assert found["mm"].cols == 1000 and found["mm"].group == 1000 and found["mm"].k == K
+
+
+def test_duplicate_node_names_are_made_unique():
+    g = lowbit.named(_quantized(4, 0))
+    names = [n.name for n in g.graph.node]
+    g.graph.node[0].name = g.graph.node[1].name  # two nodes of one name
+    again = [n.name for n in lowbit.named(g).graph.node]
+    assert len(set(again)) == len(again) and again[0] == names[1] and again[2:] == names[2:]
