@@ -193,8 +193,9 @@ class CpuTarget(Target):
         from . import int8, lowbit, recurrent
 
         decodes, decode_codes = self._lowbit(graph)
-        # Decodes left unfused become float weights at lower time: deliberate growth, like Winograd's.
-        unfused_bytes = sum(v for c, v in decode_codes.items() if c not in {d.codes for d in decodes})
+        # Decodes left unfused become float weights at lower time: deliberate growth, like Winograd's. Every
+        # decode counts (a codes tensor may feed a fused MatMul and an unfused conv): an allowance only.
+        unfused_bytes = sum(decode_codes.values())
         lowbit_used: list = []  # LowBitMatMul nodes imported (targets/lowbit.py)
         int8_used: list = []
         winograd_used: list = []  # {"m", "extra_bytes"} of each conv lowered as Winograd F(m x m, 3 x 3)
