@@ -355,6 +355,21 @@ def named(graph):
     return g
 
 
+def _subgraph_reads(nodes) -> set:
+    """Every value read inside the subgraphs (If / Loop / Scan bodies, at any depth) of ``nodes``."""
+    import onnx
+
+    out = set()
+    for n in nodes:
+        for a in n.attribute:
+            bodies = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) \
+                if a.type == onnx.AttributeProto.GRAPHS else []
+            for body in bodies:
+                out |= {i for sn in body.node for i in sn.input} | {o.name for o in body.output}
+                out |= _subgraph_reads(body.node)
+    return out
+
+
 def fuse_decodes(graph, decodes: list[Decode]):
     """A copy of ``graph`` where each decode's consumer is an ``ai.graphopt.LowBitMatMul`` and the decode
     nodes nothing else reads are gone (see the module docstring)."""
@@ -380,13 +395,8 @@ def fuse_decodes(graph, decodes: list[Decode]):
     keep = list(new_nodes)
     graph_outputs = {o.name for o in g.graph.output}
     while True:
-        used = {i for n in keep for i in n.input} | graph_outputs
-        sub_used = set()
-        for n in keep:
-            for a in n.attribute:
-                if a.type == 5:
-                    sub_used |= {i for sn in a.g.node for i in sn.input}
-        live = [n for n in keep if any(o in used or o in sub_used for o in n.output)]
+        used = {i for n in keep for i in n.input} | graph_outputs | _subgraph_reads(keep)
+        live = [n for n in keep if any(o in used for o in n.output)]
         if len(live) == len(keep):
             break
         keep = live

@@ -214,3 +214,22 @@ def test_duplicate_node_names_are_made_unique():
     g.graph.node[0].name = g.graph.node[1].name  # two nodes of one name
     again = [n.name for n in lowbit.named(g).graph.node]
     assert len(set(again)) == len(again) and again[0] == names[1] and again[2:] == names[2:]
+
+
+def test_a_decoded_weight_read_in_a_nested_subgraph_stays():
+    """The fused MatMul's decoded weight is also read two subgraph levels down: its decode is kept."""
+    from onnx import TensorProto
+
+    g = lowbit.named(_quantized(4, 0))
+    mm = next(n for n in g.graph.node if n.name == "mm")
+    w = mm.input[1]
+    inner = helper.make_graph([helper.make_node("ReduceSum", [w], ["s_in"], keepdims=0)], "inner", [],
+                              [vi("s_in", [], TensorProto.FLOAT)])
+    cond = init("cond", np.array(True))
+    middle = helper.make_graph([helper.make_node("If", ["cond"], ["s_mid"], then_branch=inner, else_branch=inner)],
+                               "middle", [], [vi("s_mid", [], TensorProto.FLOAT)])
+    g.graph.initializer.append(cond)
+    g.graph.node.append(helper.make_node("If", ["cond"], ["s"], name="outer", then_branch=middle, else_branch=middle))
+    g.graph.output.append(vi("s", [], TensorProto.FLOAT))
+    fused = lowbit.fuse_decodes(g, lowbit.find_decodes(g))
+    assert w in {o for n in fused.graph.node for o in n.output}
