@@ -202,12 +202,7 @@ def compare_layers(reference: Graph, graph: Graph, feeds, *, threshold_db: float
             if acc[o] is None:
                 continue
             fin = np.isfinite(r) & np.isfinite(g)
-            r, g = r[fin], g[fin]
-            a = acc[o]
-            a[0] += float(r @ r)
-            a[1] += float(g @ g)
-            a[2] += float(r @ g)
-            a[3] += float((r - g) @ (r - g))
+            _accumulate(acc[o], r[fin], g[fin])
     layers, first = [], None
     for o, op, node in names:
         a = acc[o]
@@ -219,6 +214,17 @@ def compare_layers(reference: Graph, graph: Graph, feeds, *, threshold_db: float
         if first is None and snr < threshold_db:
             first = layers[-1]
     return {"layers": layers, "first_divergent": first, "threshold_db": threshold_db}
+
+
+def _accumulate(a: list, r: np.ndarray, g: np.ndarray) -> float:
+    """Add to ``a`` the sums [r·r, g·g, r·g, (r-g)·(r-g)] of float64 vectors ``r`` (reference) and ``g``;
+    returns max|r-g| (0 when empty)."""
+    d = r - g
+    a[0] += float(r @ r)
+    a[1] += float(g @ g)
+    a[2] += float(r @ g)
+    a[3] += float(d @ d)
+    return float(np.abs(d).max()) if d.size else 0.0
 
 
 def _cosine_snr(a) -> tuple[float, float]:
@@ -317,13 +323,7 @@ def compare_artifact_layers(graph: Graph, values: Sequence[tuple[str, str, str]]
             if not (np.array_equal(fr, fg) and np.array_equal(r[~fr], g[~fg], equal_nan=True)):
                 acc[v] = f"{int(np.sum(fr != fg))} values NaN or infinite on one side only"
                 continue
-            r, g = r[fr], g[fg]
-            d = r - g
-            a[0] += float(r @ r)
-            a[1] += float(g @ g)
-            a[2] += float(r @ g)
-            a[3] += float(d @ d)
-            a[4] = max(a[4], float(np.abs(d).max()) if d.size else 0.0)
+            a[4] = max(a[4], _accumulate(a, r[fr], g[fg]))
     layers, first = [], None
     for v, op, node in values:
         a = acc[v]

@@ -127,8 +127,8 @@ class CpuTarget(Target):
                "the transformed weights add at most the model's own weight bytes again); false: direct convolution only"),
         Option("lowbit_kernels", bool, True,
                "MatMul / Gemm weights that quantize(mode=weight-only) stored as packed low-bit codes stay packed: "
-               "the decode runs inside the GEMM (see targets/lowbit.py); false: the importer folds the decode "
-               "into float32 weights"),
+               "the decode runs inside the GEMM (see targets/lowbit.py); false: the decode runs once at lower "
+               "time and the float32 weights are stored"),
         Option("wide_vectors", bool, True,
                "on x86 CPUs with AVX-512, let every kernel use 512-bit vectors (LLVM otherwise prefers 256-bit "
                "ones on Intel CPUs); false: LLVM's default"),
@@ -158,20 +158,21 @@ class CpuTarget(Target):
         # The codes of weight-only decodes are weights too (integer tensors otherwise are not: shapes,
         # indices): a fused decode reaches its GEMM packed, and one that is not fused is decoded once at
         # lower time instead of folded into constants (targets/lowbit.py, decode_codes).
-        codes = set(self._lowbit(graph)[1])
+        codes = set(self._lowbit(graph)[2])
         base = set(select_params(graph))
         return [t.name for t in graph.graph.initializer if t.name in base or t.name in codes]
 
-    def _lowbit(self, graph: Graph) -> tuple[list, dict]:
-        """``(decodes this build fuses, {codes of every weight-only decode: decoded float32 bytes})`` of
-        ``graph`` (targets/lowbit.py); found once per graph."""
+    def _lowbit(self, graph: Graph) -> tuple:
+        """``(graph with unique node names, decodes this build fuses in it, {codes of every weight-only
+        decode: decoded float32 bytes})`` of ``graph`` (targets/lowbit.py); found once per graph."""
         from . import lowbit
 
         cached = getattr(self, "_lowbit_cache", None)
         if cached is None or cached[0] is not graph:  # the cache holds the graph: its identity stays unique
-            fused = lowbit.find_decodes(lowbit.named(graph)) if self.opts.lowbit_kernels else []
-            self._lowbit_cache = (graph, fused, lowbit.decode_codes(graph))
-        return self._lowbit_cache[1], self._lowbit_cache[2]
+            named = lowbit.named(graph) if self.opts.lowbit_kernels else graph
+            fused = lowbit.find_decodes(named) if self.opts.lowbit_kernels else []
+            self._lowbit_cache = (graph, named, fused, lowbit.decode_codes(graph))
+        return self._lowbit_cache[1:]
 
     def lower(self, graph: Graph, out_dir: Path, ctx: LowerContext) -> dict:
         import tvm
@@ -192,7 +193,7 @@ class CpuTarget(Target):
                           log=ctx.native_log, default_rules=default_rules)
         from . import int8, lowbit, recurrent
 
-        decodes, decode_codes = self._lowbit(graph)
+        named, decodes, decode_codes = self._lowbit(graph)
         # Decodes left unfused become float weights at lower time: deliberate growth, like Winograd's. Every
         # decode counts (a codes tensor may feed a fused MatMul and an unfused conv): an allowance only.
         unfused_bytes = sum(decode_codes.values())
@@ -203,7 +204,7 @@ class CpuTarget(Target):
         int8_kernel = int8.select_kernel(features) if self.opts.int8_kernels else None
         with step(ctx.progress, "import into TVM Relax"):
             # The importer sees the decodes fused; the artifact's model.onnx (the reference) keeps them.
-            imported = lowbit.fuse_decodes(lowbit.named(graph), decodes) if decodes else graph
+            imported = lowbit.fuse_decodes(named, decodes) if decodes else graph
             mod = import_graph(imported, ctx.params, converters={**recurrent.converters(features, recurrences),
                                                                  **lowbit.converters(features, lowbit_used)})
         outputs = output_specs(mod, graph)  # what the program returns, not what the model declared

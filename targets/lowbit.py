@@ -96,7 +96,9 @@ def _initializers(g) -> dict:
 
 
 def _cone(name: str, producers: dict, inits: dict):
-    """(nodes in graph order, initializer leaves) computing ``name`` from constants only; None otherwise."""
+    """(nodes, initializer leaves) computing ``name`` from constants only; None otherwise."""
+    import onnx
+
     nodes, leaves, seen, stack = {}, set(), set(), [name]
     while stack:
         v = stack.pop()
@@ -107,7 +109,8 @@ def _cone(name: str, producers: dict, inits: dict):
             leaves.add(v)
             continue
         node = producers.get(v)
-        if node is None or any(a.type in (5, 10) for a in node.attribute):  # a graph input; or a subgraph
+        if node is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                               for a in node.attribute):  # a graph input; or a subgraph
             return None
         if node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
             return None
@@ -116,14 +119,10 @@ def _cone(name: str, producers: dict, inits: dict):
     return list(nodes.values()), leaves
 
 
-def _bitplane_codes(packed: np.ndarray, count: int) -> np.ndarray:
-    from graphopt.passes._quant_math import unpack_bitplanes
-
-    return unpack_bitplanes(packed, count)
-
-
 def _hypotheses(packed: np.ndarray, s: np.ndarray, k: int):
     """Readings ``(bits, cols, group, codes [n, cols])`` of ``packed`` for a weight with ``k`` inputs, scale [n, ng, 1]."""
+    from graphopt.passes._quant_math import unpack_bitplanes
+
     n, ng = s.shape[0], s.shape[1]
     if packed.ndim == 2 and packed.shape[0] == n and packed.shape[1] >= k and packed.shape[1] % ng == 0:
         cols = packed.shape[1]
@@ -137,7 +136,7 @@ def _hypotheses(packed: np.ndarray, s: np.ndarray, k: int):
             cols = group * ng
             if -(-k // group) != ng or cols < k or -(-(n * cols) // 8) != nb:
                 continue
-            yield bits, cols, group, _bitplane_codes(packed, n * cols).reshape(n, cols)
+            yield bits, cols, group, unpack_bitplanes(packed, n * cols).reshape(n, cols)
 
 
 def _decoded(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, group: int, k: int) -> np.ndarray:

@@ -675,7 +675,7 @@ def pack_gemm_weights(target):
             return self.builder_.get()
 
         def _weight_only(self, expr, dtype, depth=0) -> bool:
-            """Whether ``expr`` is computed from weights and constants of ``dtype`` only.
+            """Whether ``expr`` is computed from weight parameters and constants of ``dtype`` only.
 
             Constants of another dtype (int8 codes of a QDQ weight, compiled into the program) do not
             count: lifting their decoded copy would inflate the artifact past prepack's limit, and packing
