@@ -190,7 +190,7 @@ def bound_weights_program(graph, threads, mcpu=None):
     from tvm import relax
 
     from targets.cpu import CpuTarget, cpu_pipeline, llvm_target
-    from targets.relax_import import import_graph, select_params
+    from graphopt.relax import import_graph, select_params
 
     params = select_params(graph)
     inits = {t.name: t for t in graph.graph.initializer}

@@ -174,7 +174,7 @@ def _matmul_share(graph, threads: int) -> float:
     from tvm.s_tir import dlight
 
     from graphopt.targets.cpu import host_cpu, llvm_target
-    from graphopt.targets.relax_import import build_pipeline, import_graph, select_params
+    from graphopt.relax import build_pipeline, import_graph, select_params
     from graphopt.targets.schedules import default_rules
 
     target = llvm_target(host_cpu(), threads)

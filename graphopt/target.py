@@ -111,6 +111,30 @@ class Target:
         """Initializers kept outside the compiled code as weights (in the artifact's weights file)."""
         return []
 
+    # -- The Relax pipeline hook of TVM targets (graphopt.relax.build_pipeline runs these) -----------------
+
+    def relax_passes(self, tvm_target) -> list:
+        """Relax passes this target runs on high-level ops, before legalization (layout choices, rewrites
+        into its own kernels). Default: none."""
+        return []
+
+    def schedule_rules(self, tvm_target) -> list:
+        """The dlight schedule rules, most specific first, offered every fused TIR function (the first rule
+        that claims a function schedules it). Default: none (functions compile as TVM legalized them)."""
+        return []
+
+    def compile_pipeline(self, tvm_target, *, before_legalize=(), after_fusion=()):
+        """The Relax pipeline this target compiles with: :func:`graphopt.relax.build_pipeline` for
+        ``tvm_target`` with ``before_legalize`` passes, then after fusion the ``after_fusion`` passes (a
+        tuner's, which mark what they schedule) and :meth:`schedule_rules` applied to what is left."""
+        from tvm.s_tir import dlight
+
+        from .relax import build_pipeline
+
+        rules = self.schedule_rules(tvm_target)
+        return build_pipeline(tvm_target, before_legalize=before_legalize,
+                              after_fusion=[*after_fusion, *([dlight.ApplyDefaultSchedule(*rules)] if rules else [])])
+
     def lower(self, graph: Graph, out_dir: Path, ctx: LowerContext) -> dict:  # pragma: no cover - contract
         """Compile into ``out_dir``; return ``{"target": {...}, "programs": [...]}`` for the manifest."""
         raise NotImplementedError

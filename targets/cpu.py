@@ -24,7 +24,7 @@ from graphopt.options import Option
 from graphopt.target import LowerContext, Target
 
 from .prepack import lift_weight_transforms, run_weight_transforms
-from .relax_import import build_pipeline, import_graph, output_specs, raise_if_unsupported, select_params
+from graphopt.relax import build_pipeline, import_graph, output_specs, raise_if_unsupported, select_params
 
 _INF = float("inf")
 
@@ -148,6 +148,11 @@ class CpuTarget(Target):
                 "(use 'host', 'portable', or a name such as znver3, skylake-avx512, x86-64-v3)"
             )
         return mcpu
+
+    def schedule_rules(self, tvm_target) -> list:
+        from .schedules import default_rules
+
+        return default_rules()
 
     def check(self, graph: Graph) -> None:
         from . import recurrent
@@ -494,16 +499,13 @@ def cpu_pipeline(target, tuner=None):
     marking those functions scheduled, so the default rules leave them alone.
 
     Every fused TIR function is offered to :func:`graphopt.targets.schedules.default_rules`
-    (first rule that claims it schedules it); a function no rule claims is
-    compiled as TVM legalized it.
+    (the CPU target's :meth:`~CpuTarget.schedule_rules`; first rule that claims it
+    schedules it); a function no rule claims is compiled as TVM legalized it.
     """
-    from tvm.s_tir import dlight
-
-    from .schedules import default_rules
     from .schedules.report import report_pass
 
     tuning = [tuner.pass_()] if tuner is not None else []
-    return build_pipeline(target, after_fusion=[report_pass(), *tuning, dlight.ApplyDefaultSchedule(*default_rules())])
+    return CpuTarget().compile_pipeline(target, after_fusion=[report_pass(), *tuning])
 
 
 def _device_params(artifact, dev, wanted, loaded: dict) -> list:

@@ -288,7 +288,7 @@ def fast_math_pass():
     import tvm
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    from .relax_import import rewrite_relax_functions
+    from graphopt.relax import rewrite_relax_functions
 
     @mutator
     class _Rewriter(PyExprMutator):

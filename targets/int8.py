@@ -314,7 +314,7 @@ def qdq_layout_pass():
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    from .relax_import import rewrite_relax_functions
+    from graphopt.relax import rewrite_relax_functions
 
     R = relax.op
 
@@ -385,7 +385,7 @@ def int8_matmul_pass(used: list, kernel: Kernel):
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    from .relax_import import rewrite_relax_functions
+    from graphopt.relax import rewrite_relax_functions
 
     R = relax.op
 

@@ -169,7 +169,7 @@ def test_build_pipeline_emits_shape_functions_in_slot_order(tmp_path):
     from tvm import tirx
 
     from graphopt.targets.cpu import host_cpu, llvm_target
-    from graphopt.targets.relax_import import build_pipeline, import_graph, select_params
+    from graphopt.relax import build_pipeline, import_graph, select_params
 
     g = graphopt.Graph.load(_shape_model(tmp_path))
     with llvm_target(host_cpu()):
@@ -183,7 +183,7 @@ def test_build_pipeline_emits_shape_functions_in_slot_order(tmp_path):
 
 
 def test_shape_function_stores_are_put_in_slot_order():
-    from graphopt.targets.relax_import import canonicalize_shape_funcs
+    from graphopt.relax import canonicalize_shape_funcs
 
     mod = _module('''
 @I.ir_module
@@ -204,7 +204,7 @@ class Mod:
 
 def test_dependent_stores_keep_their_order():
     """A store that reads a slot another store writes must stay after it: reordering would change results."""
-    from graphopt.targets.relax_import import canonicalize_shape_funcs
+    from graphopt.relax import canonicalize_shape_funcs
 
     mod = _module('''
 @I.ir_module

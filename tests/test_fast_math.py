@@ -227,7 +227,7 @@ def _compiled_asm(model, fast_math=True):
     import tvm
 
     from graphopt.targets.cpu import cpu_pipeline, relax_passes
-    from graphopt.targets.relax_import import import_graph, select_params
+    from graphopt.relax import import_graph, select_params
     from graphopt.targets.schedules.report import fused_module
 
     g = Graph(model)

@@ -39,7 +39,7 @@ def _gather_graph(indices_input: bool):
 
 
 def test_constant_index_gathers_import_as_one_take_each_and_match_onnx_runtime(tmp_path):
-    from graphopt.targets.relax_import import import_graph
+    from graphopt.relax import import_graph
 
     g = _gather_graph(indices_input=False)
     text = import_graph(g, []).script()
@@ -70,7 +70,7 @@ def test_no_fused_kernel_exceeds_the_cap():
     import tvm
 
     from graphopt.targets.cpu import MAX_FUSED_OPS, host_cpu, llvm_target, pass_config
-    from graphopt.targets.relax_import import import_graph
+    from graphopt.relax import import_graph
     from graphopt.targets.schedules.report import fused_module
 
     n = 80

@@ -291,7 +291,7 @@ def test_qdq_conv_chain_stays_nhwc_between_convs():
     import tvm
     from tvm import relax
 
-    from graphopt.targets.relax_import import import_graph, select_params
+    from graphopt.relax import import_graph, select_params
     from graphopt.targets.schedules.conv import DESIRED_LAYOUTS
 
     q, _ = _quantized_conv_chain(seed=3)

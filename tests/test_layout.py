@@ -71,7 +71,7 @@ def _converted(model):
 
     from graphopt.graph import Graph
     from graphopt.targets.layout import robust_convert_layout
-    from graphopt.targets.relax_import import import_graph, select_params
+    from graphopt.relax import import_graph, select_params
     from graphopt.targets.schedules.conv import DESIRED_LAYOUTS
 
     g = Graph(model)
@@ -110,7 +110,7 @@ def test_robust_convert_layout_bisects_to_the_failing_op():
 
     from graphopt.graph import Graph
     from graphopt.targets.layout import robust_convert_layout
-    from graphopt.targets.relax_import import import_graph, select_params
+    from graphopt.relax import import_graph, select_params
     from graphopt.targets.schedules.conv import DESIRED_LAYOUTS
 
     g = Graph(_max_model(False))

@@ -237,7 +237,7 @@ def test_unsupported_message_tells_standard_ops_from_custom_domains(tmp_path):
     # A standard op without a converter is not blamed on the exporter; a pass that rewrites it is named;
     # a com.microsoft op is called non-standard. Everything is listed at once, subgraphs included.
     from graphopt.errors import UnsupportedOpsError
-    from graphopt.targets.relax_import import raise_if_unsupported
+    from graphopt.relax import raise_if_unsupported
 
     lstm, _ = rnn_model("LSTM")
     body = lstm.graph

@@ -99,7 +99,7 @@ def scheduled_functions(model, mcpu="host", winograd=False):
     from tvm.s_tir import dlight
 
     from targets.cpu import CpuTarget, llvm_target
-    from targets.relax_import import import_graph, select_params
+    from graphopt.relax import import_graph, select_params
     from targets.schedules import default_rules
     from targets.schedules.conv import conv_layout_passes
 
@@ -203,7 +203,7 @@ def test_layout_passes_make_nhwc_and_pack_weights_as_relax_ops():
     import tvm
 
     from targets.cpu import llvm_target
-    from targets.relax_import import import_graph, select_params
+    from graphopt.relax import import_graph, select_params
     from targets.schedules.conv import conv_layout_passes
 
     for mcpu, tile in (("x86-64-v2", 8), ("x86-64-v3", 16)):  # 2 vectors of 4 / 8 float lanes

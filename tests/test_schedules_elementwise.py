@@ -37,7 +37,7 @@ def _target(mcpu="host", cores=2):
 
 def _fused(res, target):
     """The lowered graph's fused TIR functions (before scheduling), as TVM's CPU pipeline makes them."""
-    from graphopt.targets.relax_import import import_graph, select_params
+    from graphopt.relax import import_graph, select_params
     from graphopt.targets.schedules.report import fused_module
 
     return fused_module(import_graph(res.graph, select_params(res.graph)), target)

@@ -32,7 +32,7 @@ def scheduled_funcs(graph: Graph, mcpu: str = "host", threads: int = 2, relax_pa
     from tvm.s_tir import dlight
 
     from graphopt.targets.cpu import CpuTarget, llvm_target
-    from graphopt.targets.relax_import import build_pipeline, import_graph, select_params
+    from graphopt.relax import build_pipeline, import_graph, select_params
     from graphopt.targets.schedules import default_rules
 
     tgt = CpuTarget()

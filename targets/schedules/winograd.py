@@ -224,7 +224,7 @@ def winograd_pass(target, used: list | None = None, budget: float | None = None)
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    from ..relax_import import rewrite_relax_functions
+    from graphopt.relax import rewrite_relax_functions
 
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     lanes = vector_lanes(target, 32)

@@ -494,12 +494,18 @@ def build_pipeline(target=None, *, before_legalize=(), after_fusion=()):
     """The Relax build pipeline for ``tvm.compile``, then :func:`canonicalize_shape_funcs`.
 
     Without arguments it is TVM's default pipeline. With a ``target`` it is
-    TVM's generic CPU pipeline (library dispatch, legalize, fold, fuse,
-    dataflow lowering, memory planning, VM lowering) with two hooks a target
-    fills in: ``before_legalize`` (Relax passes on high-level ops, e.g.
-    layout conversion) and ``after_fusion`` (passes on the fused TIR
-    functions, e.g. applying schedules). The passes run under ``target``, so
-    rules that read it (vector width, cores) see the one being built for.
+    TVM's pipeline for that target's kind (``cuda``: TVM's CUDA backend, with
+    CUDA-graph rewriting; anything else: its generic CPU backend): library
+    dispatch, legalize, fold, fuse, dataflow lowering, memory planning, VM
+    lowering, with two hooks a target fills in (see
+    :meth:`graphopt.target.Target` subclasses' ``relax_passes`` and
+    ``schedule_rules``): ``before_legalize`` (Relax passes on high-level ops,
+    e.g. layout conversion) and ``after_fusion`` (passes on the fused TIR
+    functions, e.g. applying schedules). TVM's CUDA pipeline applies its own
+    dlight rules after fusion; here the target's ``after_fusion`` replaces
+    them, so every kernel is scheduled by what the target declares. The
+    passes run under ``target``, so rules that read it (vector width, cores,
+    thread limits) see the one being built for.
 
     ``VMShapeLower`` runs near the end (only ``AttachGlobalSymbol`` follows
     it), so canonicalizing after the whole pipeline sees its output unchanged.
@@ -510,15 +516,20 @@ def build_pipeline(target=None, *, before_legalize=(), after_fusion=()):
     if target is None:
         return tvm.transform.Sequential([relax.get_pipeline("default"), canonicalize_shape_funcs(),
                                          mark_trivially_noalias()], name="graphopt.build_pipeline")
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as backend
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
 
+    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     passes = [
-        *cpu.library_dispatch_passes(target),
+        *backend.library_dispatch_passes(target),
         *before_legalize,
-        *cpu.legalize_passes(target),
+        *legalize,
         *after_fusion,
-        *cpu.dataflow_lower_passes(target),
-        *cpu.finalize_passes(target),
+        *backend.dataflow_lower_passes(target),
+        *backend.finalize_passes(target),
         canonicalize_shape_funcs(),
         mark_trivially_noalias(),
     ]
