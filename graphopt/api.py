@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from . import __version__
 from .artifact import Artifact, is_artifact, versions, write_graph_and_weights, write_manifest
-from .artifact import FORMAT, FORMAT_VERSION
+from .artifact import FORMAT, FORMAT_VERSION, complete_programs
 from .console import Progress, capture_native_output
 from .data import DataSource
 from .errors import OptionError, OutputError, VerificationError
@@ -36,6 +36,15 @@ from .target import LowerContext, Target, resolve_threads
 #: Loop/Scan into ops TVM imports (a no-op on graphs without them). LSTM/GRU/RNN stay whole: the CPU
 #: target compiles them natively (targets/recurrent.py); 'lower-recurrent' unrolls them for other targets.
 DEFAULT_LOWER_PIPELINE = "cleanup,unroll-loops,fold-batchnorm,cleanup"
+#: The default for a target that does not compile LSTM/GRU/RNN itself (cuda, tpu): they are unrolled.
+DEFAULT_LOWER_PIPELINE_UNROLLED = "cleanup,unroll-loops,lower-recurrent,fold-batchnorm,cleanup"
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+
+
+def default_lower_pipeline(target: Target) -> str:
+    """What `graphopt lower` runs for ``target`` when no pipeline is given: :data:`DEFAULT_LOWER_PIPELINE`,
+    plus 'lower-recurrent' where the target does not compile the recurrent ops natively (``native_ops``)."""
+    return DEFAULT_LOWER_PIPELINE if RECURRENT_OPS <= set(target.native_ops) else DEFAULT_LOWER_PIPELINE_UNROLLED
 
 #: Inside an artifact's temporary folder: where TVM and the C compiler keep their temporary files.
 SCRATCH_DIR = ".scratch"
@@ -245,9 +254,9 @@ def lower(
     output = Path(output) if output is not None else default_artifact_path(model, target)
     check_outputs([("artifact", output), ("report", report)], model_inputs(model, data, pipeline, eval))
     with Reporting(report, command="lower", model=_source_name(model), artifact=str(output)) as rep:
-        pipe = _as_pipeline(pipeline, DEFAULT_LOWER_PIPELINE, registry)
-        rep.update(pipeline=str(pipe))
         tgt = make_target(target, target_options, registry)
+        pipe = _as_pipeline(pipeline, default_lower_pipeline(tgt), registry)
+        rep.update(pipeline=str(pipe))
         if os.path.lexists(output) and not is_artifact(output):
             raise OutputError(f"{output}: exists and is not a graphopt artifact; choose another output path or remove it")
         dumps = dump_paths(pipe, dump_after, output.parent)
@@ -337,6 +346,7 @@ def _build_artifact(graph: Graph, original: Graph, pipe: Pipeline, tgt: Target, 
         "versions": versions(),
         **lowered,
     }
+    manifest["programs"] = complete_programs(manifest["programs"], manifest["inputs"], manifest["outputs"])
     write_manifest(dest, manifest)
     return manifest, native
 
@@ -502,7 +512,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
     ``threads`` (default ``$GRAPHOPT_THREADS``, else no cap); ``Artifact.threads``
     is the count in effect and ``Artifact.notes`` say why it differs from either.
     """
-    return Artifact(path, threads=threads)
+    art = Artifact(path, threads=threads)
+    art.load_programs()
+    return art
 
 
 def bench(artifact: str | os.PathLike, feed: Mapping[str, Any] | None = None, **options) -> dict:

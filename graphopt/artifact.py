@@ -12,6 +12,15 @@ Layout (paths relative to the artifact directory)::
                     the weights it takes, by index)
     <program>.so    compiled code from the target
 
+Manifest format 2 (:data:`FORMAT_VERSION`) lists ``programs``, each with its
+``library``, ``entry`` point, ``device`` kind (``cpu``, ``cuda``...), ``rank``
+(its place in a sharded run; 0 for a single program), ``inputs`` and
+``outputs`` (name, dtype, shape) and ``params`` (the weights it reads, by
+index). Format 1 artifacts (one program on the CPU, inputs and outputs only at
+the top level) still load: :func:`check_manifest` fills in what they lack.
+Programs are loaded lazily, on first use, on the device asked for, so an
+artifact can be inspected (:func:`describe`) on a machine that cannot run it.
+
 The same Graph and options give byte-identical ``manifest.json``,
 ``model.onnx`` and ``weights.bin``: nothing time- or path-dependent is written.
 """
@@ -36,7 +45,11 @@ from .errors import ArtifactError
 from .graph import Graph, TensorSpec
 
 FORMAT = "graphopt-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Oldest manifest format this graphopt loads; older ones are refused with a message to lower again.
+OLDEST_FORMAT_VERSION = 1
+#: Device kinds a program may declare (what the target's loader places it on).
+DEVICE_KINDS = ("cpu", "cuda")
 MANIFEST = "manifest.json"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.bin"
@@ -240,6 +253,9 @@ def check_manifest(doc, mpath: Path) -> dict:
             f"{mpath}: artifact format {version} is newer than this graphopt understands ({FORMAT_VERSION}); "
             "upgrade graphopt"
         )
+    if version < OLDEST_FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: artifact format {version} is older than this graphopt loads "
+                            f"({OLDEST_FORMAT_VERSION}..{FORMAT_VERSION}); lower the model again")
     files = _expect(doc.get("files"), dict, w, "'files'")
     for name, digest in files.items():
         if not name or Path(name).name != name or name in (".", "..") or name == MANIFEST:
@@ -271,6 +287,11 @@ def check_manifest(doc, mpath: Path) -> dict:
             _dtype(_expect(spec.get("dtype"), str, w, f"{key}[{i}].dtype"), f"{mpath}: {key}[{i}]")
             for d in _expect(spec.get("shape"), list, w, f"{key}[{i}].shape"):
                 _expect(d, (int, str), w, f"{key}[{i}].shape")
+    for i, prog in enumerate(programs):
+        _program_fields(doc, prog, version, w, i)
+    names = [p["name"] for p in programs]
+    if len(set(names)) != len(names):
+        raise ArtifactError(f"{mpath}: two programs share a name (damaged manifest; lower the model again)")
     target = _expect(doc.get("target"), dict, w, "'target'")
     _expect(target.get("name"), str, w, "target.name")
     weights = _expect(doc.get("weights", []), list, w, "'weights'")
@@ -290,25 +311,139 @@ def check_manifest(doc, mpath: Path) -> dict:
     return doc
 
 
-class Artifact:
-    """A loaded artifact: call :meth:`run` with a feed to get the outputs.
+def _program_fields(doc: dict, prog: dict, version: int, w: str, i: int) -> None:
+    """Check (format 2) or fill in (format 1) a program's device, rank, entry, inputs and outputs."""
+    if version < 2:
+        # Format 1: one CPU program running the whole graph.
+        prog.setdefault("entry", "main")
+        prog.setdefault("device", "cpu")
+        prog.setdefault("rank", 0)
+        prog.setdefault("inputs", doc.get("inputs"))
+        prog.setdefault("outputs", doc.get("outputs"))
+    _expect(prog.get("entry"), str, w, f"programs[{i}].entry")
+    device = _expect(prog.get("device"), str, w, f"programs[{i}].device")
+    if device not in DEVICE_KINDS:
+        raise ArtifactError(f"{w}: programs[{i}] runs on device '{device}', which this graphopt does not know "
+                            f"({', '.join(DEVICE_KINDS)}); upgrade graphopt or lower the model again")
+    rank = _expect(prog.get("rank"), int, w, f"programs[{i}].rank")
+    if rank < 0:
+        raise ArtifactError(f"{w}: programs[{i}].rank is {rank}, not a rank (damaged manifest)")
+    for key in ("inputs", "outputs"):
+        for j, spec in enumerate(_expect(prog.get(key), list, w, f"programs[{i}].{key}")):
+            _expect(spec, dict, w, f"programs[{i}].{key}[{j}]")
+            _expect(spec.get("name"), str, w, f"programs[{i}].{key}[{j}].name")
+            _dtype(_expect(spec.get("dtype"), str, w, f"programs[{i}].{key}[{j}].dtype"), f"{w}: programs[{i}].{key}[{j}]")
+            for d in _expect(spec.get("shape"), list, w, f"programs[{i}].{key}[{j}].shape"):
+                _expect(d, (int, str), w, f"programs[{i}].{key}[{j}].shape")
 
-    Loading checks the manifest, the file hashes and (through the target) that
-    this machine can run the compiled code; each problem is an
+
+def program_entry(name: str, library: str, *, device: str = "cpu", entry: str = "main", rank: int = 0,
+                  inputs: Sequence[Mapping] = (), outputs: Sequence[Mapping] = (), params: Sequence[int] = (),
+                  **extra) -> dict:
+    """One program of a format-2 manifest (what a target's ``lower`` returns in ``"programs"``).
+
+    ``inputs``/``outputs`` default (when empty) to the artifact's own, filled in by the lowering driver;
+    ``extra`` keys (an accelerator the program drives, a mesh position...) are kept as given.
+    """
+    return {"name": name, "library": library, "entry": entry, "device": device, "rank": int(rank),
+            "inputs": [dict(s) for s in inputs], "outputs": [dict(s) for s in outputs],
+            "params": [int(i) for i in params], **extra}
+
+
+def complete_programs(programs: Sequence[dict], inputs: Sequence[Mapping], outputs: Sequence[Mapping]) -> list[dict]:
+    """``programs`` with the format-2 fields a target left out: entry ``main``, device ``cpu``, rank 0, and the
+    artifact's ``inputs``/``outputs`` (a program that runs the whole graph)."""
+    out = []
+    for p in programs:
+        p = dict(p)
+        p.setdefault("entry", "main")
+        p.setdefault("device", "cpu")
+        p.setdefault("rank", 0)
+        if not p.get("inputs"):
+            p["inputs"] = [dict(s) for s in inputs]
+        if not p.get("outputs"):
+            p["outputs"] = [dict(s) for s in outputs]
+        out.append(p)
+    return out
+
+
+def describe(manifest: Mapping, art_dir: Path | None = None) -> dict:
+    """What an artifact is, from its manifest alone (no code loaded): for ``graphopt inspect <artifact>``.
+
+    Format, source, pipeline, target (name and what it recorded), programs (device, rank, library and its
+    size, weights read and their bytes), inputs, outputs, weights and total bytes, and whether this machine
+    can run it (``runs_here``: true, or the reason it cannot, from the target's ``cannot_run`` check).
+    """
+    from .plugins import get_registry
+
+    weights = manifest.get("weights", [])
+    files = manifest.get("files", {})
+    sizes = {}
+    if art_dir is not None:
+        for name in files:
+            try:
+                sizes[name] = os.lstat(Path(art_dir) / name).st_size
+            except OSError:
+                sizes[name] = None
+    target = dict(manifest.get("target") or {})
+    programs = []
+    for p in manifest.get("programs", []):
+        refs = p.get("params")
+        refs = range(len(weights)) if refs is None else refs
+        programs.append({"name": p["name"], "device": p.get("device", "cpu"), "rank": p.get("rank", 0),
+                         "entry": p.get("entry", "main"), "library": p["library"],
+                         "library_bytes": sizes.get(p["library"]),
+                         **({"accelerator": p["accelerator"]} if p.get("accelerator") else {}),
+                         "weights": len(refs), "weight_bytes": int(sum(int(weights[i]["nbytes"]) for i in refs))})
+    reason = None
+    try:
+        cls = get_registry().get_target(target.get("name", "?"))
+        reason = cls.cannot_run(manifest)
+    except Exception as e:  # a target that is not installed here: the artifact can still be described
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return {
+        "format_version": manifest.get("format_version"),
+        "source": manifest.get("source"),
+        "pipeline": manifest.get("pipeline"),
+        "target": target,
+        "programs": programs,
+        "inputs": manifest.get("inputs", []),
+        "outputs": manifest.get("outputs", []),
+        "weights": len(weights),
+        "weight_bytes": int(sum(int(e["nbytes"]) for e in weights)),
+        "bytes": int(sum(v for v in sizes.values() if v)) if sizes else None,
+        "versions": manifest.get("versions"),
+        "runs_here": True if reason is None else reason,
+    }
+
+
+class Artifact:
+    """An artifact: call :meth:`run` with a feed to get the outputs.
+
+    Opening one checks the manifest and the file hashes, and maps the
+    weights; the compiled programs are loaded lazily, on first use (:meth:`run`,
+    :attr:`programs`, :attr:`threads`), on ``device`` (``None``: the device
+    kind each program declares, its first device). So an artifact built for a
+    GPU can be opened and inspected on a machine without one; loading its
+    programs there is the error. Each problem is an
     :class:`~graphopt.errors.ArtifactError` that says what to do.
     """
 
-    def __init__(self, path: str | os.PathLike, *, check_hashes: bool = True, threads: int | None = None):
-        from .plugins import get_registry
-
+    def __init__(self, path: str | os.PathLike, *, check_hashes: bool = True, threads: int | None = None,
+                 device: str | None = None):
         self.path = Path(path)
         #: The thread cap asked for (``threads=``, else ``$GRAPHOPT_THREADS``, else None: no cap);
         #: an OptionError for a bad value, before anything is read.
         self.thread_cap = thread_cap(threads)
+        #: The device asked for (``"cuda:1"``...); None: each program's own device kind, first device.
+        self.device = device
         #: Threads the compiled code runs with, set by the target when it loads the programs
         #: (see :func:`run_threads`); ``notes`` say why it differs from what was asked, if it does.
-        self.threads: int | None = None
-        self.notes: list[str] = []
+        self._threads: int | None = None
+        self._notes: list[str] = []
+        self._programs: dict | None = None
+        self._loading = False
+        self._target_cls = None
         mpath = self.path / MANIFEST
         try:
             mst = os.lstat(mpath)
@@ -333,16 +468,64 @@ class Artifact:
                 raise ArtifactError(f"{self.path}: file '{name}' does not match its hash in the manifest (modified or damaged)")
         self.inputs = [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in self.manifest["inputs"]]
         self.outputs = [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in self.manifest["outputs"]]
-        tname = self.manifest["target"]["name"]
-        self.target_cls = get_registry().get_target(tname)
         self.weights = read_weights(self.path, self.manifest.get("weights", []))
-        try:
-            self.programs = self.target_cls.load_programs(self)
-        except ArtifactError:
-            raise
-        except (KeyError, TypeError) as e:  # a target reading a manifest field it needs
-            raise ArtifactError(f"{mpath}: target '{tname}' cannot use this manifest: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (damaged manifest)") from e
+
+    @property
+    def target_cls(self):
+        """The target class that built the artifact (from the installed plugins; an OptionError if absent)."""
+        if self._target_cls is None:
+            from .plugins import get_registry
+
+            self._target_cls = get_registry().get_target(self.manifest["target"]["name"])
+        return self._target_cls
+
+    def load_programs(self) -> dict:
+        """Load the compiled programs (once) on their device; ``{name: callable}``.
+
+        The target refuses, with an :class:`~graphopt.errors.ArtifactError`, a machine that cannot run
+        them (CPU features, no GPU or an older one...)."""
+        if self._programs is None and not self._loading:
+            tname = self.manifest["target"]["name"]
+            self._loading = True  # the target sets threads and notes while it loads
+            try:
+                self._programs = self.target_cls.load_programs(self)
+            except ArtifactError:
+                raise
+            except (KeyError, TypeError) as e:  # a target reading a manifest field it needs
+                raise ArtifactError(f"{self.path / MANIFEST}: target '{tname}' cannot use this manifest: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                                    "(damaged manifest)") from e
+            finally:
+                self._loading = False
+        return self._programs
+
+    @property
+    def programs(self) -> dict:
+        return self.load_programs()
+
+    @property
+    def threads(self) -> int | None:
+        """Threads the compiled code runs with (loads the programs)."""
+        self.load_programs()
+        return self._threads
+
+    @threads.setter
+    def threads(self, value) -> None:
+        self._threads = value
+
+    @property
+    def notes(self) -> list[str]:
+        """Why the run differs from what was asked (threads...); loads the programs."""
+        self.load_programs()
+        return self._notes
+
+    @notes.setter
+    def notes(self, value) -> None:
+        self._notes = list(value)
+
+    def describe(self) -> dict:
+        """What the artifact is, without loading its code (see :func:`describe`)."""
+        return describe(self.manifest, self.path)
 
     @property
     def graph_path(self) -> Path:
@@ -353,10 +536,18 @@ class Artifact:
         return Graph.load(self.graph_path)
 
     def run(self, feed: Mapping[str, np.ndarray], program: str = "main") -> dict[str, np.ndarray]:
-        """Run one feed (``{input name: array}``); returns ``{output name: array}``."""
-        feed = check_feed(feed, self.inputs, "inputs")
-        outs = self.programs[program]([feed[s.name] for s in self.inputs])
-        return {s.name: o for s, o in zip(self.outputs, outs)}
+        """Run one feed (``{input name: array}``) through ``program``; returns ``{output name: array}``."""
+        programs = self.load_programs()
+        if program not in programs:
+            raise ArtifactError(f"{self.path}: no program '{program}' (it has {', '.join(sorted(programs))})")
+        spec = next((p for p in self.manifest["programs"] if p["name"] == program), None)
+        inputs, outputs = self.inputs, self.outputs
+        if spec is not None and program != "main":
+            inputs = [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in spec["inputs"]]
+            outputs = [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in spec["outputs"]]
+        feed = check_feed(feed, inputs, "inputs")
+        outs = programs[program]([feed[s.name] for s in inputs])
+        return {s.name: o for s, o in zip(outputs, outs)}
 
     __call__ = run
 
@@ -365,8 +556,11 @@ class Artifact:
 
 
 def load(path: str | os.PathLike, threads: int | None = None) -> Artifact:
-    """Load an artifact directory written by ``graphopt lower`` (``threads`` caps its threads)."""
-    return Artifact(path, threads=threads)
+    """Load an artifact directory written by ``graphopt lower`` (``threads`` caps its threads), programs
+    included: a machine that cannot run it is an :class:`~graphopt.errors.ArtifactError` here, not at the first run."""
+    art = Artifact(path, threads=threads)
+    art.load_programs()
+    return art
 
 
 def thread_cap(threads: int | None = None) -> int | None:

@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-3, help="output agreement check: relative to max|reference|")
     _common(p)
 
-    p = sub.add_parser("inspect", help="ops, parameters, bytes, FLOPs, inputs and outputs of a model",
-                       epilog="example: graphopt inspect model.onnx --json")
+    p = sub.add_parser("inspect", help="ops, parameters, bytes, FLOPs, inputs and outputs of a model; "
+                       "or what an artifact folder holds and whether it runs here",
+                       epilog="examples: graphopt inspect model.onnx --json; graphopt inspect build/model")
     p.add_argument("model")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...")
     _common(p)
@@ -402,6 +403,7 @@ def cmd_run(args, out: _Out, debug_log: list) -> int:
     check_outputs([("output", args.output)], [("artifact", args.artifact), ("inputs", args.inputs)])
     with capture_native_output() as nlog:
         art = Artifact(args.artifact, threads=args.threads)
+        art.load_programs()
     debug_log.append(nlog.text)
     for note in art.notes:
         if not out.quiet:
@@ -418,6 +420,11 @@ def cmd_run(args, out: _Out, debug_log: list) -> int:
     for o in doc["outputs"]:
         out.say(f"{o['name']}: {o['dtype']}{o['shape']} min {o['min']:.4g} max {o['max']:.4g}" if o["min"] is not None
                 else f"{o['name']}: {o['dtype']}{o['shape']}")
+    report = art.target_cls.run_report(art)  # what the target measured during these runs (tpu: cycles per region)
+    if report is not None:
+        doc["target_report"] = report
+        for line in art.target_cls.report_lines(report):
+            out.say(line)
     code = EXIT_OK
     if args.verify:
         cmp = verify_artifact(art, ref_graph, data, atol=args.atol, rtol=args.rtol)
@@ -456,6 +463,10 @@ def cmd_inspect(args, out: _Out, debug_log: list) -> int:
     from .graph import Graph, parse_input_shapes
     from .stats import human_bytes, human_count, inspect_graph
 
+    from .artifact import is_artifact
+
+    if is_artifact(Path(args.model)):
+        return _inspect_artifact(args, out)
     g = Graph.load(args.model).with_input_shapes(parse_input_shapes(args.input_shape))
     doc = inspect_graph(g)
     out.emit(doc)
@@ -467,6 +478,35 @@ def cmd_inspect(args, out: _Out, debug_log: list) -> int:
             f"({human_count(doc['nonzeros'])} non-zero), {human_bytes(doc['bytes'])}, "
             f"~{human_count(doc['flops'])} FLOPs (estimated; symbolic dims = 1)")
     out.say("  ops: " + ", ".join(f"{k}×{v}" for k, v in doc["ops"].items()))
+    return EXIT_OK
+
+
+def _inspect_artifact(args, out: _Out) -> int:
+    """``graphopt inspect <artifact folder>``: what it is and whether it runs here, from its manifest alone
+    (hashes checked, no code loaded: a GPU artifact is described on a machine without a GPU)."""
+    from .artifact import Artifact
+    from .stats import human_bytes
+
+    art = Artifact(args.model)
+    doc = art.describe()
+    out.emit(doc)
+    t = doc["target"]
+    src = (doc.get("source") or {}).get("name") or "?"
+    out.say(f"{args.model}: graphopt artifact (format {doc['format_version']}) of {src}, target '{t.get('name')}', "
+            f"{human_bytes(doc['bytes'] or 0)}")
+    out.say(f"  pipeline {doc['pipeline']}")
+    facts = {k: t[k] for k in ("mcpu", "arch", "cuda_version", "threads", "array") if t.get(k) is not None}
+    if facts:
+        out.say("  target " + ", ".join(f"{k} {v}" for k, v in facts.items()))
+    for p in doc["programs"]:
+        acc = f" via {p['accelerator']}" if p.get("accelerator") else ""
+        out.say(f"  program {p['name']}: {p['device']}{acc}, rank {p['rank']}, {p['library']} "
+                f"({human_bytes(p['library_bytes'] or 0)}), {p['weights']} weights ({human_bytes(p['weight_bytes'])})")
+    for kind in ("inputs", "outputs"):
+        for spec in doc[kind]:
+            out.say(f"  {kind[:-1]:<6} {spec['name']}: {spec['dtype']}{spec['shape']}")
+    runs = doc["runs_here"]
+    out.say("  runs here: yes" if runs is True else f"  runs here: no: {runs}")
     return EXIT_OK
 
 

@@ -61,9 +61,10 @@ REWRITING_PASS = {"LSTM": "lower-recurrent", "GRU": "lower-recurrent", "RNN": "l
 
 def _default_pipeline_passes() -> set[str]:
     """Names of the passes ``graphopt.api.DEFAULT_LOWER_PIPELINE`` runs."""
-    from graphopt.api import DEFAULT_LOWER_PIPELINE
+    from graphopt.api import DEFAULT_LOWER_PIPELINE_UNROLLED
 
-    return {step.split("(")[0].strip() for step in DEFAULT_LOWER_PIPELINE.split(",")}
+    # The default of a target without native recurrences (one with them never refuses LSTM/GRU/RNN).
+    return {step.split("(")[0].strip() for step in DEFAULT_LOWER_PIPELINE_UNROLLED.split(",")}
 
 
 def _is_standard(op: str) -> bool:

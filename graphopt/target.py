@@ -93,6 +93,9 @@ class Target:
     name: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
     plugin: ClassVar[str] = "<unregistered>"
+    #: ONNX ops the target lowers itself that TVM's importer has no converter for (the CPU target's LSTM,
+    #: GRU, RNN); the default lower pipeline rewrites the recurrent ones for a target without them.
+    native_ops: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any):
         self.given = {k.replace("-", "_"): v for k, v in options.items()}
@@ -141,5 +144,25 @@ class Target:
 
     @classmethod
     def load_programs(cls, artifact) -> dict[str, Program]:  # pragma: no cover - contract
-        """Callables for the artifact's programs, keyed by program name."""
+        """Callables for the artifact's programs, keyed by program name, on ``artifact.device`` (None: the
+        device kind each program declares). Raise ArtifactError for a machine that cannot run them."""
         raise NotImplementedError
+
+    @classmethod
+    def cannot_run(cls, manifest: dict) -> str | None:
+        """Why this machine cannot run an artifact with ``manifest`` (one line saying what to do), or None.
+
+        Asked without loading anything (``graphopt inspect``); ``load_programs`` refuses with the same
+        reason. Default: None (the target knows of no reason)."""
+        return None
+
+    @classmethod
+    def run_report(cls, artifact) -> dict | None:
+        """What the target measured while ``artifact``'s programs ran in this process (JSON), for
+        ``graphopt run``'s report; None: nothing to report (the default)."""
+        return None
+
+    @classmethod
+    def report_lines(cls, report: dict) -> list[str]:
+        """:meth:`run_report`'s document as lines for a terminal."""
+        return []

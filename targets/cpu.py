@@ -112,6 +112,7 @@ class CpuTarget(Target):
     """CPU through TVM's LLVM backend, for the host CPU's features (or a portable baseline)."""
 
     name = "cpu"
+    native_ops = ("GRU", "LSTM", "RNN")  # targets/recurrent.py compiles them whole
     options = (
         Option("mcpu", str, "host", "LLVM cpu to build for: 'host' (detected), 'portable', or a name such as znver3"),
         Option("opt_level", int, 3, "TVM optimization level", min=0, max=3),
@@ -305,19 +306,20 @@ class CpuTarget(Target):
         return index, refs
 
     @classmethod
+    def cannot_run(cls, manifest: dict) -> str | None:
+        return host_cannot_run(manifest)
+
+    @classmethod
     def load_programs(cls, artifact) -> dict:
         import tvm
         from tvm import relax
 
         t = artifact.manifest["target"]
-        if t.get("machine") and t["machine"] != platform.machine():
-            raise ArtifactError(f"{artifact.path}: built for {t['machine']}, this machine is {platform.machine()}")
-        missing = missing_features(t.get("isa_features", []))
-        if missing:
-            raise ArtifactError(
-                f"{artifact.path}: built for CPU '{t['mcpu']}' using {', '.join(missing)}, which this CPU "
-                f"({host_cpu()}) lacks; lower the model again on this machine, or with --target-opt mcpu=portable"
-            )
+        reason = cls.cannot_run(artifact.manifest)
+        if reason:
+            raise ArtifactError(f"{artifact.path}: {reason}")
+        if artifact.device not in (None, "cpu", "cpu:0"):
+            raise ArtifactError(f"{artifact.path}: a '{t['name']}' artifact runs on the CPU, not on '{artifact.device}'")
         from graphopt.artifact import run_threads
 
         want, artifact.notes = run_threads(t.get("threads"), artifact.thread_cap)
@@ -335,6 +337,19 @@ class CpuTarget(Target):
 
             programs[prog["name"]] = _Runner(fn, params)
         return programs
+
+
+def host_cannot_run(manifest: dict) -> str | None:
+    """Why this machine cannot run host CPU code built as ``manifest``'s target records it (machine, ISA
+    features), or None. Shared by the targets whose programs are CPU code (cpu, tpu)."""
+    t = manifest.get("target") or {}
+    if t.get("machine") and t["machine"] != platform.machine():
+        return f"built for {t['machine']}, this machine is {platform.machine()}"
+    missing = missing_features(t.get("isa_features", []))
+    if missing:
+        return (f"built for CPU '{t.get('mcpu')}' using {', '.join(missing)}, which this CPU ({host_cpu()}) lacks; "
+                "lower the model again on this machine, or with --target-opt mcpu=portable")
+    return None
 
 
 class _Runner:
