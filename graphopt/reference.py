@@ -293,10 +293,12 @@ def compare_artifact_outputs(manifest: dict, ref, got, names: Sequence[str], *, 
 
 
 def quantized_artifact(manifest: dict) -> bool:
-    """Whether an artifact runs integer kernels or compiled quantize nodes (its values then differ from
-    ONNX Runtime's by a quantization step now and then, not only by float rounding)."""
+    """Whether an artifact runs integer kernels, compiled quantize nodes or bf16 matrix regions (the ``tpu``
+    target's; their values then differ from ONNX Runtime's by a quantization step now and then, not only by
+    float32 rounding)."""
     t = manifest.get("target") or {}
-    return bool(int(t.get("int8_matmuls") or 0) + int(t.get("quantize_nodes") or 0))
+    return bool(int(t.get("int8_matmuls") or 0) + int(t.get("quantize_nodes") or 0)
+                + int(t.get("bf16_regions") or 0))
 
 
 @dataclass

@@ -6,5 +6,6 @@ from graphopt.hookspecs import hookimpl
 @hookimpl
 def graphopt_register_targets():
     from .cpu import CpuTarget
+    from .tpu.target import TpuTarget
 
-    return [CpuTarget]
+    return [CpuTarget, TpuTarget]
