@@ -347,7 +347,7 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
         keep_if_faster=args.keep_if_faster, verify_layers=args.verify_layers,
     )
     debug_log.append(res.native_log)
-    out.say(f"lowered {args.model} → {res.artifact} (target {args.target}, {res.manifest['target'].get('mcpu', '')})")
+    out.say(f"lowered {args.model} → {res.artifact} (target {args.target}, {res.manifest['target'].get('arch') or res.manifest['target'].get('mcpu', '')})")
     out.say(f"pipeline: {res.pipeline}")
     for line in _record_lines(res.records):
         out.say(line)

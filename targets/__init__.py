@@ -6,6 +6,7 @@ from graphopt.hookspecs import hookimpl
 @hookimpl
 def graphopt_register_targets():
     from .cpu import CpuTarget
+    from .cuda import CudaTarget
     from .tpu.target import TpuTarget
 
-    return [CpuTarget, TpuTarget]
+    return [CpuTarget, CudaTarget, TpuTarget]
