@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import stat
+import threading
 
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -292,6 +293,8 @@ def check_manifest(doc, mpath: Path) -> dict:
     names = [p["name"] for p in programs]
     if len(set(names)) != len(names):
         raise ArtifactError(f"{mpath}: two programs share a name (damaged manifest; lower the model again)")
+    if doc.get("source") is not None:
+        _expect(doc.get("source"), dict, w, "'source'")
     target = _expect(doc.get("target"), dict, w, "'target'")
     _expect(target.get("name"), str, w, "target.name")
     weights = _expect(doc.get("weights", []), list, w, "'weights'")
@@ -443,6 +446,7 @@ class Artifact:
         self._notes: list[str] = []
         self._programs: dict | None = None
         self._loading = False
+        self._load_lock = threading.RLock()
         self._target_cls = None
         mpath = self.path / MANIFEST
         try:
@@ -484,19 +488,24 @@ class Artifact:
 
         The target refuses, with an :class:`~graphopt.errors.ArtifactError`, a machine that cannot run
         them (CPU features, no GPU or an older one...)."""
-        if self._programs is None and not self._loading:
-            tname = self.manifest["target"]["name"]
-            self._loading = True  # the target sets threads and notes while it loads
-            try:
-                self._programs = self.target_cls.load_programs(self)
-            except ArtifactError:
-                raise
-            except (KeyError, TypeError) as e:  # a target reading a manifest field it needs
-                raise ArtifactError(f"{self.path / MANIFEST}: target '{tname}' cannot use this manifest: "
-                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                                    "(damaged manifest)") from e
-            finally:
-                self._loading = False
+        if self._programs is not None:
+            return self._programs
+        # One loader at a time: a second thread waits for the first's programs. Reentrant, because the
+        # target reads and sets threads and notes (which load on demand) while it loads.
+        with self._load_lock:
+            if self._programs is None and not self._loading:
+                tname = self.manifest["target"]["name"]
+                self._loading = True
+                try:
+                    self._programs = self.target_cls.load_programs(self)
+                except ArtifactError:
+                    raise
+                except (KeyError, TypeError) as e:  # a target reading a manifest field it needs
+                    raise ArtifactError(f"{self.path / MANIFEST}: target '{tname}' cannot use this manifest: "
+                                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                                        "(damaged manifest)") from e
+                finally:
+                    self._loading = False
         return self._programs
 
     @property

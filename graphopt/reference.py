@@ -229,16 +229,61 @@ def reference_drift(session, graph: Graph, feeds: Sequence[Feed], ref: Sequence[
     can be perturbed or the perturbed run fails."""
     if not any(_perturbable(v) for f in feeds for v in f.values()):
         return None
-    n_out = len(ref[0]) if ref else 0
-    worst: list = [0.0] * n_out
+    runs = []
     for seed in (0, 1):
         rng = np.random.default_rng(seed)
         moved = [{k: (v * (1 + DRIFT_PERTURBATION * rng.standard_normal(np.shape(v)))).astype(v.dtype)
                   if _perturbable(v) else v for k, v in f.items()} for f in feeds]
         try:
-            perturbed = run_reference(graph, moved, session)
+            runs.append(run_reference(graph, moved, session))
         except Exception:  # noqa: BLE001 - a perturbation the model cannot take: no drift, no second chance
             return None
+    return _output_drift(ref, runs)
+
+
+def bf16_weights(graph: Graph) -> Graph | None:
+    """A copy of ``graph`` whose float32 weights (initializers of two or more dims: matmul and conv weights)
+    are rounded to bfloat16 (to nearest, ties to even) and kept as float32; None when it has none.
+
+    What an accelerator that multiplies in bf16 does to the weights; run by the reference, it shows how far
+    bf16 rounding moves the model's own outputs. Weights stored outside the proto (lazy, external) are left
+    as they are (the drift then counts fewer roundings: stricter, never looser)."""
+    from onnx import TensorProto, numpy_helper
+
+    g = graph.copy()
+    changed = False
+    for t in g.graph.initializer:
+        if t.data_type != TensorProto.FLOAT or len(t.dims) < 2 or t.data_location == TensorProto.EXTERNAL:
+            continue
+        a = numpy_helper.to_array(t).astype(np.float32)
+        bits = a.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+        rounded = np.where(np.isfinite(a), rounded, a)  # NaN and inf stay as they are
+        t.CopyFrom(numpy_helper.from_array(rounded.reshape(a.shape), t.name))
+        changed = True
+    return g if changed else None
+
+
+def bf16_drift(graph: Graph, feeds: Sequence[Feed], ref: Sequence[Sequence[np.ndarray]]) -> list | None:
+    """Per output, the max |Δ| of ONNX Runtime's outputs on ``feeds`` when ``graph``'s weights are rounded to
+    bf16 (:func:`bf16_weights`), against ``ref``; None entries where it does not apply (not float, shape or
+    non-finite values moved, past MAX_DRIFT_FRACTION of the output's range). None when the graph has no
+    such weights or the run fails."""
+    rounded = bf16_weights(graph)
+    if rounded is None:
+        return None
+    try:
+        moved = run_reference(rounded, feeds)
+    except Exception:  # noqa: BLE001 - no drift, no second chance
+        return None
+    return _output_drift(ref, [moved])
+
+
+def _output_drift(ref, runs) -> list:
+    """Per output, the worst max |Δ| of the ``runs`` against ``ref`` (see :func:`reference_drift`)."""
+    n_out = len(ref[0]) if ref else 0
+    worst: list = [0.0] * n_out
+    for perturbed in runs:
         for r_outs, p_outs in zip(ref, perturbed):
             for i, (r, p) in enumerate(zip(r_outs, p_outs)):
                 r, p = np.asarray(r), np.asarray(p)
@@ -249,8 +294,7 @@ def reference_drift(session, graph: Graph, feeds: Sequence[Feed], ref: Sequence[
                     continue
                 fin = np.isfinite(r)
                 if fin.any():
-                    d = float(np.abs(r[fin].astype(np.float64) - p[fin]).max())
-                    worst[i] = max(worst[i], d)
+                    worst[i] = max(worst[i], float(np.abs(r[fin].astype(np.float64) - p[fin]).max()))
     for i in range(n_out):
         if worst[i] is None:
             continue
@@ -273,7 +317,13 @@ def compare_artifact_outputs(manifest: dict, ref, got, names: Sequence[str], *, 
     if first.ok or not quantized_artifact(manifest) or (atol, rtol) != (DEFAULT_ATOL, DEFAULT_RTOL) \
             or not np.isfinite(first.max_abs):
         return first
-    drift = reference_drift(session, graph, feeds, ref)
+    t = manifest.get("target") or {}
+    if int(t.get("bf16_regions") or 0):
+        # Matmuls in bf16: the model's outputs move by what rounding its weights to bf16 moves them (its
+        # activations are rounded too, by about as much: DRIFT_FACTOR covers both).
+        drift, kind = bf16_drift(graph, feeds, ref), "bf16 drift"
+    else:
+        drift, kind = reference_drift(session, graph, feeds, ref), "drift"
     if drift is None:
         return first
     # Output by output, each within its own drift.
@@ -284,12 +334,13 @@ def compare_artifact_outputs(manifest: dict, ref, got, names: Sequence[str], *, 
         else:
             part = compare_outputs([[o[i]] for o in ref], [[o[i]] for o in got], [name],
                                    atol=atol_ + DRIFT_FACTOR * drift[i], rtol=rtol_)
-            part.drift = drift[i]
+            part.drift, part.drift_kind = drift[i], kind
         parts.append(part)
     failed = [p for p in parts if not p.ok]
     worst = failed[0] if failed else max(parts, key=lambda p: p.max_abs)
     return Comparison(max(p.max_abs for p in parts), max(p.max_rel for p in parts), min(p.cosine for p in parts),
-                      min(p.snr_db for p in parts), worst.worst_output, worst.atol, rtol_, not failed, worst.drift)
+                      min(p.snr_db for p in parts), worst.worst_output, worst.atol, rtol_, not failed, worst.drift,
+                      worst.drift_kind)
 
 
 def quantized_artifact(manifest: dict) -> bool:
@@ -316,6 +367,9 @@ class Comparison:
     #: Max |Δ| of ONNX Runtime's own outputs under rounding-sized input perturbations (see
     #: :func:`compare_artifact_outputs`); None when not measured.
     drift: float | None = None
+    #: What the drift measured: "drift" (inputs perturbed by rounding-sized noise) or "bf16 drift" (the
+    #: weights rounded to bf16, for an artifact that multiplies in bf16).
+    drift_kind: str = "drift"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -324,10 +378,11 @@ class Comparison:
                 d[k] = None if np.isnan(d[k]) else ("inf" if d[k] > 0 else "-inf")
         if d["drift"] is None:
             del d["drift"]
+            del d["drift_kind"]
         return d
 
     def summary(self) -> str:
-        tol = (f"{self.atol - DRIFT_FACTOR * self.drift:g} + {DRIFT_FACTOR:g}*drift {self.drift:.3g}"
+        tol = (f"{self.atol - DRIFT_FACTOR * self.drift:g} + {DRIFT_FACTOR:g}*{self.drift_kind} {self.drift:.3g}"
                if self.drift is not None else f"{self.atol:g}")
         return (
             f"max abs error {self.max_abs:.3g} on '{self.worst_output}' "

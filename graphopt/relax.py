@@ -345,6 +345,52 @@ def import_graph(graph: Graph, params: list[str], converters=None):
     return mod
 
 
+def identifier_params(mod):
+    """``mod`` with ``main``'s parameters renamed to C identifiers where their ONNX names are not.
+
+    The importer names a parameter after its graph input or initializer (``encoder/layer.0/weight:0``);
+    kernels take their buffers' names from it, and a backend that emits C source (CUDA) writes them into
+    kernel signatures, where nvcc refuses them. Arguments go by position, so renaming changes nothing
+    else. A name is its non-identifier characters replaced by ``_`` with the parameter's position appended
+    (unique); a valid name is kept. Returns ``mod`` itself when nothing needs renaming.
+    """
+    import re
+
+    from tvm import relax
+
+    main = mod["main"]
+    ok = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+    mapping = {}
+    params = []
+    for i, p in enumerate(main.params):
+        if ok.fullmatch(p.name):
+            params.append(p)
+            continue
+        clean = re.sub(r"[^A-Za-z0-9_]", "_", p.name)
+        new = relax.Var(f"{'p_' if not clean or clean[0].isdigit() else ''}{clean}_{i}", p.ty)
+        mapping[p] = new
+        params.append(new)
+    if not mapping:
+        return mod
+
+    @relax.expr_functor.mutator
+    class _Rename(relax.PyExprMutator):
+        def visit_var_(self, op):
+            return mapping.get(op, op)
+
+    body = _Rename(mod).visit_expr(main.body)
+    out = mod.clone() if hasattr(mod, "clone") else tvm_ir_copy(mod)
+    out["main"] = relax.Function(params, body, main.ret_ty, main.is_pure, main.attrs, main.span)
+    return out
+
+
+def tvm_ir_copy(mod):
+    """A shallow copy of an IRModule (its functions are immutable; the copy can be assigned into)."""
+    import tvm
+
+    return tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+
+
 # ------------------------------------------------------------ reproducible builds
 def rewrite_relax_functions(mod, rewriter_cls):
     """``mod`` with every Relax function passed through ``rewriter_cls`` (a ``PyExprMutator`` class).

@@ -39,7 +39,7 @@ from graphopt.console import step
 from graphopt.errors import ArtifactError, GraphoptError, LoweringError, OptionError
 from graphopt.graph import Graph
 from graphopt.options import Option
-from graphopt.relax import import_graph, output_specs, raise_if_unsupported, select_params
+from graphopt.relax import identifier_params, import_graph, output_specs, raise_if_unsupported, select_params
 from graphopt.target import LowerContext, Target
 
 #: The architecture built for when ``arch=auto`` and no CUDA GPU is visible (A100; runs on any newer GPU
@@ -368,6 +368,94 @@ def _capture(store: dict):
 
 # -- The target ----------------------------------------------------------------------------------------
 
+#: Static shared memory one CUDA thread block may use (48 KiB on every arch; more needs dynamic shared memory).
+MAX_SHARED_BYTES = 48 << 10
+
+
+def _shared_bytes(space) -> int:
+    """Shared memory the scheduled function(s) ``space`` allocate in blocks (0 when none; a buffer of
+    symbolic size is left to the compiler)."""
+    from tvm import s_tir
+
+    if space is None:
+        return 0
+    worst = 0
+    for sch in ([space] if isinstance(space, s_tir.Schedule) else list(space)):
+        for func in sch.mod.functions.values():
+            worst = max(worst, sum(_buffer_bytes(b) for b in _alloc_buffers(getattr(func, "body", None))
+                                   if str(b.scope()).startswith("shared")))
+    return worst
+
+
+def _alloc_buffers(stmt, out=None) -> list:
+    """Every buffer allocated by an s_tir block (``alloc_buffers``) under ``stmt``. TVM's
+    ``calculate_allocated_bytes`` counts only lowered allocations, and 0.27 has no Python TIR visitor:
+    the statement tree is walked through its fields."""
+    out = [] if out is None else out
+    if stmt is None:
+        return out
+    out.extend(getattr(stmt, "alloc_buffers", None) or [])
+    for field in ("block", "body", "init", "then_case", "else_case"):
+        child = getattr(stmt, field, None)
+        if child is not None and not isinstance(child, (int, float, str)):
+            _alloc_buffers(child, out)
+    for child in getattr(stmt, "seq", None) or []:
+        _alloc_buffers(child, out)
+    return out
+
+
+def _buffer_bytes(buf) -> int:
+    from tvm import tirx
+
+    n = 1
+    for d in buf.shape:
+        if not isinstance(d, tirx.IntImm):
+            return 0
+        n *= int(d.value)
+    return n * max(1, _dtype_bits(buf.dtype) // 8)
+
+
+def _dtype_bits(dtype) -> int:
+    import numpy as np
+
+    try:
+        return np.dtype(str(dtype)).itemsize * 8
+    except TypeError:
+        return 32
+
+
+def guarded(rule, failures: list):
+    """``rule`` (a dlight ScheduleRule) that declines, instead of raising, a function it fails on.
+
+    dlight's GPU rules claim some kernels they then cannot schedule (on ppocrv6-rec, Matmul: "consumers of
+    the cache-write stage that are not properly inlined"; on ddddocr, a rule using ``and`` on a TIR
+    expression); one raise stopped the whole build. Declined, the kernel goes to the next rule (Fallback
+    last). ``failures`` collects ``(rule, function, message)`` for the build's notes."""
+    from tvm.s_tir.dlight import ScheduleRule
+
+    class _Guarded(ScheduleRule):
+        def apply(self, func, target, tunable):
+            name = func.attrs["global_symbol"] if func.attrs is not None and "global_symbol" in func.attrs else "?"
+            try:
+                space = rule.apply(func, target, tunable)
+            except Exception as e:  # noqa: BLE001 - any failure of this rule: let the next one try
+                failures.append((type(rule).__name__, str(name), _one_line(e)))
+                return None
+            shared = _shared_bytes(space)
+            if shared > MAX_SHARED_BYTES:
+                # ptxas would refuse the kernel ("uses too much shared data"): a conv that GeneralReduction
+                # staged whole in shared memory (ppocrv6-rec: 360 KiB).
+                failures.append((type(rule).__name__, str(name), f"{shared} bytes of shared memory, over "
+                                 f"the {MAX_SHARED_BYTES} a block may use"))
+                return None
+            return space
+
+        def __repr__(self):
+            return f"guarded({type(rule).__name__})"
+
+    return _Guarded()
+
+
 class CudaTarget(Target):
     """NVIDIA GPUs through TVM's CUDA backend: dlight GPU schedules, device code compiled ahead of time."""
 
@@ -389,6 +477,8 @@ class CudaTarget(Target):
 
     def __init__(self, **options):
         super().__init__(**options)
+        #: (rule, function, message) of each dlight rule that failed on a kernel and declined it (see guarded)
+        self.rule_failures: list = []
         arch = self.opts.arch.strip()
         self.compiler = find_compiler(self.opts.compiler)
         if arch != "auto" and not (ARCH_RE.match(arch) and (self.compiler is None or self.compiler.supports(arch))):
@@ -442,8 +532,10 @@ class CudaTarget(Target):
         """TVM's dlight GPU rules, most specific first; Fallback last, so every kernel binds threads."""
         from tvm.s_tir.dlight import gpu
 
-        return [gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(),
-                gpu.Transpose(), gpu.RMSNorm(), gpu.Fallback()]
+        rules = [gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(),
+                 gpu.Transpose(), gpu.RMSNorm()]
+        # Fallback unguarded: a kernel it cannot schedule is an error that names it, not host code.
+        return [*(guarded(r, self.rule_failures) for r in rules), gpu.Fallback()]
 
     def tvm_target(self):
         import tvm
@@ -481,7 +573,8 @@ class CudaTarget(Target):
             return compiled[key]
 
         with step(ctx.progress, "import into TVM Relax"):
-            mod = import_graph(graph, ctx.params)
+            # Kernel signatures are C source: parameters named like `dense/kernel:0` must be identifiers.
+            mod = identifier_params(import_graph(graph, ctx.params))
         outputs = output_specs(mod, graph)
         captured: dict = {}
         try:
@@ -493,6 +586,9 @@ class CudaTarget(Target):
             source = cuda_source(cmod) if cmod is not None else ""
             names = kernel_names(source)
             ctx.native_log.extend(self._check_kernels(graph, captured.get("mod"), names))
+            for rule, func, msg in self.rule_failures:
+                ctx.native_log.append(f"note: dlight's {rule} rule failed on {func} ({msg}); a later rule scheduled it")
+            self.rule_failures.clear()
             with step(ctx.progress, f"compile device code ({compiler.kind} {compiler.version}, {arch})"):
                 key = _source_key(source) if source else None
                 code = compile_fn(source) if source else None

@@ -128,3 +128,38 @@ def test_default_pipeline_unrolls_recurrences_for_targets_without_them():
 
     assert "lower-recurrent" in default_lower_pipeline(Bare())
     assert "lower-recurrent" not in default_lower_pipeline(get_registry().get_target("cpu")())
+
+
+def test_threads_running_a_fresh_artifact_share_one_load(built, monkeypatch):
+    """Lazy loading under threads: the second caller waits for the first's programs (it got None before)."""
+    import threading
+    import time
+
+    from graphopt.plugins import get_registry
+
+    cpu = get_registry().get_target("cpu")
+    calls = []
+    original = cpu.load_programs.__func__
+
+    def slow_load(cls, artifact):
+        calls.append(1)
+        time.sleep(0.3)
+        return original(cls, artifact)
+
+    monkeypatch.setattr(cpu, "load_programs", classmethod(slow_load))
+    art = Artifact(built)
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(art.run(_feed())["probabilities"])
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 1 and len(results) == 3
+    assert all(np.array_equal(r, results[0]) for r in results)

@@ -221,3 +221,54 @@ def test_runs_on_the_gpu_and_matches_onnx_runtime(tmp_path, name):
     (ref,) = ort_run(Graph(model), {"x": x})
     np.testing.assert_allclose(list(got.values())[0], ref, rtol=1e-4, atol=1e-5)
     assert run_cli("run", art) == 0
+
+
+@needs_nvcc
+def test_onnx_names_that_are_not_c_identifiers_compile(tmp_path):
+    """Exporters name weights `dense/kernel:0` or `layer.0.weight`; kernel signatures are C source (magika,
+    ppocr-cls and silero-vad failed in nvcc before parameters were renamed)."""
+    rng = np.random.default_rng(5)
+    model = make_model(
+        [helper.make_node("MatMul", ["in/x:0", "dense/kernel:0"], ["h"]),
+         helper.make_node("Add", ["h", "layer.0.bias"], ["y"])],
+        [vi("in/x:0", [2, 16])], [vi("y", [2, 8])],
+        [init("dense/kernel:0", rng.standard_normal((16, 8)).astype(np.float32)),
+         init("layer.0.bias", rng.standard_normal(8).astype(np.float32))])
+    out = tmp_path / "names.art"
+    assert run_cli("lower", _save(tmp_path, "names", model), "--target", "cuda", "--target-opt", "arch=sm_80",
+                   "-o", out, "-q") == 0
+    assert json.loads((out / "manifest.json").read_text())["target"]["kernels"] >= 1
+
+
+def test_a_schedule_rule_that_fails_or_overflows_shared_memory_declines():
+    """dlight rules that raise on a kernel, or stage more than a block's shared memory, pass it on to the
+    next rule instead of failing the build (ppocrv6-rec, ddddocr)."""
+    import tvm
+    from tvm import s_tir, te
+
+    a = te.placeholder((256, 256), "float32", name="a")
+    k = te.reduce_axis((0, 256), name="k")
+    b = te.compute((256,), lambda i: te.sum(a[i, k], axis=k), name="b")
+    func = te.create_prim_func([a, b]).with_attr("global_symbol", "rowsum")
+
+    class Raises:
+        def apply(self, func, target, tunable):
+            raise ValueError("Cannot use and / or / not operator to Expr")
+
+    class StagesAllOfA:  # 256 KiB of shared memory: more than a block may have
+        def apply(self, func, target, tunable):
+            sch = s_tir.Schedule(func)
+            sch.cache_read(sch.get_sblock("b"), 0, "shared")
+            return sch
+
+    class Fits:
+        def apply(self, func, target, tunable):
+            return s_tir.Schedule(func)
+
+    failures: list = []
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    assert cuda.guarded(Raises(), failures).apply(func, target, False) is None
+    assert failures[-1][1] == "rowsum" and "Cannot use" in failures[-1][2]
+    assert cuda.guarded(StagesAllOfA(), failures).apply(func, target, False) is None
+    assert "262144 bytes of shared memory" in failures[-1][2]
+    assert cuda.guarded(Fits(), failures).apply(func, target, False) is not None and len(failures) == 2

@@ -30,7 +30,7 @@ def _manifest_target(art) -> dict:
 
 
 # ------------------------------------------------------------------------------------ exact int8 regions
-def _qdq_matmul_model(transposed: bool):
+def _qdq_matmul_model(transposed: bool, per_tensor: bool = False):
     """x [5, 32] -> Q/DQ (scale 1/4, zero 128) -> MatMul / Gemm(transB) with int8 codes (scale 1/8 per channel,
     non-zero per-channel zero points): every value a small multiple of a power of two, so ONNX Runtime's
     float QDQ arithmetic is exact too."""
@@ -42,7 +42,8 @@ def _qdq_matmul_model(transposed: bool):
              helper.make_node("DequantizeLinear", ["qx", "sx", "zx"], ["dx"]),
              helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["dw"], axis=0 if transposed else 1)]
     inits = [init("sx", np.float32(0.25)), init("zx", np.uint8(128)), init("w", w),
-             init("sw", np.full(n, 0.125, np.float32)), init("zw", zw)]
+             init("sw", np.float32(0.125) if per_tensor else np.full(n, 0.125, np.float32)),
+             init("zw", np.int8(-2) if per_tensor else zw)]
     if transposed:
         nodes.append(helper.make_node("Gemm", ["dx", "dw"], ["y"], transB=1))
     else:
@@ -63,9 +64,11 @@ def _qdq_conv_model():
     return make_model(nodes, [vi("x", [2, 3, 9, 9])], [vi("y", [2, 8, 5, 5])], inits)
 
 
-@pytest.mark.parametrize("kind", ["matmul", "gemm_transposed", "conv"])
+@pytest.mark.parametrize("kind", ["matmul", "matmul_per_tensor", "gemm_transposed", "conv"])
 def test_int8_regions_match_onnx_runtime_bit_for_bit(tmp_path, kind):
-    model = _qdq_conv_model() if kind == "conv" else _qdq_matmul_model(kind == "gemm_transposed")
+    """Per-channel and per-tensor weight scales (one scalar scale and zero point for the whole weight)."""
+    model = (_qdq_conv_model() if kind == "conv"
+             else _qdq_matmul_model(kind == "gemm_transposed", per_tensor=kind == "matmul_per_tensor"))
     art = _lower(model, tmp_path, kind)
     t = _manifest_target(art)
     assert t["int8_regions"] == 1 and t["bf16_regions"] == 0 and t["offloaded_share"] == 1.0

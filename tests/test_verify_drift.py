@@ -133,3 +133,34 @@ def test_a_perturbation_the_model_cannot_take_is_no_second_chance():
     assert reference_drift(session, g, feeds, run_reference(g, feeds, session)) is None
     c = _check_graph(g, feeds, lambda got: got[0][0].__iadd__(1.0))
     assert not c.ok
+
+
+# ------------------------------------------------------------------------------------ bf16 artifacts (tpu)
+def _cancelling() -> Graph:
+    """y = x @ W1 - x @ W2 with W2 = W1 + 0.05 noise: the outputs are small, bf16 rounding of the weights is
+    not (it moves them past the int8 tolerances), as it does on a deep network's softmax."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((256, 8)).astype(np.float32)
+    w2 = (w1 + 0.05 * rng.standard_normal((256, 8))).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("MatMul", ["x", "w2"], ["b"]),
+             helper.make_node("Sub", ["a", "b"], ["y"])]
+    return Graph(make_model(nodes, [vi("x", [4, 256])], [vi("y", [4, 8])], [init("w1", w1), init("w2", w2)]))
+
+
+@pytest.mark.parametrize("excess, ok", [(0.0, True), (5.0, False)])
+def test_bf16_artifact_is_checked_within_the_drift_of_bf16_weights(excess, ok):
+    from graphopt.reference import bf16_weights
+
+    g = _cancelling()
+    feeds = [{"x": np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)}]
+    session = reference_session(g)
+    ref = run_reference(g, feeds, session)
+    rounded = run_reference(bf16_weights(g), feeds)  # what an array multiplying bf16 weights computes
+    drift = float(np.abs(rounded[0][0] - ref[0][0]).max())
+    got = [[rounded[0][0] + excess * drift]]
+    manifest = {"target": {"bf16_regions": 2}}
+    cmp = compare_artifact_outputs(manifest, ref, got, ["y"], atol=1e-4, rtol=1e-3, graph=g, feeds=feeds,
+                                   session=session)
+    assert cmp.drift == pytest.approx(drift) and cmp.drift_kind == "bf16 drift"
+    assert cmp.ok is ok and "bf16 drift" in cmp.summary()
+    assert drift > 1e-3 + 2e-2 * float(np.abs(ref[0][0]).max())  # the int8 tolerances alone refuse it

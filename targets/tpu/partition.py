@@ -152,6 +152,10 @@ def analyze(op: str, attrs, a, b, out_ty, lookup, params: set, config, float_reg
     dqa, dqw = bound(a, "relax.dequantize"), bound(b, "relax.dequantize")
     if dqa is not None and dqw is not None:
         return _int8_plan(op, attrs, dqa, dqw, transposed, out_shape, params, config)
+    if dqw is not None and dqa is None:
+        # A dequantized weight times an activation that is not a per-tensor dequantize right here (a float
+        # activation of a weight-only layer, or one scaled / transposed on the way: Gemm alpha, transA).
+        raise Reject("quantized weight with an activation that is not dequantized per tensor right before it")
     if not float_regions:
         raise Reject("float region (float_regions=false)")
     if _dtype(a) != "float32" or _dtype(b) != "float32":
@@ -229,7 +233,8 @@ def _int8_plan(op, attrs, dqa, dqw, transposed, out_shape, params, config) -> Pl
     n_axis = 0 if (transposed or conv) else 1
     w_axis = int(dqw.attrs.axis) % max(len(w_shape), 1)
     for p in (sw, zw):
-        ps = [_int(d) for d in (_shape(p) or [None])]
+        shape = _shape(p)  # [] for a scalar (per tensor); None when unknown
+        ps = [None] if shape is None else [_int(d) for d in shape]
         if not (ps == [] or (ps == [n] and w_axis == n_axis)):
             raise Reject("weight scale / zero point is neither per tensor nor per output channel")
     zw_val = _const_array(zw)

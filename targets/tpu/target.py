@@ -184,14 +184,16 @@ class TpuTarget(Target):
         if not stats:
             return None
         regions, total = [], RegionStats()
-        by_id = {r["id"]: r for r in t.get("regions", [])}
+        # Read defensively: a damaged manifest's report fields must not fail a run that succeeded.
+        regs = t.get("regions")
+        by_id = {r.get("id"): r for r in regs if isinstance(r, dict)} if isinstance(regs, list) else {}
         for rid in sorted(stats):
             calls, s = stats[rid]
             total.add(s)
             r = by_id.get(rid, {})
             regions.append({"id": rid, "kind": r.get("kind"), "dtype": r.get("dtype"), "shape": r.get("shape"),
                             "k": r.get("k"), "n": r.get("n"), "calls": calls, **s.to_json()})
-        cfg = t.get("array", {})
+        cfg = t.get("array") if isinstance(t.get("array"), dict) else {}
         clock = float(cfg.get("clock_mhz") or 0) * 1e6
         return {
             "model": "tpu-sim: a parameterized model of a systolic-array matrix unit (design-space exploration, not a driver)",
