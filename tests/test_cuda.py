@@ -272,3 +272,19 @@ def test_a_schedule_rule_that_fails_or_overflows_shared_memory_declines():
     assert cuda.guarded(StagesAllOfA(), failures).apply(func, target, False) is None
     assert "262144 bytes of shared memory" in failures[-1][2]
     assert cuda.guarded(Fits(), failures).apply(func, target, False) is not None and len(failures) == 2
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_real_model_compiles_with_device_code_for_every_kernel(real_model, tmp_path):
+    """magika (jax2tf): parameter names with '/' and ':', reductions, GELU as basic ops."""
+    from graphopt.testing import REAL_MODELS
+
+    out = tmp_path / "magika.art"
+    assert run_cli("lower", real_model("magika"), "--target", "cuda", "--target-opt", "arch=sm_80", "-o", out,
+                   "-q", *REAL_MODELS["magika"].cli_args()) == 0
+    t = json.loads((out / "manifest.json").read_text())["target"]
+    source = _embedded_source((out / "main.so").read_bytes())
+    assert t["kernels"] >= 10 and sorted(set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(",
+                                                         source))) == sorted(t["kernel_names"])

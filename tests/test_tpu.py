@@ -177,3 +177,21 @@ def test_static_int8_digits_cnn_lowers_to_int8_regions_and_verifies(tmp_path):
     rep = art.target_cls.run_report(art)
     assert len(rep["regions"]) == 5 and rep["total"]["macs"] > 0
     assert rep["regions"][1]["macs"] == 4 * 64 * 144 * 32  # batch 4, 8x8 outputs, K = 16*3*3, N = 32
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_real_model_runs_through_the_simulator_and_verifies(real_model, tmp_path, capsys):
+    """orientation (PP-LCNet): its dense and pointwise convs on the array, depthwise ones on the host."""
+    from graphopt.testing import REAL_MODELS
+
+    spec = REAL_MODELS["orientation"]
+    feeds = spec.write_feeds(tmp_path / "x.npz")
+    out = tmp_path / "orientation.art"
+    assert run_cli("lower", real_model("orientation"), "--target", "tpu", "-o", out, "-q", *spec.cli_args(),
+                   "--data", feeds, "--verify") == 0
+    t = _manifest_target(out)
+    assert t["bf16_regions"] >= 10 and 0.5 < t["offloaded_share"] < 1.0
+    assert any("grouped conv" in str(h) for h in t["host_ops"])
+    assert run_cli("run", out, "--inputs", feeds) == 0
+    assert "of matmul/conv MACs offloaded" in capsys.readouterr().out
