@@ -505,14 +505,14 @@ def verify_artifact(
                                     rtol=rtol, graph=reference, feeds=feeds, session=session)
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
+def load(path: str | os.PathLike, *, threads: int | None = None, device: str | None = None) -> Artifact:
     """Load an artifact directory written by :func:`lower` (or ``graphopt lower``).
 
     The compiled code runs with the threads recorded in the manifest, capped by
     ``threads`` (default ``$GRAPHOPT_THREADS``, else no cap); ``Artifact.threads``
     is the count in effect and ``Artifact.notes`` say why it differs from either.
     """
-    art = Artifact(path, threads=threads)
+    art = Artifact(path, threads=threads, device=device)
     art.load_programs()
     return art
 

@@ -439,7 +439,7 @@ class Artifact:
         #: an OptionError for a bad value, before anything is read.
         self.thread_cap = thread_cap(threads)
         #: The device asked for (``"cuda:1"``...); None: each program's own device kind, first device.
-        self.device = device
+        self.device = check_device(device)
         #: Threads the compiled code runs with, set by the target when it loads the programs
         #: (see :func:`run_threads`); ``notes`` say why it differs from what was asked, if it does.
         self._threads: int | None = None
@@ -495,6 +495,11 @@ class Artifact:
         with self._load_lock:
             if self._programs is None and not self._loading:
                 tname = self.manifest["target"]["name"]
+                if self.device is not None:
+                    kinds = sorted({p["device"] for p in self.manifest["programs"]})
+                    if kinds != [self.device.split(":")[0]]:
+                        raise ArtifactError(f"{self.path}: its programs run on {', '.join(kinds)}, not on "
+                                            f"'{self.device}'")
                 self._loading = True
                 try:
                     self._programs = self.target_cls.load_programs(self)
@@ -564,10 +569,25 @@ class Artifact:
         return [[r[s.name] for s in self.outputs] for r in (self.run(f) for f in feeds)]
 
 
-def load(path: str | os.PathLike, threads: int | None = None) -> Artifact:
-    """Load an artifact directory written by ``graphopt lower`` (``threads`` caps its threads), programs
-    included: a machine that cannot run it is an :class:`~graphopt.errors.ArtifactError` here, not at the first run."""
-    art = Artifact(path, threads=threads)
+def check_device(device: str | None) -> str | None:
+    """``device`` (``cpu``, ``cuda``, ``cuda:1``...), or an OptionError saying what a device looks like."""
+    import re
+
+    from .errors import OptionError
+
+    if device is None:
+        return None
+    if not isinstance(device, str) or not re.fullmatch(rf"({'|'.join(DEVICE_KINDS)})(:\d+)?", device.strip()):
+        raise OptionError(f"device {device!r} is not a device: use one of {', '.join(DEVICE_KINDS)}, "
+                          "optionally with an index (cuda:1)")
+    return device.strip()
+
+
+def load(path: str | os.PathLike, threads: int | None = None, device: str | None = None) -> Artifact:
+    """Load an artifact directory written by ``graphopt lower`` (``threads`` caps its threads; ``device``:
+    where its programs run, e.g. ``cuda:1``), programs included: a machine that cannot run it is an
+    :class:`~graphopt.errors.ArtifactError` here, not at the first run."""
+    art = Artifact(path, threads=threads, device=device)
     art.load_programs()
     return art
 

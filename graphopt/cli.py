@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--threads", type=int, metavar="N",
                    help="cap the threads (default: $GRAPHOPT_THREADS, else the artifact's own count)")
+    p.add_argument("--device", metavar="DEVICE",
+                   help="where the programs run: cpu, cuda, cuda:N (default: the device kind each program was "
+                        "built for, its first device)")
     _common(p)
 
     p = sub.add_parser("bench", help="time an artifact next to ONNX Runtime on the same inputs and threads",
@@ -402,7 +405,7 @@ def cmd_run(args, out: _Out, debug_log: list) -> int:
 
     check_outputs([("output", args.output)], [("artifact", args.artifact), ("inputs", args.inputs)])
     with capture_native_output() as nlog:
-        art = Artifact(args.artifact, threads=args.threads)
+        art = Artifact(args.artifact, threads=args.threads, device=args.device)
         art.load_programs()
     debug_log.append(nlog.text)
     for note in art.notes:

@@ -163,3 +163,16 @@ def test_threads_running_a_fresh_artifact_share_one_load(built, monkeypatch):
         t.join()
     assert not errors and len(calls) == 1 and len(results) == 3
     assert all(np.array_equal(r, results[0]) for r in results)
+
+
+def test_device_is_checked_and_must_be_the_programs_kind(built, capsys):
+    from graphopt.errors import OptionError
+
+    with pytest.raises(OptionError, match="not a device"):
+        Artifact(built, device="tpu:0")
+    assert graphopt.load(built, device="cpu").run(_feed())["probabilities"].shape == (3, 10)
+    with pytest.raises(ArtifactError, match="run on cpu, not on 'cuda:1'"):
+        graphopt.load(built, device="cuda:1")
+    assert run_cli("run", str(built), "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "not on 'cuda'" in err and "Traceback" not in err
