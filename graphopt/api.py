@@ -369,6 +369,15 @@ def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data,
     from .bench import measure
 
     plain_pipe = Pipeline([p for p in pipe if p.lossless])
+    untimed = (None if tgt.wall_clock_timing else
+               f"the '{tgt.name}' target's programs run on a simulator here: their wall-clock time says nothing "
+               "about the hardware (`graphopt run` reports the modelled cycles)") or type(tgt).cannot_run(manifest)
+    if untimed:
+        # Nothing to time on this machine (a GPU artifact without a GPU, a simulated accelerator): keep the
+        # lossy artifact, say why, and do not build the other one.
+        note = f"not timed: {untimed}" + ("; --keep-if-faster kept the artifact with them" if keep_if_faster else "")
+        return graph, manifest, {"timed": False, "kept": "with", "pipeline_without": str(plain_pipe),
+                                 "note": note}, native
     plain_dir = tmp / WITHOUT_LOSSY_DIR
     with progress.step("lower without the lossy passes (did they pay off?)"):
         plain_graph, _ = PassManager(plain_pipe, PassContext(data=data, verify=False, progress=progress),

@@ -360,10 +360,13 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
     if pay:
         from .stats import human_bytes
 
-        lat, size = pay["latency_ms"], pay["size_bytes"]
-        out.say(f"did the lossy passes pay off: {lat['with']:.4g} ms vs {lat['without']:.4g} ms without them "
-                f"(speed-up {pay['speedup']:.2f}x; below 1 is slower), {human_bytes(size['with'])} vs {human_bytes(size['without'])}"
-                + (f"; {pay['note']}" if pay.get("note") else ""))
+        if pay.get("timed") is False:
+            out.say(f"did the lossy passes pay off: {pay['note']}")
+        else:
+            lat, size = pay["latency_ms"], pay["size_bytes"]
+            out.say(f"did the lossy passes pay off: {lat['with']:.4g} ms vs {lat['without']:.4g} ms without them "
+                    f"(speed-up {pay['speedup']:.2f}x; below 1 is slower), {human_bytes(size['with'])} vs "
+                    f"{human_bytes(size['without'])}" + (f"; {pay['note']}" if pay.get("note") else ""))
     if res.verification:
         out.say(f"verified against ONNX Runtime: {res.verification.summary()}")
     out.emit({"ok": True, "artifact": str(res.artifact), "manifest": res.manifest, "report": res.report})

@@ -96,6 +96,9 @@ class Target:
     #: ONNX ops the target lowers itself that TVM's importer has no converter for (the CPU target's LSTM,
     #: GRU, RNN); the default lower pipeline rewrites the recurrent ones for a target without them.
     native_ops: ClassVar[tuple[str, ...]] = ()
+    #: Whether timing the artifact's programs on a machine that runs them measures the target (False for a
+    #: simulated accelerator: `lower` then does not time lossy passes' payoff).
+    wall_clock_timing: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         self.given = {k.replace("-", "_"): v for k, v in options.items()}

@@ -288,3 +288,16 @@ def test_real_model_compiles_with_device_code_for_every_kernel(real_model, tmp_p
     source = _embedded_source((out / "main.so").read_bytes())
     assert t["kernels"] >= 10 and sorted(set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(",
                                                          source))) == sorted(t["kernel_names"])
+
+
+@needs_nvcc
+@pytest.mark.skipif(HAVE_GPU, reason="this machine has a CUDA GPU")
+def test_lossy_pipeline_lowers_without_a_gpu_and_says_it_was_not_timed(tmp_path):
+    """The payoff of lossy passes is timed by running both artifacts: not possible here, and not an error."""
+    import graphopt
+
+    res = graphopt.lower(str(_save(tmp_path, "mlp", _mlp())), "cuda", tmp_path / "q.art",
+                         pipeline="cleanup,quantize(mode=weight-only,bits=8),cleanup",
+                         target_options={"arch": "sm_80"})
+    pay = res.report["payoff"]
+    assert pay["timed"] is False and "no CUDA GPU" in pay["note"] and pay["kept"] == "with"

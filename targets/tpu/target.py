@@ -35,6 +35,7 @@ class TpuTarget(Target):
     """A simulated TPU-style systolic array (a design-space model, not a driver) for matmul/conv, host CPU for the rest."""
 
     name = "tpu"
+    wall_clock_timing = False  # the array is simulated: host time says nothing about it
     options = (
         Option("array", int, 128, "systolic array size: rows = cols = array (a power of two)"),
         Option("rows", int, 0, "array rows (the K extent of a weight tile); 0: same as array", min=0),
