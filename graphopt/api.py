@@ -19,7 +19,7 @@ from .artifact import Artifact, is_artifact, versions, write_graph_and_weights, 
 from .artifact import FORMAT, FORMAT_VERSION, complete_programs
 from .console import Progress, capture_native_output
 from .data import DataSource
-from .errors import OptionError, OutputError, VerificationError
+from .errors import ArtifactError, OptionError, OutputError, VerificationError
 from .fsutil import atomic_directory, private_tempdir
 from .graph import Graph
 from .manager import PassManager
@@ -293,6 +293,10 @@ def lower(
                 layers["artifact"] = _artifact_layers(graph, original, pipe, tgt, tmp, lctx, data, manifest, progress)
                 rep.update(layers=layers)
             if verify:
+                cannot = type(tgt).cannot_run(manifest)
+                if cannot:
+                    raise ArtifactError(f"{output}: --verify runs the artifact, and this machine cannot: {cannot}. "
+                                        "Lower without --verify, then `graphopt run --verify` where it runs")
                 with progress.step("verify against ONNX Runtime"):
                     # A lossy pipeline changed the model on purpose: the artifact must match the graph it
                     # compiled; how far it is from the original is measured, not judged (same run of it).

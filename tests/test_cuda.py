@@ -301,3 +301,14 @@ def test_lossy_pipeline_lowers_without_a_gpu_and_says_it_was_not_timed(tmp_path)
                          target_options={"arch": "sm_80"})
     pay = res.report["payoff"]
     assert pay["timed"] is False and "no CUDA GPU" in pay["note"] and pay["kept"] == "with"
+
+
+@needs_nvcc
+@pytest.mark.skipif(HAVE_GPU, reason="this machine has a CUDA GPU")
+def test_verify_without_a_gpu_says_where_to_verify_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "v.art"
+    assert run_cli("lower", _save(tmp_path, "mlp", _mlp()), "--target", "cuda", "--target-opt", "arch=sm_80",
+                   "-o", out, "--verify", "-q") == 2
+    err = capsys.readouterr().err
+    assert "this machine cannot: built for CUDA sm_80; this machine has no CUDA GPU" in err
+    assert "graphopt run --verify" in err and not out.exists() and "Traceback" not in err
