@@ -502,6 +502,10 @@ def _inspect_artifact(args, out: _Out) -> int:
             f"{human_bytes(doc['bytes'] or 0)}")
     out.say(f"  pipeline {doc['pipeline']}")
     facts = {k: t[k] for k in ("mcpu", "arch", "cuda_version", "threads", "array") if t.get(k) is not None}
+    a = facts.get("array")
+    if isinstance(a, dict):  # the tpu target's simulated array
+        facts["array"] = (f"{a.get('rows')}x{a.get('cols')} @ {a.get('clock_mhz')} MHz, {a.get('bandwidth_gbs')} GB/s, "
+                          f"buffer {a.get('buffer_kib')} KiB")
     if facts:
         out.say("  target " + ", ".join(f"{k} {v}" for k, v in facts.items()))
     for p in doc["programs"]:
