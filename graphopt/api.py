@@ -373,9 +373,10 @@ def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data,
     from .bench import measure
 
     plain_pipe = Pipeline([p for p in pipe if p.lossless])
-    untimed = (None if tgt.wall_clock_timing else
-               f"the '{tgt.name}' target's programs run on a simulator here: their wall-clock time says nothing "
-               "about the hardware (`graphopt run` reports the modelled cycles)") or type(tgt).cannot_run(manifest)
+    if not tgt.wall_clock_timing:
+        return _modelled_payoff(graph, original, plain_pipe, tgt, tmp, lctx, manifest, native, data, registry,
+                                progress, keep_if_faster)
+    untimed = type(tgt).cannot_run(manifest)
     if untimed:
         # Nothing to time on this machine (a GPU artifact without a GPU, a simulated accelerator): keep the
         # lossy artifact, say why, and do not build the other one.
@@ -404,6 +405,46 @@ def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data,
         payoff["kept"] = "without"
         payoff["note"] = (f"the lossy passes made the artifact slower ({lat['with']:.3f} ms vs {lat['without']:.3f} ms "
                           "without them): --keep-if-faster kept the artifact without them")
+        for entry in list(tmp.iterdir()):
+            if entry != plain_dir:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in list(plain_dir.iterdir()):
+            entry.rename(tmp / entry.name)
+        plain_dir.rmdir()
+        return plain_graph, plain_manifest, payoff, plain_native
+    shutil.rmtree(plain_dir)
+    return graph, manifest, payoff, native
+
+
+def _modelled_payoff(graph, original, plain_pipe, tgt, tmp: Path, lctx, manifest, native, data, registry, progress,
+                     keep_if_faster: bool):
+    """:func:`_payoff` for a simulated target: both artifacts run one feed here, and their modelled times
+    (:meth:`Target.modelled_seconds`) are compared instead of wall-clock ones."""
+    import shutil
+
+    plain_dir = tmp / WITHOUT_LOSSY_DIR
+    with progress.step("lower without the lossy passes (did they pay off?)"):
+        plain_graph, _ = PassManager(plain_pipe, PassContext(data=data, verify=False, progress=progress),
+                                     registry).run(original)
+        plain_dir.mkdir()
+        plain_manifest, plain_native = _build_artifact(plain_graph, original, plain_pipe, tgt, plain_dir, lctx)
+    with progress.step("model both artifacts' time"):
+        feed = data.samples(original, limit=1)[0]
+        cls = type(tgt)
+        t_with = cls.modelled_seconds(Artifact(tmp), feed)
+        t_without = cls.modelled_seconds(Artifact(plain_dir), feed)
+    size = {"with": _dir_bytes(tmp, skip=plain_dir), "without": _dir_bytes(plain_dir)}
+    lat = {"with": None if t_with is None else t_with * 1e3, "without": None if t_without is None else t_without * 1e3}
+    payoff = {"timed": "modelled", "latency_ms": lat, "size_bytes": size,
+              "speedup": round(lat["without"] / lat["with"], 4) if lat["with"] and lat["without"] else None,
+              "size_ratio": round(size["without"] / size["with"], 4) if size["with"] else None,
+              "pipeline_without": str(plain_pipe), "kept": "with",
+              "note": f"modelled time of the '{tgt.name}' target's accelerator, not measured"}
+    faster = lat["with"] is not None and lat["without"] is not None and lat["with"] < lat["without"]
+    if keep_if_faster and not faster and lat["with"] is not None and lat["without"] is not None:
+        payoff["kept"] = "without"
+        payoff["note"] += (f"; the lossy passes made it slower ({lat['with']:.4g} ms vs {lat['without']:.4g} ms "
+                           "modelled): --keep-if-faster kept the artifact without them")
         for entry in list(tmp.iterdir()):
             if entry != plain_dir:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()

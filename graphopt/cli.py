@@ -364,7 +364,8 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
             out.say(f"did the lossy passes pay off: {pay['note']}")
         else:
             lat, size = pay["latency_ms"], pay["size_bytes"]
-            out.say(f"did the lossy passes pay off: {lat['with']:.4g} ms vs {lat['without']:.4g} ms without them "
+            out.say(f"did the lossy passes pay off: {lat['with']:.4g} ms vs {lat['without']:.4g} ms without them"
+                    f"{' (modelled)' if pay.get('timed') == 'modelled' else ''} "
                     f"(speed-up {pay['speedup']:.2f}x; below 1 is slower), {human_bytes(size['with'])} vs "
                     f"{human_bytes(size['without'])}" + (f"; {pay['note']}" if pay.get("note") else ""))
     if res.verification:

@@ -160,6 +160,13 @@ class Target:
         return None
 
     @classmethod
+    def modelled_seconds(cls, artifact, feed) -> float | None:
+        """For a target whose wall-clock time means nothing (``wall_clock_timing = False``): the time its
+        model of the hardware gives for running ``feed`` through ``artifact`` (the tpu target: the array's
+        cycles at its clock); None: the target has no such model (the default)."""
+        return None
+
+    @classmethod
     def run_report(cls, artifact) -> dict | None:
         """What the target measured while ``artifact``'s programs ran in this process (JSON), for
         ``graphopt run``'s report; None: nothing to report (the default)."""

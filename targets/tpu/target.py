@@ -176,6 +176,18 @@ class TpuTarget(Target):
         return programs
 
     @classmethod
+    def modelled_seconds(cls, artifact, feed) -> float | None:
+        """The array's modelled time for one run of ``feed`` (its regions' cycles at the clock; the host part
+        is not modelled). Runs the artifact once, with its own statistics."""
+        before = {rid: s.cycles for rid, (_, s) in getattr(artifact, "tpu_stats", {}).items()}
+        artifact.run(feed)
+        stats = getattr(artifact, "tpu_stats", {})
+        cycles = sum(s.cycles - before.get(rid, 0) for rid, (_, s) in stats.items())
+        cfg = artifact.manifest["target"].get("array") or {}
+        clock = float(cfg.get("clock_mhz") or 0) * 1e6
+        return cycles / clock if clock else None
+
+    @classmethod
     def run_report(cls, artifact) -> dict | None:
         """Per-region simulator statistics of every call run so far through ``artifact`` (None before any)."""
         from .sim import RegionStats
