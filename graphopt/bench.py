@@ -299,6 +299,22 @@ def measure(
             "rounds": rounds, "seconds": measured}
 
 
+def _check_benchable(path: Path, manifest: dict) -> None:
+    """Refuse, before any worker starts, an artifact whose wall-clock time this machine cannot measure or
+    that would mean nothing: one it cannot run (a GPU artifact without a GPU), or one whose accelerator is
+    simulated here (the tpu target: its modelled cycles are in `graphopt run`'s report)."""
+    from .plugins import get_registry
+
+    cls = get_registry().get_target(manifest["target"]["name"])
+    if not cls.wall_clock_timing:
+        raise ArtifactError(f"{path}: a '{cls.name}' artifact runs its accelerator on a simulator here, so its "
+                            "wall-clock time says nothing about the hardware; `graphopt run` reports the "
+                            "modelled cycles")
+    reason = cls.cannot_run(manifest)
+    if reason:
+        raise ArtifactError(f"{path}: cannot time it here: {reason}")
+
+
 def bench(
     artifact: str | os.PathLike,
     feed: Mapping[str, np.ndarray] | None = None,
@@ -342,6 +358,7 @@ def bench(
         _regular_file(path / name, path)
         if sha256_file(path / name) != digest:
             raise ArtifactError(f"{path}: file '{name}' does not match its hash in the manifest (modified or damaged)")
+    _check_benchable(path, manifest)
     specs = [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in manifest["inputs"]]
     if feed is not None:
         feed = check_feed(feed, specs, "feed")

@@ -312,3 +312,10 @@ def test_verify_without_a_gpu_says_where_to_verify_and_writes_nothing(tmp_path, 
     err = capsys.readouterr().err
     assert "this machine cannot: built for CUDA sm_80; this machine has no CUDA GPU" in err
     assert "graphopt run --verify" in err and not out.exists() and "Traceback" not in err
+
+
+@pytest.mark.skipif(HAVE_GPU, reason="this machine has a CUDA GPU")
+def test_bench_without_gpu_is_refused_before_any_worker(built, capsys):
+    assert run_cli("bench", built["mlp"][1], "--seconds", "0.1") == 2
+    err = capsys.readouterr().err
+    assert "cannot time it here: built for CUDA sm_80; this machine has no CUDA GPU" in err and "Traceback" not in err

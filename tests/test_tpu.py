@@ -201,3 +201,12 @@ def test_real_model_runs_through_the_simulator_and_verifies(real_model, tmp_path
     assert any("grouped conv" in str(h) for h in t["host_ops"])
     assert run_cli("run", out, "--inputs", feeds) == 0
     assert "of matmul/conv MACs offloaded" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_simulated_artifact(mlp_onnx, tmp_path, capsys):
+    """Timing the simulator's wall clock would say nothing about the array: bench says where the cycles are."""
+    out = tmp_path / "mlp.art"
+    assert run_cli("lower", mlp_onnx, "--target", "tpu", "-o", out, "-q") == 0
+    assert run_cli("bench", out, "--seconds", "0.1") == 2
+    err = capsys.readouterr().err
+    assert "runs its accelerator on a simulator" in err and "graphopt run" in err
