@@ -373,10 +373,10 @@ def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data,
     from .bench import measure
 
     plain_pipe = Pipeline([p for p in pipe if p.lossless])
-    if not tgt.wall_clock_timing:
+    untimed = type(tgt).cannot_run(manifest)
+    if not untimed and not tgt.wall_clock_timing:
         return _modelled_payoff(graph, original, plain_pipe, tgt, tmp, lctx, manifest, native, data, registry,
                                 progress, keep_if_faster)
-    untimed = type(tgt).cannot_run(manifest)
     if untimed:
         # Nothing to time on this machine (a GPU artifact without a GPU, a simulated accelerator): keep the
         # lossy artifact, say why, and do not build the other one.
@@ -435,13 +435,27 @@ def _modelled_payoff(graph, original, plain_pipe, tgt, tmp: Path, lctx, manifest
         t_without = cls.modelled_seconds(Artifact(plain_dir), feed)
     size = {"with": _dir_bytes(tmp, skip=plain_dir), "without": _dir_bytes(plain_dir)}
     lat = {"with": None if t_with is None else t_with * 1e3, "without": None if t_without is None else t_without * 1e3}
+    # Only the accelerator is modelled: the two times compare only when both leave the same work to the
+    # host (a pass that moves matmuls off the array would look free).
+    host = [m.get("target", {}).get("host_macs") for m in (manifest, plain_manifest)]
+    comparable = (lat["with"] is not None and lat["without"] is not None and lat["with"] > 0 and lat["without"] > 0
+                  and host[0] == host[1])
+    note = f"modelled time of the '{tgt.name}' target's accelerator, not measured"
+    if not comparable:
+        if host[0] != host[1]:
+            why = ("the two artifacts leave different work to the host CPU, whose time is not modelled (host "
+                   f"MACs {host[0]} with the lossy passes, {host[1]} without)")
+        elif lat["with"] is None or lat["without"] is None:
+            why = "the target gave no modelled time"
+        else:
+            why = "one of them runs nothing on the accelerator"
+        note += f"; not comparable: {why}"
     payoff = {"timed": "modelled", "latency_ms": lat, "size_bytes": size,
-              "speedup": round(lat["without"] / lat["with"], 4) if lat["with"] and lat["without"] else None,
+              "speedup": round(lat["without"] / lat["with"], 4) if comparable else None,
               "size_ratio": round(size["without"] / size["with"], 4) if size["with"] else None,
-              "pipeline_without": str(plain_pipe), "kept": "with",
-              "note": f"modelled time of the '{tgt.name}' target's accelerator, not measured"}
-    faster = lat["with"] is not None and lat["without"] is not None and lat["with"] < lat["without"]
-    if keep_if_faster and not faster and lat["with"] is not None and lat["without"] is not None:
+              "pipeline_without": str(plain_pipe), "kept": "with", "note": note}
+    faster = comparable and lat["with"] < lat["without"]
+    if keep_if_faster and comparable and not faster:
         payoff["kept"] = "without"
         payoff["note"] += (f"; the lossy passes made it slower ({lat['with']:.4g} ms vs {lat['without']:.4g} ms "
                            "modelled): --keep-if-faster kept the artifact without them")

@@ -497,9 +497,13 @@ class Artifact:
                 tname = self.manifest["target"]["name"]
                 if self.device is not None:
                     kinds = sorted({p["device"] for p in self.manifest["programs"]})
-                    if kinds != [self.device.split(":")[0]]:
+                    kind, _, index = self.device.partition(":")
+                    if kinds != [kind]:
                         raise ArtifactError(f"{self.path}: its programs run on {', '.join(kinds)}, not on "
                                             f"'{self.device}'")
+                    if kind == "cpu" and index not in ("", "0"):
+                        raise ArtifactError(f"{self.path}: there is one CPU device, 'cpu' (or 'cpu:0'), "
+                                            f"not '{self.device}'")
                 self._loading = True
                 try:
                     self._programs = self.target_cls.load_programs(self)

@@ -364,9 +364,11 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
             out.say(f"did the lossy passes pay off: {pay['note']}")
         else:
             lat, size = pay["latency_ms"], pay["size_bytes"]
-            out.say(f"did the lossy passes pay off: {lat['with']:.4g} ms vs {lat['without']:.4g} ms without them"
+            ms = {k: "?" if lat.get(k) is None else f"{lat[k]:.4g}" for k in ("with", "without")}
+            speed = "n/a" if pay.get("speedup") is None else f"{pay['speedup']:.2f}x; below 1 is slower"
+            out.say(f"did the lossy passes pay off: {ms['with']} ms vs {ms['without']} ms without them"
                     f"{' (modelled)' if pay.get('timed') == 'modelled' else ''} "
-                    f"(speed-up {pay['speedup']:.2f}x; below 1 is slower), {human_bytes(size['with'])} vs "
+                    f"(speed-up {speed}), {human_bytes(size['with'])} vs "
                     f"{human_bytes(size['without'])}" + (f"; {pay['note']}" if pay.get("note") else ""))
     if res.verification:
         out.say(f"verified against ONNX Runtime: {res.verification.summary()}")

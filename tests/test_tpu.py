@@ -210,3 +210,25 @@ def test_bench_refuses_a_simulated_artifact(mlp_onnx, tmp_path, capsys):
     assert run_cli("bench", out, "--seconds", "0.1") == 2
     err = capsys.readouterr().err
     assert "runs its accelerator on a simulator" in err and "graphopt run" in err
+
+
+def test_payoff_that_moves_work_off_the_array_is_not_compared(mlp_onnx, tmp_path, capsys):
+    """quantize(mode=dynamic) leaves no region on the array: 0 modelled ms is not "faster", the host's time
+    is not modelled. The CLI says so instead of crashing on a missing speed-up."""
+    out = tmp_path / "dyn.art"
+    report = tmp_path / "r.json"
+    assert run_cli("lower", mlp_onnx, "--target", "tpu", "--passes", "cleanup,quantize(mode=dynamic),cleanup",
+                   "-o", out, "--keep-if-faster", "--report", report) == 0
+    assert "speed-up n/a" in capsys.readouterr().out
+    pay = json.loads(report.read_text())["payoff"]
+    assert pay["speedup"] is None and pay["kept"] == "with" and "not comparable" in pay["note"]
+
+
+def test_a_tpu_artifact_runs_on_the_one_cpu_device(mlp_onnx, tmp_path):
+    from graphopt.errors import ArtifactError
+
+    out = tmp_path / "m.art"
+    assert run_cli("lower", mlp_onnx, "--target", "tpu", "-o", out, "-q") == 0
+    graphopt.load(out, device="cpu:0")
+    with pytest.raises(ArtifactError, match="one CPU device"):
+        graphopt.load(out, device="cpu:1")
