@@ -255,6 +255,10 @@ def lower(
     check_outputs([("artifact", output), ("report", report)], model_inputs(model, data, pipeline, eval))
     with Reporting(report, command="lower", model=_source_name(model), artifact=str(output)) as rep:
         tgt = make_target(target, target_options, registry)
+        cannot = tgt.cannot_run_here() if verify else None
+        if cannot:  # known before anything is compiled (a GPU target without the GPU)
+            raise ArtifactError(f"{output}: --verify runs the artifact, and this machine cannot: {cannot}. "
+                                "Lower without --verify, then `graphopt run --verify` where it runs")
         pipe = _as_pipeline(pipeline, default_lower_pipeline(tgt), registry)
         rep.update(pipeline=str(pipe))
         if os.path.lexists(output) and not is_artifact(output):

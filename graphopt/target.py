@@ -151,6 +151,12 @@ class Target:
         device kind each program declares). Raise ArtifactError for a machine that cannot run them."""
         raise NotImplementedError
 
+    def cannot_run_here(self) -> str | None:
+        """Why this machine will not be able to run what this target (with these options) builds, when that
+        is known before lowering (a GPU target on a machine without the GPU); None: no known reason. Lets
+        ``lower --verify`` refuse before minutes of compilation instead of after."""
+        return None
+
     @classmethod
     def cannot_run(cls, manifest: dict) -> str | None:
         """Why this machine cannot run an artifact with ``manifest`` (one line saying what to do), or None.

@@ -650,6 +650,13 @@ class CudaTarget(Target):
 
     # -- running --------------------------------------------------------------------------------------
 
+    def cannot_run_here(self) -> str | None:
+        cc = local_gpu()
+        if cc is None:
+            return (f"built for CUDA {self.arch}; this machine has no CUDA GPU (run it where one is, or lower "
+                    "with --target cpu)")
+        return _gpu_mismatch(self.arch, cc)
+
     @classmethod
     def cannot_run(cls, manifest: dict) -> str | None:
         t = manifest.get("target") or {}
