@@ -1,6 +1,6 @@
 """Pipelines as text, TOML or Python, printed back in the text syntax.
 
-Text: ``cleanup,fold-batchnorm,prune(sparsity=0.5,pattern=2:4)``. Values are
+Text: ``cleanup,fold-batchnorm,prune(pattern=2:4),quantize(mode=static)``. Values are
 bare words, numbers, ``true``/``false`` or quoted strings. TOML::
 
     passes = ["cleanup", "fold-batchnorm"]        # text entries, or tables:

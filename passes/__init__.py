@@ -15,7 +15,8 @@ def graphopt_register_passes():
     from .eliminate_identity import EliminateIdentity
     from .fold_constants import FoldConstants
     from .control_flow import UnrollLoops
+    from .prune import Prune
     from .quantize import Quantize
     from .recurrent import LowerRecurrent
 
-    return [Cleanup, FoldConstants, EliminateIdentity, EliminateDead, DedupInitializers, FoldBatchNorm, LowerRecurrent, UnrollLoops, Quantize]
+    return [Cleanup, FoldConstants, EliminateIdentity, EliminateDead, DedupInitializers, FoldBatchNorm, LowerRecurrent, UnrollLoops, Quantize, Prune]

@@ -1,0 +1,214 @@
+"""prune: zero the least important weights of Conv/Gemm/MatMul, unstructured or N:M, optionally compensated.
+
+Layers are found as :mod:`passes.quantize` finds them: the Conv, Gemm and
+MatMul nodes of the main graph whose weight (input 1) is a float32 constant
+read by that node alone. Each weight is seen as a matrix ``[out, in]`` whose
+columns follow the layer's input columns (``C * kernel`` for a conv, channel
+outermost).
+
+* ``sparsity=S``: unstructured; ``scope=layer`` removes ``round(S * size)``
+  weights of every layer, ``scope=global`` the lowest ``S`` of all weights
+  together, each layer's scores divided by their mean so layers of different
+  scale compare, and no layer losing more than 98 % of its weights (the rest
+  goes to the others).
+* ``pattern=N:M``: in each row, every ``M`` consecutive columns keep their
+  ``N`` most important weights; a last group of ``t < M`` columns (when ``M``
+  does not divide the row) keeps ``ceil(N * t / M)``.
+* ``importance``: ``magnitude`` (``|W|``) or ``activation`` (``|W| * ||X_j||``
+  over the calibration inputs of the layer, Wanda).
+* ``compensate`` (default: when calibration data are given): the weights kept
+  are updated to cancel the pruned ones' effect on the layer's output over the
+  calibration inputs, at the same mask: the exact least-squares solution per
+  row for layers small enough (``_prune_math.EXACT_FLOPS``), else SparseGPT /
+  Optimal Brain Surgeon's column-by-column update with the inverse of
+  ``X^T X`` + damping.
+
+The weights stay dense float32; pruned ones are exactly 0.0. The result is a
+function of the model, options, data and seed only (stable tie-breaking).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from graphopt.errors import OptionError
+from graphopt.graph import Graph
+from graphopt.ir import IR
+from graphopt.options import Option
+from graphopt.passbase import Pass, PassContext
+
+from . import _prune_math as pm
+from .quantize import HESSIAN_ROWS, Layer, Quantize, _constant, _input_rows
+
+IMPORTANCES = ("magnitude", "activation")
+SCOPES = ("layer", "global")
+#: scope=global never removes more than this fraction of one layer (a layer at 100 % cuts the network).
+GLOBAL_CAP = 0.98
+
+
+class Prune(Pass):
+    """Prune weights of Conv/Gemm/MatMul to a sparsity or an N:M pattern (zeros, dense float32)."""
+
+    name = "prune"
+    lossless = False
+    options = (
+        Option("sparsity", float, None, "fraction of the weights removed, in [0, 1) (unstructured; give it or "
+               "'pattern')"),
+        Option("pattern", str, "", "N:M: keep N of every M consecutive input weights of each output row "
+               "(e.g. 2:4); instead of 'sparsity'"),
+        Option("importance", str, "magnitude", "magnitude: |W|; activation: |W| * ||X_j|| over the "
+               "calibration inputs (Wanda; needs --data)", choices=IMPORTANCES),
+        Option("scope", str, "layer", "sparsity: layer: every layer pruned to it; global: one threshold over "
+               "all layers (no layer above 98 %)", choices=SCOPES),
+        Option("compensate", bool, None, "update the kept weights to cancel the output error on the "
+               "calibration data (SparseGPT/OBS); default: true when --data is given"),
+    )
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.opts
+        where = f"pass '{self.name}'"
+        self.nm: tuple[int, int] | None = None
+        if o.pattern:
+            if o.sparsity is not None:
+                raise OptionError(f"{where}: give option 'sparsity' or option 'pattern', not both")
+            m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", o.pattern)
+            if not m:
+                raise OptionError(f"{where}: option 'pattern' must be N:M (two integers, e.g. 2:4), "
+                                  f"got {o.pattern!r}")
+            n, mm = int(m.group(1)), int(m.group(2))
+            if n < 1 or n >= mm:
+                raise OptionError(f"{where}: option 'pattern' = {o.pattern!r}: needs 0 < N < M (N kept of "
+                                  "every M)")
+            if "scope" in self.given and o.scope != "layer":
+                raise OptionError(f"{where}: option 'scope' applies to 'sparsity'; an N:M pattern is the "
+                                  "same in every layer")
+            self.nm = (n, mm)
+        elif o.sparsity is None:
+            raise OptionError(f"{where}: option 'sparsity' (a fraction in [0, 1)) or option 'pattern' (N:M) "
+                              "is required")
+        elif not 0.0 <= o.sparsity < 1.0:
+            raise OptionError(f"{where}: option 'sparsity' must be in [0, 1), got {o.sparsity!r}")
+
+    def requires_data(self) -> bool:
+        return self.opts.importance == "activation" or self.opts.compensate is True
+
+    # --------------------------------------------------------------------------------------- run
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        o = self.opts
+        layers, skipped = Quantize(mode="dynamic")._layers(graph)  # the same layers quantize finds
+        skipped = {k: why.replace("quantized", "pruned") for k, why in skipped.items()}
+        if skipped:
+            self.note("not_pruned", skipped)
+        if not layers:
+            self.note("pruned_layers", 0)
+            self.note("summary", _summary(0, 0, 0, skipped))
+            return graph
+        compensate = o.compensate if o.compensate is not None else not ctx.data.generated
+        stats = self._hessians(graph, layers, ctx) if (compensate or o.importance == "activation") else {}
+
+        scores = []
+        for la in layers:
+            w2 = la.w2.astype(np.float64)
+            score = np.zeros(w2.shape)
+            for gi, (rows, _) in enumerate(Quantize._groups(la)):
+                col_sq = np.diag(stats[la.key][gi]) if o.importance == "activation" else None
+                score[rows] = pm.importance(w2[rows], col_sq)
+            scores.append(score)
+
+        if self.nm is not None:
+            masks = [pm.nm_mask(s, *self.nm) for s in scores]
+        elif o.scope == "layer":
+            masks = [pm.unstructured_mask(s, int(o.sparsity * s.size + 0.5)) for s in scores]
+        else:
+            total = int(o.sparsity * sum(s.size for s in scores) + 0.5)
+            normed = [pm.normalized(s) for s in scores]
+            counts = pm.global_counts(normed, total, GLOBAL_CAP)
+            masks = [pm.unstructured_mask(s, k) for s, k in zip(normed, counts)]
+            capped = [la.key for la, s, k in zip(layers, scores, counts) if k == int(np.floor(GLOBAL_CAP * s.size))
+                      and k > 0]
+            if capped:
+                self.note("capped", {k: f"held at {GLOBAL_CAP:.0%} (scope=global never empties a layer)"
+                                     for k in capped})
+
+        new, per_layer, failed = {}, {}, []
+        for la, mask in zip(layers, masks):
+            w2 = la.w2.astype(np.float64)
+            out = w2.copy()
+            out[mask] = 0.0
+            if compensate:
+                for gi, (rows, _) in enumerate(Quantize._groups(la)):
+                    c = pm.obs_compensate(w2[rows], stats[la.key][gi], mask[rows])
+                    if c is None:
+                        failed.append(la.key)
+                    else:
+                        out[rows] = c
+            w32 = out.astype(np.float32)
+            w32[mask] = 0.0  # exactly +0.0
+            new[la.key] = w32
+            per_layer[la.key] = {"op": la.op, "weights": int(w32.size), "pruned": int(mask.sum()),
+                                 "sparsity": round(float(np.count_nonzero(w32 == 0) / max(w32.size, 1)), 6)}
+        result = self._apply(graph, layers, new)
+
+        pruned = sum(v["pruned"] for v in per_layer.values())
+        total_w = sum(v["weights"] for v in per_layer.values())
+        self.note("pruned_layers", len(layers))
+        if self.nm is not None:
+            self.note("pattern", f"{self.nm[0]}:{self.nm[1]}")
+        else:
+            self.note("scope", o.scope)
+        self.note("importance", o.importance)
+        self.note("compensate", bool(compensate))
+        if failed:
+            self.note("not_compensated", {k: "the damped calibration Hessian is not positive definite: pruned "
+                                             "without compensation" for k in dict.fromkeys(failed)})
+        self.note("layers", per_layer)
+        self.note("weights_pruned", pruned)
+        self.note("weights_total", total_w)
+        self.note("sparsity", round(pruned / total_w, 6) if total_w else 0.0)
+        self.note("summary", _summary(len(layers), pruned, total_w, skipped))
+        return result
+
+    # -------------------------------------------------------------------------------- hessians
+    def _hessians(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict:
+        """Per layer (per conv group): X^T X of its calibration inputs (im2col rows for a conv)."""
+        acts = ctx.activations(graph, f"pass '{self}'")
+        rng = np.random.default_rng(ctx.seed)
+        hs = {la.key: [0.0 for _ in Quantize._groups(la)] for la in layers}
+        for values in acts.stream([la.act for la in layers]):
+            for la in layers:
+                x = values[la.act].astype(np.float64)
+                for gi, (_, chans) in enumerate(Quantize._groups(la)):
+                    rows = _input_rows(la, x, chans)
+                    if rows.shape[0] > HESSIAN_ROWS:
+                        rows = rows[np.sort(rng.choice(rows.shape[0], HESSIAN_ROWS, replace=False))]
+                    hs[la.key][gi] = hs[la.key][gi] + rows.T @ rows
+        for la in layers:
+            cols = la.w2.shape[1]
+            hs[la.key] = [h if isinstance(h, np.ndarray) else np.zeros((cols, cols)) for h in hs[la.key]]
+        return hs
+
+    # ---------------------------------------------------------------------------------- apply
+    @staticmethod
+    def _apply(graph: Graph, layers: list[Layer], new: dict) -> Graph:
+        ir = IR(graph)
+        nodes = {(n.name or n.outputs[0].name): n for n in ir.g.nodes}
+        for la in layers:
+            w2 = new[la.key]
+            stored = w2.reshape(la.w.shape) if la.layout == "rows" else w2.T
+            _constant(nodes[la.key].inputs[1]).values = np.ascontiguousarray(stored, dtype=np.float32)
+        return ir.to_graph()
+
+
+def _summary(layers: int, pruned: int, total: int, left: dict) -> str:
+    """One line for the CLI: layers pruned, overall sparsity, which layers were left dense and why."""
+    text = f"{layers} layer(s) pruned"
+    if total:
+        text += f", {pruned} of {total} weights zeroed ({pruned / total:.1%})"
+    if left:
+        shown = "; ".join(f"{k}: {why}" for k, why in list(left.items())[:3])
+        more = f"; and {len(left) - 3} more (see the report)" if len(left) > 3 else ""
+        text += f", {len(left)} left dense ({shown}{more})"
+    return text
