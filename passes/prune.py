@@ -23,8 +23,16 @@ outermost).
   Optimal Brain Surgeon's column-by-column update with the inverse of
   ``X^T X`` + damping.
 
-The weights stay dense float32; pruned ones are exactly 0.0. The result is a
-function of the model, options, data and seed only (stable tie-breaking).
+Pruned weights are exactly +0.0. ``storage`` says how each pruned weight is
+written (:mod:`passes._sparse`): ``dense`` float32 as before; ``sparse``: the
+kept values (float32) and a 1-bit-per-weight mask packed 8 per byte, decoded in
+the graph by standard ops (Cast/Mul/Floor/Sub/CumSum/Gather/Reshape, opset 11+)
+to the dense weight bit for bit; ``auto`` (default): sparse where that is
+smaller (from about 1/3 of the weights zero). Lossless passes keep the decode
+(fold-constants never inflates a constant). The record's ``weight_bytes`` gives
+the layers' weight bytes before and after, and each layer its ``storage``.
+The result is a function of the model, options, data and seed only (stable
+tie-breaking).
 """
 
 from __future__ import annotations
@@ -33,23 +41,26 @@ import re
 
 import numpy as np
 
-from graphopt.errors import OptionError
+from graphopt.errors import ModelError, OptionError
 from graphopt.graph import Graph
-from graphopt.ir import IR
+from graphopt.ir import IR, toposort
 from graphopt.options import Option
 from graphopt.passbase import Pass, PassContext
 
 from . import _prune_math as pm
+from . import _sparse as sp
+from ._emit import Builder, Namer, all_names
 from .quantize import HESSIAN_ROWS, Layer, Quantize, _constant, _input_rows
 
 IMPORTANCES = ("magnitude", "activation")
+STORAGES = ("auto", "dense", "sparse")
 SCOPES = ("layer", "global")
 #: scope=global never removes more than this fraction of one layer (a layer at 100 % cuts the network).
 GLOBAL_CAP = 0.98
 
 
 class Prune(Pass):
-    """Prune weights of Conv/Gemm/MatMul to a sparsity or an N:M pattern (zeros, dense float32)."""
+    """Prune weights of Conv/Gemm/MatMul to a sparsity or an N:M pattern (zeros; stored dense or sparse)."""
 
     name = "prune"
     lossless = False
@@ -64,6 +75,9 @@ class Prune(Pass):
                "all layers (no layer above 98 %)", choices=SCOPES),
         Option("compensate", bool, None, "update the kept weights to cancel the output error on the "
                "calibration data (SparseGPT/OBS); default: true when --data is given"),
+        Option("storage", str, "auto", "how pruned weights are stored: sparse (kept values + 1-bit mask, "
+               "decoded in the graph), dense (float32 with zeros), auto (sparse where smaller)",
+               choices=STORAGES),
     )
 
     def __init__(self, **options):
@@ -150,7 +164,10 @@ class Prune(Pass):
             new[la.key] = w32
             per_layer[la.key] = {"op": la.op, "weights": int(w32.size), "pruned": int(mask.sum()),
                                  "sparsity": round(float(np.count_nonzero(w32 == 0) / max(w32.size, 1)), 6)}
-        result = self._apply(graph, layers, new)
+        sparse = self._storage(graph, layers, new)
+        for la in layers:
+            per_layer[la.key]["storage"] = "sparse" if la.key in sparse else "dense"
+        result = self._apply(graph, layers, new, sparse)
 
         pruned = sum(v["pruned"] for v in per_layer.values())
         total_w = sum(v["weights"] for v in per_layer.values())
@@ -168,8 +185,35 @@ class Prune(Pass):
         self.note("weights_pruned", pruned)
         self.note("weights_total", total_w)
         self.note("sparsity", round(pruned / total_w, 6) if total_w else 0.0)
-        self.note("summary", _summary(len(layers), pruned, total_w, skipped))
+        before = sum(4 * new[la.key].size for la in layers)
+        after = sum(sparse[la.key][1] if la.key in sparse else 4 * new[la.key].size for la in layers)
+        self.note("storage", o.storage)
+        self.note("weight_bytes", {"before": int(before), "after": int(after),
+                                   "ratio": round(before / after, 3) if after else None})
+        self.note("sparse_layers", len(sparse))
+        self.note("summary", _summary(len(layers), pruned, total_w, skipped)
+                  + (f"; {len(sparse)} stored sparse, weights {before / after:.2f}x smaller" if sparse else ""))
         return result
+
+    def _storage(self, graph: Graph, layers: list[Layer], new: dict) -> dict:
+        """key -> (stored weight, sparse bytes) of the layers written sparse."""
+        o = self.opts
+        if o.storage == "dense":
+            return {}
+        if graph.opset < sp.MIN_OPSET:
+            if o.storage == "sparse":
+                raise ModelError(f"{graph.source or 'model'}: prune(storage=sparse) needs opset {sp.MIN_OPSET} "
+                                 f"or newer (CumSum); the model is opset {graph.opset}: re-export it at a newer "
+                                 "opset or use storage=dense")
+            self.note("storage_dense_why", f"opset {graph.opset} < {sp.MIN_OPSET}: the sparse decode needs CumSum")
+            return {}
+        out = {}
+        for la in layers:
+            stored = _stored(la, new[la.key])
+            nbytes = sp.sparse_bytes(stored)
+            if o.storage == "sparse" or nbytes + sp.decode_bytes(la.key) < stored.nbytes:
+                out[la.key] = (stored, nbytes)
+        return out
 
     # -------------------------------------------------------------------------------- hessians
     def _hessians(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict:
@@ -192,14 +236,28 @@ class Prune(Pass):
 
     # ---------------------------------------------------------------------------------- apply
     @staticmethod
-    def _apply(graph: Graph, layers: list[Layer], new: dict) -> Graph:
+    def _apply(graph: Graph, layers: list[Layer], new: dict, sparse: dict) -> Graph:
         ir = IR(graph)
         nodes = {(n.name or n.outputs[0].name): n for n in ir.g.nodes}
+        namer = Namer(all_names(ir.like.graph), graph.opset) if sparse else None
         for la in layers:
-            w2 = new[la.key]
-            stored = w2.reshape(la.w.shape) if la.layout == "rows" else w2.T
-            _constant(nodes[la.key].inputs[1]).values = np.ascontiguousarray(stored, dtype=np.float32)
+            node = nodes[la.key]
+            if la.key in sparse:
+                stored = sparse[la.key][0]
+                values, packed = sp.encode(stored)
+                node.inputs[1] = sp.emit_decode(Builder(ir.g, namer, la.key, np.float32), values, packed,
+                                                stored.shape)
+            else:
+                _constant(node.inputs[1]).values = _stored(la, new[la.key])
+        if sparse:
+            toposort(ir.g)
         return ir.to_graph()
+
+
+def _stored(la: Layer, w2: np.ndarray) -> np.ndarray:
+    """The pruned ``[out, in]`` matrix in the layer's stored layout, float32 C-contiguous."""
+    stored = w2.reshape(la.w.shape) if la.layout == "rows" else w2.T
+    return np.ascontiguousarray(stored, dtype=np.float32)
 
 
 def _summary(layers: int, pruned: int, total: int, left: dict) -> str:

@@ -202,7 +202,8 @@ class CpuTarget(Target):
         named, decodes, decode_codes = self._lowbit(graph)
         # Decodes left unfused become float weights at lower time: deliberate growth, like Winograd's. Every
         # decode counts (a codes tensor may feed a fused MatMul and an unfused conv): an allowance only.
-        unfused_bytes = sum(decode_codes.values())
+        # Weights decoded in the graph from other stored forms (prune's sparse values and mask) likewise.
+        unfused_bytes = sum(decode_codes.values()) + lowbit.decoded_weight_bytes(graph)
         lowbit_used: list = []  # LowBitMatMul nodes imported (targets/lowbit.py)
         int8_used: list = []
         winograd_used: list = []  # {"m", "extra_bytes"} of each conv lowered as Winograd F(m x m, 3 x 3)

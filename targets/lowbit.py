@@ -202,6 +202,35 @@ def _structure(cone_leaves, inits):
     return u8[0], pairs[0]
 
 
+def decoded_weight_bytes(graph) -> int:
+    """Float32 bytes of the Conv / Gemm / MatMul weights the main graph computes from initializers and
+    reshapes to a constant shape: weights stored in another form and decoded in the graph (``prune``'s sparse
+    values and mask, any plugin's codebook). The CPU target allows that growth when it lifts the decode to
+    lower time, so the decoded weight is stored packed for its kernel instead of decoded on every run."""
+    g = graph.graph
+    inits = _initializers(g)
+    producers = {o: n for n in g.node for o in n.output}
+    total, seen = 0, set()
+    for node in g.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        if w in seen or w in inits or w not in producers:
+            continue
+        seen.add(w)
+        last = producers[w]
+        if last.op_type != "Reshape" or len(last.input) < 2 or last.input[1] not in inits:
+            continue
+        if _cone(w, producers, inits) is None:
+            continue
+        from onnx import numpy_helper
+
+        shape = numpy_helper.to_array(inits[last.input[1]]).reshape(-1)
+        if shape.size and (shape > 0).all():
+            total += 4 * int(np.prod(shape, dtype=np.int64))
+    return total
+
+
 def decode_codes(graph) -> dict[str, int]:
     """``{codes initializer: decoded float32 bytes}`` for every constant input of a main-graph node that
     looks like a weight-only decode (see :func:`_structure`; structure only, not checked numerically),

@@ -10,7 +10,9 @@ from onnx import helper, numpy_helper
 import graphopt
 from graphopt.accuracy import EvalSet
 from graphopt.data import DataSource
+from graphopt.errors import ModelError
 from graphopt.passes import _prune_math as pm
+from graphopt.passes import _sparse as sp
 from graphopt.passes.prune import GLOBAL_CAP
 from graphopt.reference import run_reference
 
@@ -61,6 +63,7 @@ def mm_file(tmp_path):
     ("prune(pattern=2:4,scope=global)", "option 'scope' applies to 'sparsity'"),
     ("prune(sparsity=0.5,compensate=true)", "needs calibration data"),
     ("prune(sparsity=0.5,importance=activation)", "needs calibration data"),
+    ("prune(sparsity=0.5,storage=csr)", "option 'storage' must be one of auto, dense, sparse"),
 ])
 def test_bad_options_are_one_line_exit_2_and_write_nothing(mm_file, capsys, passes, message):
     d = mm_file
@@ -74,7 +77,7 @@ def test_bad_options_are_one_line_exit_2_and_write_nothing(mm_file, capsys, pass
 
 def test_magnitude_without_compensation_needs_no_data(mm_file, capsys):
     d = mm_file
-    assert run_cli("optimize", d / "m.onnx", "--passes", "prune(sparsity=0.5)", "-o", d / "out.onnx") == 0
+    assert run_cli("optimize", d / "m.onnx", "--passes", "prune(sparsity=0.5,storage=dense)", "-o", d / "out.onnx") == 0
     w = numpy_helper.to_array(onnx.load(d / "out.onnx").graph.initializer[0])
     assert np.count_nonzero(w == 0) == w.size // 2
 
@@ -93,7 +96,7 @@ def test_a_graph_without_layers_comes_back_unchanged():
 @pytest.mark.parametrize("sparsity", [0.3, 0.75])
 def test_scope_layer_prunes_every_layer_exactly(sparsity, extra):
     g = _layers_model()
-    res = graphopt.optimize(g, f"prune(sparsity={sparsity},{extra})", data=DataSource(feeds=_feeds()))
+    res = graphopt.optimize(g, f"prune(sparsity={sparsity},{extra},storage=dense)", data=DataSource(feeds=_feeds()))
     details = res.records[0].details
     assert details["pruned_layers"] == 4 and details["compensate"] == ("activation" in extra)
     total = 0
@@ -116,7 +119,7 @@ def test_scope_layer_prunes_every_layer_exactly(sparsity, extra):
 
 def test_scope_global_hits_the_overall_sparsity():
     g = _layers_model()
-    res = graphopt.optimize(g, "prune(sparsity=0.6,scope=global)")
+    res = graphopt.optimize(g, "prune(sparsity=0.6,scope=global,storage=dense)")
     details = res.records[0].details
     ws = [_w2(res.graph, n) for n in LAYER_WEIGHTS.values()]
     total = sum(w.size for w in ws)
@@ -140,7 +143,7 @@ def test_global_counts_never_empty_a_layer():
 def test_n_m_pattern_holds_group_by_group(pattern, compensate):
     n, m = map(int, pattern.split(":"))
     g = _layers_model()
-    res = graphopt.optimize(g, f"prune(pattern={pattern},compensate={str(compensate).lower()})",
+    res = graphopt.optimize(g, f"prune(pattern={pattern},compensate={str(compensate).lower()},storage=dense)",
                             data=DataSource(feeds=_feeds()))
     assert res.records[0].details["pattern"] == pattern
     for key, name in LAYER_WEIGHTS.items():
@@ -173,7 +176,7 @@ def test_compensation_reduces_the_layer_output_error_at_the_same_mask():
     w = numpy_helper.to_array(g.initializers()["w"]).astype(np.float64)
     err = {}
     for comp in ("false", "true"):
-        res = graphopt.optimize(g, f"prune(sparsity=0.5,compensate={comp})", data=DataSource(feeds=feeds))
+        res = graphopt.optimize(g, f"prune(sparsity=0.5,compensate={comp},storage=dense)", data=DataSource(feeds=feeds))
         wp = numpy_helper.to_array(res.graph.initializers()["w"]).astype(np.float64)
         err[comp] = (np.linalg.norm(x @ w - x @ wp), wp == 0)
         # the layer's output on the calibration data, as ONNX Runtime computes it
@@ -223,6 +226,74 @@ def test_pruned_model_runs_in_onnx_runtime_and_lowers(tmp_path):
     np.testing.assert_allclose(out, y, rtol=1e-3, atol=1e-3)
 
 
+# -------------------------------------------------------------------------------- sparse storage
+def _run_decode(w: np.ndarray) -> np.ndarray:
+    """The emitted decode alone, as ONNX Runtime runs it (the model's only output is the decoded weight)."""
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    from graphopt.passes._emit import Builder, Namer
+
+    g = gs.Graph(opset=17)
+    out = sp.emit_decode(Builder(g, Namer(set(), 17), "w", np.float32), *sp.encode(w), w.shape)
+    out.dtype, out.shape = np.float32, list(w.shape)
+    g.outputs = [out]
+    sess = ort.InferenceSession(gs.export_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {})[0]
+
+
+def test_sparse_decode_is_bit_exact():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((7, 3, 5)).astype(np.float32)  # 105 weights: not a multiple of 8
+    w[rng.random(w.shape) < 0.6] = 0.0
+    w.flat[[1, 2, 50]] = [-0.0, np.float32(1e-45), -np.float32(3e38)]  # a kept -0.0, a denormal, a large one
+    for case in (w, np.zeros((4, 4), np.float32), np.ones((3, 8), np.float32), w.reshape(-1)[:1]):
+        values, packed = sp.encode(case)
+        assert values.dtype == np.float32 and packed.dtype == np.uint8 and packed.size == -(-case.size // 8)
+        assert values.size == 1 + np.count_nonzero(case.view(np.uint32))
+        for got in (sp.decode(values, packed, case.shape), _run_decode(case)):
+            assert got.shape == case.shape
+            np.testing.assert_array_equal(got.view(np.uint32), case.view(np.uint32))
+
+
+@pytest.mark.parametrize("spec", ["sparsity=0.5,importance=activation", "pattern=2:4"])
+def test_sparse_storage_runs_identically_to_dense(spec):
+    g = _layers_model()
+    feed = _feeds(1, seed=11)[0]
+    res = {st: graphopt.optimize(g, f"prune({spec},storage={st})", data=DataSource(feeds=_feeds()))
+           for st in ("dense", "sparse")}
+    d = res["sparse"].records[0].details
+    assert d["sparse_layers"] == 4 and all(v["storage"] == "sparse" for v in d["layers"].values())
+    assert res["dense"].records[0].details["weight_bytes"]["ratio"] == 1.0
+    assert d["weight_bytes"]["before"] == 4 * d["weights_total"] and d["weight_bytes"]["ratio"] > 1.4, d
+    onnx.checker.check_model(res["sparse"].graph.model)
+    assert not {t.name for t in res["sparse"].graph.graph.initializer} & set(LAYER_WEIGHTS.values())
+    assert np.array_equal(ort_run(res["sparse"].graph, feed)[0], ort_run(res["dense"].graph, feed)[0])
+
+
+def test_sparse_model_lowers_and_verifies_and_is_deterministic(tmp_path):
+    g = _layers_model()
+    a, b = (graphopt.optimize(g, "prune(sparsity=0.9,storage=sparse)").graph for _ in range(2))
+    assert a.to_bytes() == b.to_bytes()
+    feed = _feeds(1, seed=11)[0]
+    y = ort_run(a, feed)[0]
+    res = graphopt.lower(a, "cpu", tmp_path / "art", verify=True)
+    out = graphopt.load(tmp_path / "art").run(feed)
+    out = out["y"] if isinstance(out, dict) else out[0]
+    np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-5)
+    # The CPU target decodes the weights once, at lower time (stored dense for the kernels), not every run.
+    assert "not lifted" not in res.native_log
+    assert any(w["name"].startswith("main.packed") for w in res.manifest["weights"])
+
+
+def test_sparse_storage_needs_opset_11():
+    g = _layers_model(opset=10)
+    with pytest.raises(ModelError, match="storage=sparse"):
+        graphopt.optimize(g, "prune(sparsity=0.9,storage=sparse)")
+    d = graphopt.optimize(g, "prune(sparsity=0.9)").records[0].details
+    assert d["sparse_layers"] == 0 and "opset 10" in d["storage_dense_why"]
+
+
 # ---------------------------------------------------------------------------------------- digits
 @pytest.fixture(scope="module")
 def digits():
@@ -253,3 +324,25 @@ def test_digits_cnn_90_percent_compensated_beats_magnitude(digits):
     plain = _accuracy(digits, "cnn", "prune(sparsity=0.9,compensate=false)")
     print("cnn 0.9: activation+compensate", good["final"], "magnitude", plain["final"])
     assert good["final"] > plain["final"] + 5, (good, plain)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_digits_sparse_storage_shrinks_the_file(digits, model, tmp_path):
+    g = digits[model]
+    g.save(tmp_path / "float.onnx")
+    size = {"float": (tmp_path / "float.onnx").stat().st_size}
+    for spec in ("sparsity=0.9", "sparsity=0.5"):
+        for st in ("dense", "sparse", "auto"):
+            res = graphopt.optimize(g, f"prune({spec},storage={st}),cleanup")
+            assert res.records[0].details["storage"] == st
+            res.graph.save(tmp_path / f"{spec}-{st}.onnx")
+            size[spec, st] = (tmp_path / f"{spec}-{st}.onnx").stat().st_size
+        cleaned = graphopt.optimize(graphopt.Graph(res.graph.model), "cleanup").graph  # cleanup keeps the decode
+        assert len(cleaned.to_bytes()) <= size[spec, "auto"] and "CumSum" in {n.op_type for n in cleaned.graph.node}
+        # auto picks per layer what is smaller: never above both forms
+        assert size[spec, "auto"] <= min(size[spec, "dense"], size[spec, "sparse"]) * 1.01, size
+    ratio = size["float"] / size["sparsity=0.9", "sparse"]
+    print(f"{model}: float {size['float']} B; 0.9 sparse {ratio:.2f}x smaller; 0.5 auto "
+          f"{size['float'] / size['sparsity=0.5', 'auto']:.2f}x smaller")
+    assert ratio >= 3.0, size
