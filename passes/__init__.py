@@ -11,6 +11,7 @@ def graphopt_register_passes():
     from .batchnorm import FoldBatchNorm
     from .cleanup import Cleanup
     from .dedup_initializers import DedupInitializers
+    from .distill import Distill
     from .eliminate_dead import EliminateDead
     from .eliminate_identity import EliminateIdentity
     from .fold_constants import FoldConstants
@@ -19,4 +20,4 @@ def graphopt_register_passes():
     from .quantize import Quantize
     from .recurrent import LowerRecurrent
 
-    return [Cleanup, FoldConstants, EliminateIdentity, EliminateDead, DedupInitializers, FoldBatchNorm, LowerRecurrent, UnrollLoops, Quantize, Prune]
+    return [Cleanup, FoldConstants, EliminateIdentity, EliminateDead, DedupInitializers, FoldBatchNorm, LowerRecurrent, UnrollLoops, Quantize, Prune, Distill]

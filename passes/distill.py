@@ -1,0 +1,255 @@
+"""distill: replace the weight of Gemm/MatMul/1x1 Conv layers by a low-rank product fitted to the teacher's activations.
+
+Layers are found as :mod:`passes.quantize` finds them (float32 constant weight
+read by that node alone), seen as a matrix ``W`` ``[out, in]``; of those, Gemm,
+MatMul with a 2-D weight and 1x1 Conv (stride 1, group 1, no padding) are
+factorized, the others are listed in the record with the reason.
+
+``method=low-rank`` (the only one for now): ``W ~= A B`` with ``A`` ``[out, r]``
+and ``B`` ``[r, in]``, fitted in closed form to the layer's calibration inputs
+``X`` (rows; ``--data`` is required): with ``C = X^T X / n`` + damping and
+``C = L L^T`` (Cholesky), ``||X W^T - X B^T A^T||_F`` is ``||(W - A B) L||_F``,
+minimised by the truncated SVD ``U_r S_r V_r^T`` of ``W L``: ``A = U_r S_r^1/2``,
+``B = S_r^1/2 V_r^T L^-1``. The rank:
+
+* ``ratio=R`` in (0, 1): ``r = floor((1 - R) * out * in / (out + in))``, so every
+  factorized layer's weight parameter count falls by at least ``R``;
+* ``energy=E`` in (0, 1]: the smallest ``r`` whose singular values of ``W L``
+  hold a fraction ``E`` of the sum of their squares (the data-weighted energy).
+
+A layer where ``r < 1`` or ``r * (out + in) >= out * in`` (no saving) is left as
+is and listed with the reason. Each factorized layer becomes two nodes of its
+kind: MatMul ``x @ B^T @ A^T``; Gemm ``B`` (with the original transA) then ``A``
+(with the bias, beta); Conv ``[r, in, 1, 1]`` then ``[out, r, 1, 1]`` (with the
+bias). The second node keeps the original node's name and output. The record
+gives each layer's rank, weight parameters before/after and output error on the
+calibration data relative to ``||X W^T||``, and the totals. The result is a
+function of the model, options, data and seed only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from scipy.linalg import solve_triangular
+
+from graphopt.errors import OptionError
+from graphopt.graph import Graph
+from graphopt.ir import IR, toposort
+from graphopt.options import Option
+from graphopt.passbase import Pass, PassContext
+
+from ._emit import Builder, Namer, all_names
+from .quantize import HESSIAN_ROWS, Layer, Quantize, _input_rows
+
+METHODS = ("low-rank",)
+#: Damping added to the diagonal of C = X^T X / n, relative to its mean diagonal (as GPTQ does).
+DAMPING = 0.01
+
+
+class Distill(Pass):
+    """Factorize Gemm/MatMul/1x1-Conv weights into two low-rank layers fitted to the calibration activations."""
+
+    name = "distill"
+    lossless = False
+    needs_data = True
+    options = (
+        Option("method", str, "low-rank", "low-rank: W ~= A B fitted in closed form to the layer's calibration "
+               "inputs (the only method for now)"),
+        Option("ratio", float, None, "cut each factorized layer's weight parameters by at least this fraction, "
+               "in (0, 1) (give it or 'energy')"),
+        Option("energy", float, None, "the smallest rank keeping this fraction of the data-weighted spectrum "
+               "energy, in (0, 1] (instead of 'ratio')"),
+    )
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.opts
+        where = f"pass '{self.name}'"
+        if o.method not in METHODS:
+            raise OptionError(f"{where}: method {o.method!r} is not available; choose low-rank")
+        if o.ratio is not None and o.energy is not None:
+            raise OptionError(f"{where}: give option 'ratio' or option 'energy', not both")
+        if o.ratio is None and o.energy is None:
+            raise OptionError(f"{where}: option 'ratio' (a fraction in (0, 1)) or option 'energy' (in (0, 1]) "
+                              "is required")
+        if o.ratio is not None and not 0.0 < o.ratio < 1.0:
+            raise OptionError(f"{where}: option 'ratio' must be in (0, 1), got {o.ratio!r}")
+        if o.energy is not None and not 0.0 < o.energy <= 1.0:
+            raise OptionError(f"{where}: option 'energy' must be in (0, 1], got {o.energy!r}")
+
+    # --------------------------------------------------------------------------------------- run
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        o = self.opts
+        found, skipped = Quantize(mode="dynamic")._layers(graph)  # the same layers quantize finds
+        skipped = {k: why.replace("quantized", "factorized") for k, why in skipped.items()}
+        layers = []
+        for la in found:
+            why = _unsupported(la)
+            if why:
+                skipped[la.key] = why
+            else:
+                layers.append(la)
+        if o.ratio is not None:
+            ranks = {la.key: int(np.floor((1.0 - o.ratio) * _out_in(la)[0] * _out_in(la)[1] / sum(_out_in(la))))
+                     for la in layers}
+            kept = [la for la in layers if _saves(la, ranks[la.key])]
+            if layers and not kept:
+                raise OptionError(f"pass '{self.name}': ratio={o.ratio:g} would leave no rank that saves "
+                                  f"parameters in any of the {len(layers)} layer(s) (largest rank "
+                                  f"{max(ranks.values())}); use a smaller ratio")
+            for la in layers:
+                if la not in kept:
+                    skipped[la.key] = _why_not(la, ranks[la.key], f"ratio={o.ratio:g}")
+            layers = kept
+        if not layers:
+            self._finish(skipped, {})
+            return graph
+
+        stats = self._stats(graph, layers, ctx)
+        factors, per_layer = {}, {}
+        for la in layers:
+            h, n = stats[la.key]
+            w = la.w2.astype(np.float64)
+            out_f, in_f = w.shape
+            c = h / max(n, 1)
+            damp = DAMPING * float(np.mean(np.diag(c)))
+            c[np.diag_indices_from(c)] += damp if damp > 0 else 1e-6
+            low = np.linalg.cholesky(c)
+            u, s, vt = np.linalg.svd(w @ low, full_matrices=False)
+            if o.energy is not None:
+                e = s ** 2
+                cum = np.cumsum(e) / e.sum() if e.sum() > 0 else np.ones_like(e)
+                r = int(np.searchsorted(cum, o.energy - 1e-12) + 1)
+                r = min(r, s.size)
+                if not _saves(la, r):
+                    skipped[la.key] = _why_not(la, r, f"energy={o.energy:g}")
+                    continue
+            else:
+                r = ranks[la.key]
+            root = np.sqrt(s[:r])
+            a = u[:, :r] * root  # [out, r]
+            b = solve_triangular(low, vt[:r].T, lower=True, trans="T").T * root[:, None]  # [r, in] = V^T L^-1
+            a32, b32 = a.astype(np.float32), b.astype(np.float32)
+            d = w - a32.astype(np.float64) @ b32.astype(np.float64)
+            ref = float(np.einsum("ij,jk,ik->", w, h, w))
+            err = float(np.einsum("ij,jk,ik->", d, h, d))
+            factors[la.key] = (a32, b32)
+            per_layer[la.key] = {"op": la.op, "shape": [out_f, in_f], "rank": r, "params_before": out_f * in_f,
+                                 "params_after": r * (out_f + in_f),
+                                 "output_error": round(float(np.sqrt(max(err, 0.0) / ref)) if ref > 0 else 0.0, 6)}
+        result = self._apply(graph, layers, factors) if factors else graph
+        self._finish(skipped, per_layer)
+        return result
+
+    def _finish(self, skipped: dict, per_layer: dict) -> None:
+        before = sum(v["params_before"] for v in per_layer.values())
+        after = sum(v["params_after"] for v in per_layer.values())
+        self.note("method", self.opts.method)
+        if self.opts.ratio is not None:
+            self.note("ratio", self.opts.ratio)
+        else:
+            self.note("energy", self.opts.energy)
+        self.note("factorized_layers", len(per_layer))
+        if skipped:
+            self.note("not_factorized", skipped)
+        self.note("layers", per_layer)
+        cut = round(1.0 - after / before, 6) if before else 0.0
+        self.note("params", {"before": before, "after": after, "cut": cut})
+        text = f"{len(per_layer)} layer(s) factorized"
+        if before:
+            text += f", weight parameters {before} -> {after} ({cut:.1%} cut)"
+        if skipped:
+            shown = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:3])
+            more = f"; and {len(skipped) - 3} more (see the report)" if len(skipped) > 3 else ""
+            text += f", {len(skipped)} left as is ({shown}{more})"
+        self.note("summary", text)
+
+    # -------------------------------------------------------------------------------- statistics
+    def _stats(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict:
+        """Per layer: (X^T X, row count) of its calibration input rows (at most HESSIAN_ROWS per sample)."""
+        acts = ctx.activations(graph, f"pass '{self}'")
+        rng = np.random.default_rng(ctx.seed)
+        out = {la.key: [np.zeros((la.w2.shape[1],) * 2), 0] for la in layers}
+        for values in acts.stream(list(dict.fromkeys(la.act for la in layers))):
+            for la in layers:
+                rows = _input_rows(la, values[la.act].astype(np.float64), slice(None))
+                if rows.shape[0] > HESSIAN_ROWS:
+                    rows = rows[np.sort(rng.choice(rows.shape[0], HESSIAN_ROWS, replace=False))]
+                out[la.key][0] += rows.T @ rows
+                out[la.key][1] += rows.shape[0]
+        return {k: (h, n) for k, (h, n) in out.items()}
+
+    # ---------------------------------------------------------------------------------- apply
+    @staticmethod
+    def _apply(graph: Graph, layers: list[Layer], factors: dict) -> Graph:
+        ir = IR(graph)
+        nodes = {(n.name or n.outputs[0].name): n for n in ir.g.nodes}
+        namer = Namer(all_names(ir.like.graph), graph.opset)
+        for la in layers:
+            if la.key not in factors:
+                continue
+            a, b = factors[la.key]  # [out, r], [r, in]
+            node = nodes[la.key]
+            bld = Builder(ir.g, namer, la.key, np.float32)
+            x = node.inputs[0]
+            if la.op == "MatMul":
+                first_w, second_w, attrs = b.T, a.T, {}
+            elif la.op == "Gemm":
+                rows = la.layout == "rows"  # transB=1: stored [out, in]
+                first_w, second_w = (b, a) if rows else (b.T, a.T)
+                attrs = {"transA": int(node.attrs.get("transA", 0)), "transB": int(rows)}
+                if node.attrs.get("transA", 0):
+                    node.attrs["transA"] = 0
+            else:  # 1x1 Conv
+                tail = (1,) * (la.w.ndim - 2)
+                first_w, second_w = b.reshape(b.shape + tail), a.reshape(a.shape + tail)
+                attrs = {"kernel_shape": list(tail)}
+                if "kernel_shape" in node.attrs:
+                    node.attrs["kernel_shape"] = list(tail)
+            w1 = gs.Constant(namer.fresh(f"{la.key}/low_rank_in"), np.ascontiguousarray(first_w, np.float32))
+            w2 = gs.Constant(namer.fresh(f"{la.key}/low_rank_out"), np.ascontiguousarray(second_w, np.float32))
+            ins = [x, w1]
+            if la.op == "Gemm" and graph.opset < 11:  # C is optional from opset 11
+                ins.append(bld.const(np.zeros(first_w.shape[0 if attrs["transB"] else 1], np.float32)))
+            mid = bld.op(la.op, ins, attrs, dtype=np.float32)
+            node.inputs[0] = mid
+            node.inputs[1] = w2
+        toposort(ir.g)
+        return ir.to_graph()
+
+
+def _out_in(la: Layer) -> tuple[int, int]:
+    return la.w2.shape[0], la.w2.shape[1]
+
+
+def _saves(la: Layer, r: int) -> bool:
+    out_f, in_f = _out_in(la)
+    return r >= 1 and r * (out_f + in_f) < out_f * in_f
+
+
+def _why_not(la: Layer, r: int, by: str) -> str:
+    out_f, in_f = _out_in(la)
+    if r < 1:
+        return f"{by} leaves rank {r} for a [{out_f}, {in_f}] weight"
+    return f"rank {r} ({by}) would not reduce the parameters of a [{out_f}, {in_f}] weight " \
+           f"({r * (out_f + in_f)} >= {out_f * in_f})"
+
+
+def _unsupported(la: Layer) -> str | None:
+    """Why a layer quantize would take is not factorized here (None when it is)."""
+    if la.layout == "act":
+        return "a MatMul of two activations"
+    if la.op != "Conv":
+        return None
+    a = la.attrs
+    k = list(la.w.shape[2:])
+    if any(d != 1 for d in k):
+        return f"a {'x'.join(map(str, k))} conv (only 1x1 convs are factorized)"
+    if int(a.get("group", 1)) != 1:
+        return "a grouped conv"
+    if any(int(s) != 1 for s in a.get("strides", [1] * len(k))):
+        return "a strided conv"
+    if any(int(p) != 0 for p in a.get("pads", [0] * 2 * len(k))):
+        return "a padded conv"
+    return None
