@@ -12,8 +12,10 @@ and ``B`` ``[r, in]``, fitted in closed form to the layer's calibration inputs
 minimised by the truncated SVD ``U_r S_r V_r^T`` of ``W L``: ``A = U_r S_r^1/2``,
 ``B = S_r^1/2 V_r^T L^-1``. The rank:
 
-* ``ratio=R`` in (0, 1): ``r = floor((1 - R) * out * in / (out + in))``, so every
-  factorized layer's weight parameter count falls by at least ``R``;
+* ``ratio=R`` in (0, 1): the layers' weight parameters fall by at least ``R``
+  overall, ranks allocated across layers where the data-weighted spectrum loses
+  least (:func:`_allocate`: a small layer whose every direction matters, such as
+  a classifier, stays whole while wide ones give up their weak directions);
 * ``energy=E`` in (0, 1]: the smallest ``r`` whose singular values of ``W L``
   hold a fraction ``E`` of the sum of their squares (the data-weighted energy).
 
@@ -56,8 +58,9 @@ class Distill(Pass):
     options = (
         Option("method", str, "low-rank", "low-rank: W ~= A B fitted in closed form to the layer's calibration "
                "inputs (the only method for now)"),
-        Option("ratio", float, None, "cut each factorized layer's weight parameters by at least this fraction, "
-               "in (0, 1) (give it or 'energy')"),
+        Option("ratio", float, None, "cut the factorizable layers' weight parameters by at least this fraction "
+               "overall, in (0, 1), ranks allocated where the data-weighted spectrum loses least (give it or "
+               "'energy')"),
         Option("energy", float, None, "the smallest rank keeping this fraction of the data-weighted spectrum "
                "energy, in (0, 1] (instead of 'ratio')"),
     )
@@ -90,43 +93,46 @@ class Distill(Pass):
                 skipped[la.key] = why
             else:
                 layers.append(la)
-        if o.ratio is not None:
-            ranks = {la.key: int(np.floor((1.0 - o.ratio) * _out_in(la)[0] * _out_in(la)[1] / sum(_out_in(la))))
-                     for la in layers}
-            kept = [la for la in layers if _saves(la, ranks[la.key])]
-            if layers and not kept:
-                raise OptionError(f"pass '{self.name}': ratio={o.ratio:g} would leave no rank that saves "
-                                  f"parameters in any of the {len(layers)} layer(s) (largest rank "
-                                  f"{max(ranks.values())}); use a smaller ratio")
-            for la in layers:
-                if la not in kept:
-                    skipped[la.key] = _why_not(la, ranks[la.key], f"ratio={o.ratio:g}")
-            layers = kept
+        if o.ratio is not None and layers:
+            before = sum(_out_in(la)[0] * _out_in(la)[1] for la in layers)
+            most = sum(_out_in(la)[0] * _out_in(la)[1] - sum(_out_in(la)) for la in layers if _saves(la, 1))
+            if most < o.ratio * before:  # known from the shapes alone: before any data is read
+                raise OptionError(f"pass '{self.name}': ratio={o.ratio:g} would leave no rank that saves enough: at "
+                                  f"rank 1 everywhere the {len(layers)} layer(s) lose {100 * most / before:.1f} % of "
+                                  "their weight parameters; use a smaller ratio")
         if not layers:
             self._finish(skipped, {})
             return graph
 
         stats = self._stats(graph, layers, ctx)
-        factors, per_layer = {}, {}
+        fits = {}  # key: (w, h, L, U, S, Vt)
         for la in layers:
             h, n = stats[la.key]
             w = la.w2.astype(np.float64)
-            out_f, in_f = w.shape
             c = h / max(n, 1)
             damp = DAMPING * float(np.mean(np.diag(c)))
             c[np.diag_indices_from(c)] += damp if damp > 0 else 1e-6
             low = np.linalg.cholesky(c)
-            u, s, vt = np.linalg.svd(w @ low, full_matrices=False)
+            u, sv, vt = np.linalg.svd(w @ low, full_matrices=False)
+            fits[la.key] = (w, h, low, u, sv, vt)
+        if o.ratio is not None:
+            ranks = _allocate(layers, {k: f[4] for k, f in fits.items()}, o.ratio)
+        factors, per_layer = {}, {}
+        for la in layers:
+            w, h, low, u, s, vt = fits[la.key]
+            out_f, in_f = w.shape
             if o.energy is not None:
                 e = s ** 2
                 cum = np.cumsum(e) / e.sum() if e.sum() > 0 else np.ones_like(e)
                 r = int(np.searchsorted(cum, o.energy - 1e-12) + 1)
                 r = min(r, s.size)
-                if not _saves(la, r):
-                    skipped[la.key] = _why_not(la, r, f"energy={o.energy:g}")
-                    continue
+                by = f"energy={o.energy:g}"
             else:
-                r = ranks[la.key]
+                r = ranks.get(la.key, 0)
+                by = f"ratio={o.ratio:g} (the parameters are cut where the data-weighted spectrum loses least)"
+            if r < 1 or not _saves(la, r):
+                skipped[la.key] = _why_not(la, max(r, 0), by) if r >= 1 else f"left whole: {by}"
+                continue
             root = np.sqrt(s[:r])
             a = u[:, :r] * root  # [out, r]
             b = solve_triangular(low, vt[:r].T, lower=True, trans="T").T * root[:, None]  # [r, in] = V^T L^-1
@@ -138,13 +144,16 @@ class Distill(Pass):
             per_layer[la.key] = {"op": la.op, "shape": [out_f, in_f], "rank": r, "params_before": out_f * in_f,
                                  "params_after": r * (out_f + in_f),
                                  "output_error": round(float(np.sqrt(max(err, 0.0) / ref)) if ref > 0 else 0.0, 6)}
-        result = self._apply(graph, layers, factors) if factors else graph
-        self._finish(skipped, per_layer)
+        result = self._apply(graph, [la for la in layers if la.key in factors], factors) if factors else graph
+        whole = sum(_out_in(la)[0] * _out_in(la)[1] for la in layers if la.key not in factors)
+        self._finish(skipped, per_layer, whole)
         return result
 
-    def _finish(self, skipped: dict, per_layer: dict) -> None:
-        before = sum(v["params_before"] for v in per_layer.values())
-        after = sum(v["params_after"] for v in per_layer.values())
+    def _finish(self, skipped: dict, per_layer: dict, whole: int = 0) -> None:
+        """``whole``: weight parameters of the factorizable layers left whole (counted in ``params``, whose
+        ``cut`` is over every factorizable layer: what ``ratio`` asks for)."""
+        before = sum(v["params_before"] for v in per_layer.values()) + whole
+        after = sum(v["params_after"] for v in per_layer.values()) + whole
         self.note("method", self.opts.method)
         if self.opts.ratio is not None:
             self.note("ratio", self.opts.ratio)
@@ -217,6 +226,45 @@ class Distill(Pass):
             node.inputs[1] = w2
         toposort(ir.g)
         return ir.to_graph()
+
+
+def _allocate(layers: list[Layer], spectra: dict, ratio: float) -> dict:
+    """Ranks that cut the layers' weight parameters by ``ratio`` overall, losing the least data-weighted
+    energy: every layer starts whole; the step that removes the smallest share of its layer's energy per
+    parameter saved is taken first (factorizing a layer at its largest saving rank, then lowering a rank by
+    one), until the cut is reached. ``{key: rank}``; a layer left whole has rank 0."""
+    import heapq
+
+    total = sum(_out_in(la)[0] * _out_in(la)[1] for la in layers)
+    need = ratio * total
+    by_key = {la.key: la for la in layers}
+    state = {}
+    heap = []
+    for la in layers:
+        out_f, in_f = _out_in(la)
+        s2 = np.asarray(spectra[la.key], dtype=np.float64) ** 2
+        energy = float(s2.sum()) or 1.0
+        r0 = min(s2.size, (out_f * in_f - 1) // (out_f + in_f))  # the largest rank that saves parameters
+        if r0 < 1:
+            continue
+        state[la.key] = 0  # whole
+        # First step: factorize at r0 (saves out*in - r0*(out+in), loses the energy past r0).
+        loss = float(s2[r0:].sum()) / energy
+        saved = out_f * in_f - r0 * (out_f + in_f)
+        heapq.heappush(heap, (loss / saved, la.key, r0))
+    cut = 0.0
+    while heap and cut < need:
+        _, key, r = heapq.heappop(heap)
+        la = by_key[key]
+        out_f, in_f = _out_in(la)
+        s2 = np.asarray(spectra[key], dtype=np.float64) ** 2
+        energy = float(s2.sum()) or 1.0
+        prev = state[key]
+        cut += (out_f * in_f - r * (out_f + in_f)) if prev == 0 else (out_f + in_f)
+        state[key] = r
+        if r > 1:
+            heapq.heappush(heap, (float(s2[r - 1]) / energy / (out_f + in_f), key, r - 1))
+    return state
 
 
 def _out_in(la: Layer) -> tuple[int, int]:

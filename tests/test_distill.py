@@ -105,7 +105,7 @@ def _mixed_model():
 
 def test_factorized_layers_compute_the_expected_math():
     g, feeds = _mixed_model()
-    res = graphopt.optimize(g, "distill(ratio=0.3)", data=DataSource(feeds=feeds))
+    res = graphopt.optimize(g, "distill(energy=0.7)", data=DataSource(feeds=feeds))  # every kind factorized
     out = res.graph
     onnx.checker.check_model(out.model)
     d = res.records[0].details
@@ -159,7 +159,7 @@ def test_deterministic_bytes():
 
 def test_distilled_model_lowers_and_verifies(tmp_path):
     g = _layers_model()
-    res = graphopt.optimize(g, "distill(ratio=0.3)", data=DataSource(feeds=_feeds()))
+    res = graphopt.optimize(g, "distill(energy=0.7)", data=DataSource(feeds=_feeds()))
     d = res.records[0].details
     assert d["factorized_layers"] == 3 and "conv_grouped" in d["not_factorized"], d
     feed = _feeds(1, seed=11)[0]
@@ -180,6 +180,15 @@ def digits():
     return digits_models(epochs=8)
 
 
+def _linear_weights(g):
+    """The float32 2-D weights of the Gemm/MatMul layers of ``g`` (what distill factorizes in the digits models)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in g.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[1]]) for n in g.graph.node
+            if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_digits_ratio_cuts_the_parameters(digits, model):
@@ -194,12 +203,11 @@ def test_digits_ratio_cuts_the_parameters(digits, model):
               f"{acc[spec]['final']:.2f}")
         if spec.startswith("ratio"):
             cut = float(spec.split("=")[1])
-            assert det["params"]["cut"] >= cut
-            assert all(v["params_after"] <= (1 - cut) * v["params_before"] for v in det["layers"].values())
+            assert det["params"]["cut"] >= cut  # over every factorizable layer, those left whole included
+            assert det["params"]["before"] == sum(int(np.prod(w.shape)) for w in _linear_weights(digits[model]))
     assert acc["ratio=0.3"]["float"] > 90
-    # ratio=0.3 also cuts the last [64, 10] layer to rank 6 (< 10 classes): it costs a few points, not 1.
-    assert acc["ratio=0.3"]["drop"] <= 6.0, acc
-    assert acc["ratio=0.5"]["final"] < acc["ratio=0.3"]["final"] + 1
+    # Ranks allocated where the spectrum loses least: the [64, 10] classifier stays whole.
+    assert acc["ratio=0.3"]["drop"] <= 1.0, acc
     # the data-weighted energy keeps the rank where it matters: within 2 points while cutting more
     # (measured at 8 epochs: MLP 0.0, CNN 1.6 points).
     assert acc["energy=0.99"]["drop"] <= 2.0, acc
