@@ -367,23 +367,19 @@ PAYOFF_SECONDS = 2.0
 
 def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data, registry, progress,
             keep_if_faster: bool):
-    """Did the lossy passes pay off? Lower the pipeline without them, time both artifacts in one run.
+    """Did the lossy passes pay off? Lower the pipeline without them and compare both artifacts: timed in one
+    run, or, for a simulated target (``wall_clock_timing = False``), by their modelled times.
 
     Returns (graph, manifest, payoff, native) of the artifact kept in ``tmp``: the lossy one, unless
     ``keep_if_faster`` and it was not faster, in which case the other one's files replace it.
     """
     import shutil
 
-    from .bench import measure
-
     plain_pipe = Pipeline([p for p in pipe if p.lossless])
     untimed = type(tgt).cannot_run(manifest)
-    if not untimed and not tgt.wall_clock_timing:
-        return _modelled_payoff(graph, original, plain_pipe, tgt, tmp, lctx, manifest, native, data, registry,
-                                progress, keep_if_faster)
     if untimed:
-        # Nothing to time on this machine (a GPU artifact without a GPU, a simulated accelerator): keep the
-        # lossy artifact, say why, and do not build the other one.
+        # Nothing to run on this machine (a GPU artifact without a GPU): keep the lossy artifact, say why,
+        # and do not build the other one.
         note = f"not timed: {untimed}" + ("; --keep-if-faster kept the artifact with them" if keep_if_faster else "")
         return graph, manifest, {"timed": False, "kept": "with", "pipeline_without": str(plain_pipe),
                                  "note": note}, native
@@ -393,22 +389,30 @@ def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data,
                                      registry).run(original)
         plain_dir.mkdir()
         plain_manifest, plain_native = _build_artifact(plain_graph, original, plain_pipe, tgt, plain_dir, lctx)
-    with progress.step("time both artifacts"):
-        feed = data.samples(original, limit=1)[0]
-        m = measure({"with": ("graphopt", str(tmp)), "without": ("graphopt", str(plain_dir))}, feed,
-                    [o.name for o in graph.outputs], threads=lctx.threads, seconds=PAYOFF_SECONDS, warmup=3)
-    rt = m["runtimes"]
-    lat = {k: rt[k].get("median_ms") for k in ("with", "without")}
+    feed = data.samples(original, limit=1)[0]
+    if tgt.wall_clock_timing:
+        from .bench import measure
+
+        with progress.step("time both artifacts"):
+            m = measure({"with": ("graphopt", str(tmp)), "without": ("graphopt", str(plain_dir))}, feed,
+                        [o.name for o in graph.outputs], threads=lctx.threads, seconds=PAYOFF_SECONDS, warmup=3)
+        lat = {k: m["runtimes"][k].get("median_ms") for k in ("with", "without")}
+        comparable = lat["with"] is not None and lat["without"] is not None
+        extra, unit = {"threads": m["threads"]}, "ms"
+    else:
+        with progress.step("model both artifacts' time"):
+            lat, comparable, note = _modelled_latency(tgt, tmp, plain_dir, manifest, plain_manifest, feed)
+        extra, unit = {"timed": "modelled", "note": note}, "ms modelled"
     size = {"with": _dir_bytes(tmp, skip=plain_dir), "without": _dir_bytes(plain_dir)}
-    faster = lat["with"] is not None and lat["without"] is not None and lat["with"] < lat["without"]
-    payoff = {"latency_ms": lat, "size_bytes": size, "threads": m["threads"],
-              "speedup": round(lat["without"] / lat["with"], 4) if lat["with"] and lat["without"] else None,
+    payoff = {"latency_ms": lat, "size_bytes": size, **extra,
+              "speedup": round(lat["without"] / lat["with"], 4) if comparable and lat["with"] else None,
               "size_ratio": round(size["without"] / size["with"], 4) if size["with"] else None,
               "pipeline_without": str(plain_pipe), "kept": "with"}
-    if keep_if_faster and not faster:
+    if keep_if_faster and comparable and not lat["with"] < lat["without"]:
         payoff["kept"] = "without"
-        payoff["note"] = (f"the lossy passes made the artifact slower ({lat['with']:.3f} ms vs {lat['without']:.3f} ms "
-                          "without them): --keep-if-faster kept the artifact without them")
+        why = (f"the lossy passes made the artifact slower ({lat['with']:.4g} vs {lat['without']:.4g} {unit} "
+               "without them): --keep-if-faster kept the artifact without them")
+        payoff["note"] = f"{payoff['note']}; {why}" if payoff.get("note") else why
         for entry in list(tmp.iterdir()):
             if entry != plain_dir:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -420,58 +424,26 @@ def _payoff(graph, original, pipe, tgt, tmp: Path, lctx, manifest, native, data,
     return graph, manifest, payoff, native
 
 
-def _modelled_payoff(graph, original, plain_pipe, tgt, tmp: Path, lctx, manifest, native, data, registry, progress,
-                     keep_if_faster: bool):
-    """:func:`_payoff` for a simulated target: both artifacts run one feed here, and their modelled times
-    (:meth:`Target.modelled_seconds`) are compared instead of wall-clock ones."""
-    import shutil
-
-    plain_dir = tmp / WITHOUT_LOSSY_DIR
-    with progress.step("lower without the lossy passes (did they pay off?)"):
-        plain_graph, _ = PassManager(plain_pipe, PassContext(data=data, verify=False, progress=progress),
-                                     registry).run(original)
-        plain_dir.mkdir()
-        plain_manifest, plain_native = _build_artifact(plain_graph, original, plain_pipe, tgt, plain_dir, lctx)
-    with progress.step("model both artifacts' time"):
-        feed = data.samples(original, limit=1)[0]
-        cls = type(tgt)
-        t_with = cls.modelled_seconds(Artifact(tmp), feed)
-        t_without = cls.modelled_seconds(Artifact(plain_dir), feed)
-    size = {"with": _dir_bytes(tmp, skip=plain_dir), "without": _dir_bytes(plain_dir)}
-    lat = {"with": None if t_with is None else t_with * 1e3, "without": None if t_without is None else t_without * 1e3}
-    # Only the accelerator is modelled: the two times compare only when both leave the same work to the
-    # host (a pass that moves matmuls off the array would look free).
+def _modelled_latency(tgt, tmp: Path, plain_dir: Path, manifest, plain_manifest, feed) -> tuple[dict, bool, str]:
+    """``(latency_ms, comparable, note)`` of both artifacts from the target's model of its hardware
+    (:meth:`Target.modelled_seconds`). Only the accelerator is modelled: the times compare only when both
+    leave the same work to the host (a pass that moves matmuls off the array would look free)."""
+    cls = type(tgt)
+    secs = {"with": cls.modelled_seconds(Artifact(tmp), feed),
+            "without": cls.modelled_seconds(Artifact(plain_dir), feed)}
+    lat = {k: None if v is None else v * 1e3 for k, v in secs.items()}
     host = [m.get("target", {}).get("host_macs") for m in (manifest, plain_manifest)]
-    comparable = (lat["with"] is not None and lat["without"] is not None and lat["with"] > 0 and lat["without"] > 0
-                  and host[0] == host[1])
     note = f"modelled time of the '{tgt.name}' target's accelerator, not measured"
-    if not comparable:
-        if host[0] != host[1]:
-            why = ("the two artifacts leave different work to the host CPU, whose time is not modelled (host "
-                   f"MACs {host[0]} with the lossy passes, {host[1]} without)")
-        elif lat["with"] is None or lat["without"] is None:
-            why = "the target gave no modelled time"
-        else:
-            why = "one of them runs nothing on the accelerator"
-        note += f"; not comparable: {why}"
-    payoff = {"timed": "modelled", "latency_ms": lat, "size_bytes": size,
-              "speedup": round(lat["without"] / lat["with"], 4) if comparable else None,
-              "size_ratio": round(size["without"] / size["with"], 4) if size["with"] else None,
-              "pipeline_without": str(plain_pipe), "kept": "with", "note": note}
-    faster = comparable and lat["with"] < lat["without"]
-    if keep_if_faster and comparable and not faster:
-        payoff["kept"] = "without"
-        payoff["note"] += (f"; the lossy passes made it slower ({lat['with']:.4g} ms vs {lat['without']:.4g} ms "
-                           "modelled): --keep-if-faster kept the artifact without them")
-        for entry in list(tmp.iterdir()):
-            if entry != plain_dir:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        for entry in list(plain_dir.iterdir()):
-            entry.rename(tmp / entry.name)
-        plain_dir.rmdir()
-        return plain_graph, plain_manifest, payoff, plain_native
-    shutil.rmtree(plain_dir)
-    return graph, manifest, payoff, native
+    if host[0] != host[1]:
+        why = ("the two artifacts leave different work to the host CPU, whose time is not modelled (host "
+               f"MACs {host[0]} with the lossy passes, {host[1]} without)")
+    elif lat["with"] is None or lat["without"] is None:
+        why = "the target gave no modelled time"
+    elif not (lat["with"] > 0 and lat["without"] > 0):
+        why = "one of them runs nothing on the accelerator"
+    else:
+        return lat, True, note
+    return lat, False, f"{note}; not comparable: {why}"
 
 
 def _layers(original: Graph, graph: Graph, data: DataSource) -> dict:

@@ -282,12 +282,7 @@ def check_manifest(doc, mpath: Path) -> dict:
                     raise ArtifactError(f"{mpath}: programs[{i}].params holds {r!r}, not the index of a weight "
                                         "(damaged manifest)")
     for key in ("inputs", "outputs"):
-        for i, spec in enumerate(_expect(doc.get(key), list, w, f"'{key}'")):
-            _expect(spec, dict, w, f"{key}[{i}]")
-            _expect(spec.get("name"), str, w, f"{key}[{i}].name")
-            _dtype(_expect(spec.get("dtype"), str, w, f"{key}[{i}].dtype"), f"{mpath}: {key}[{i}]")
-            for d in _expect(spec.get("shape"), list, w, f"{key}[{i}].shape"):
-                _expect(d, (int, str), w, f"{key}[{i}].shape")
+        _check_specs(_expect(doc.get(key), list, w, f"'{key}'"), w, key)
     for i, prog in enumerate(programs):
         _program_fields(doc, prog, version, w, i)
     names = [p["name"] for p in programs]
@@ -332,12 +327,17 @@ def _program_fields(doc: dict, prog: dict, version: int, w: str, i: int) -> None
     if rank < 0:
         raise ArtifactError(f"{w}: programs[{i}].rank is {rank}, not a rank (damaged manifest)")
     for key in ("inputs", "outputs"):
-        for j, spec in enumerate(_expect(prog.get(key), list, w, f"programs[{i}].{key}")):
-            _expect(spec, dict, w, f"programs[{i}].{key}[{j}]")
-            _expect(spec.get("name"), str, w, f"programs[{i}].{key}[{j}].name")
-            _dtype(_expect(spec.get("dtype"), str, w, f"programs[{i}].{key}[{j}].dtype"), f"{w}: programs[{i}].{key}[{j}]")
-            for d in _expect(spec.get("shape"), list, w, f"programs[{i}].{key}[{j}].shape"):
-                _expect(d, (int, str), w, f"programs[{i}].{key}[{j}].shape")
+        _check_specs(_expect(prog.get(key), list, w, f"programs[{i}].{key}"), w, f"programs[{i}].{key}")
+
+
+def _check_specs(specs: list, w: str, where: str) -> None:
+    """Each entry of a manifest's tensor list (``inputs``, a program's ``outputs``...): name, dtype, shape."""
+    for j, spec in enumerate(specs):
+        _expect(spec, dict, w, f"{where}[{j}]")
+        _expect(spec.get("name"), str, w, f"{where}[{j}].name")
+        _dtype(_expect(spec.get("dtype"), str, w, f"{where}[{j}].dtype"), f"{w}: {where}[{j}]")
+        for d in _expect(spec.get("shape"), list, w, f"{where}[{j}].shape"):
+            _expect(d, (int, str), w, f"{where}[{j}].shape")
 
 
 def program_entry(name: str, library: str, *, device: str = "cpu", entry: str = "main", rank: int = 0,

@@ -29,6 +29,13 @@ def needs_calibration_data(data: DataSource, who: str):
                      "input name; generated inputs would calibrate it to noise")
 
 
+def first_reasons(reasons: dict, shown: int = 3) -> str:
+    """``reasons`` (``{layer: why}``) as one line for a pass's summary: the first ``shown``, then how many more
+    the report lists."""
+    text = "; ".join(f"{k}: {why}" for k, why in list(reasons.items())[:shown])
+    return text + (f"; and {len(reasons) - shown} more (see the report)" if len(reasons) > shown else "")
+
+
 @dataclass
 class PassContext:
     """What a whole run shares: data, seed, tolerances, where to write dumps.

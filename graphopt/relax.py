@@ -379,16 +379,9 @@ def identifier_params(mod):
             return mapping.get(op, op)
 
     body = _Rename(mod).visit_expr(main.body)
-    out = mod.clone() if hasattr(mod, "clone") else tvm_ir_copy(mod)
+    out = mod.clone()
     out["main"] = relax.Function(params, body, main.ret_ty, main.is_pure, main.attrs, main.span)
     return out
-
-
-def tvm_ir_copy(mod):
-    """A shallow copy of an IRModule (its functions are immutable; the copy can be assigned into)."""
-    import tvm
-
-    return tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
 
 
 # ------------------------------------------------------------ reproducible builds

@@ -39,10 +39,10 @@ from graphopt.errors import OptionError
 from graphopt.graph import Graph
 from graphopt.ir import IR, toposort
 from graphopt.options import Option
-from graphopt.passbase import Pass, PassContext
+from graphopt.passbase import Pass, PassContext, first_reasons
 
 from ._emit import Builder, Namer, all_names
-from .quantize import HESSIAN_ROWS, Layer, Quantize, _input_rows
+from .quantize import Layer, Quantize
 
 METHODS = ("low-rank",)
 #: Damping added to the diagonal of C = X^T X / n, relative to its mean diagonal (as GPTQ does).
@@ -169,25 +169,20 @@ class Distill(Pass):
         if before:
             text += f", weight parameters {before} -> {after} ({cut:.1%} cut)"
         if skipped:
-            shown = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:3])
-            more = f"; and {len(skipped) - 3} more (see the report)" if len(skipped) > 3 else ""
-            text += f", {len(skipped)} left as is ({shown}{more})"
+            text += f", {len(skipped)} left as is ({first_reasons(skipped)})"
         self.note("summary", text)
 
     # -------------------------------------------------------------------------------- statistics
     def _stats(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict:
-        """Per layer: (X^T X, row count) of its calibration input rows (at most HESSIAN_ROWS per sample)."""
-        acts = ctx.activations(graph, f"pass '{self}'")
-        rng = np.random.default_rng(ctx.seed)
-        out = {la.key: [np.zeros((la.w2.shape[1],) * 2), 0] for la in layers}
-        for values in acts.stream(list(dict.fromkeys(la.act for la in layers))):
-            for la in layers:
-                rows = _input_rows(la, values[la.act].astype(np.float64), slice(None))
-                if rows.shape[0] > HESSIAN_ROWS:
-                    rows = rows[np.sort(rng.choice(rows.shape[0], HESSIAN_ROWS, replace=False))]
-                out[la.key][0] += rows.T @ rows
-                out[la.key][1] += rows.shape[0]
-        return {k: (h, n) for k, (h, n) in out.items()}
+        """Per layer: (X^T X, row count) of its calibration input rows, as quantize gathers them
+        (:meth:`Quantize._layer_stats`; the layers factorized have one group)."""
+        stats = Quantize(mode="dynamic")._layer_stats(graph, layers, ctx)
+        out = {}
+        for la in layers:
+            st = stats[la.key][0]
+            cols = la.w2.shape[1]
+            out[la.key] = (st["h"] if isinstance(st["h"], np.ndarray) else np.zeros((cols, cols)), st["n"])
+        return out
 
     # ---------------------------------------------------------------------------------- apply
     @staticmethod

@@ -45,12 +45,12 @@ from graphopt.errors import ModelError, OptionError
 from graphopt.graph import Graph
 from graphopt.ir import IR, toposort
 from graphopt.options import Option
-from graphopt.passbase import Pass, PassContext
+from graphopt.passbase import Pass, PassContext, first_reasons
 
 from . import _prune_math as pm
 from . import _sparse as sp
 from ._emit import Builder, Namer, all_names
-from .quantize import HESSIAN_ROWS, Layer, Quantize, _constant, _input_rows
+from .quantize import Layer, Quantize, _constant
 
 IMPORTANCES = ("magnitude", "activation")
 STORAGES = ("auto", "dense", "sparse")
@@ -217,22 +217,12 @@ class Prune(Pass):
 
     # -------------------------------------------------------------------------------- hessians
     def _hessians(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict:
-        """Per layer (per conv group): X^T X of its calibration inputs (im2col rows for a conv)."""
-        acts = ctx.activations(graph, f"pass '{self}'")
-        rng = np.random.default_rng(ctx.seed)
-        hs = {la.key: [0.0 for _ in Quantize._groups(la)] for la in layers}
-        for values in acts.stream([la.act for la in layers]):
-            for la in layers:
-                x = values[la.act].astype(np.float64)
-                for gi, (_, chans) in enumerate(Quantize._groups(la)):
-                    rows = _input_rows(la, x, chans)
-                    if rows.shape[0] > HESSIAN_ROWS:
-                        rows = rows[np.sort(rng.choice(rows.shape[0], HESSIAN_ROWS, replace=False))]
-                    hs[la.key][gi] = hs[la.key][gi] + rows.T @ rows
-        for la in layers:
-            cols = la.w2.shape[1]
-            hs[la.key] = [h if isinstance(h, np.ndarray) else np.zeros((cols, cols)) for h in hs[la.key]]
-        return hs
+        """Per layer (per conv group): X^T X of its calibration inputs (im2col rows for a conv), as quantize
+        gathers them (:meth:`Quantize._layer_stats`)."""
+        stats = Quantize(mode="dynamic")._layer_stats(graph, layers, ctx)
+        cols = {la.key: la.w2.shape[1] for la in layers}
+        return {k: [st["h"] if isinstance(st["h"], np.ndarray) else np.zeros((cols[k], cols[k])) for st in groups]
+                for k, groups in stats.items()}
 
     # ---------------------------------------------------------------------------------- apply
     @staticmethod
@@ -266,7 +256,5 @@ def _summary(layers: int, pruned: int, total: int, left: dict) -> str:
     if total:
         text += f", {pruned} of {total} weights zeroed ({pruned / total:.1%})"
     if left:
-        shown = "; ".join(f"{k}: {why}" for k, why in list(left.items())[:3])
-        more = f"; and {len(left) - 3} more (see the report)" if len(left) > 3 else ""
-        text += f", {len(left)} left dense ({shown}{more})"
+        text += f", {len(left)} left dense ({first_reasons(left)})"
     return text

@@ -39,7 +39,7 @@ from graphopt.errors import DataError, ModelError, OptionError
 from graphopt.graph import Graph
 from graphopt.ir import IR, all_graphs, array, toposort
 from graphopt.options import Option
-from graphopt.passbase import Pass, PassContext
+from graphopt.passbase import Pass, PassContext, first_reasons
 
 from . import _quant_math as qm
 from ._emit import Builder, Namer, all_names
@@ -514,9 +514,7 @@ def _summary(quantized: int, left: dict) -> str:
     """One line for the CLI: how many layers were quantized, which were left in float and why (the first few)."""
     text = f"{quantized} layer(s) quantized"
     if left:
-        shown = "; ".join(f"{k}: {why}" for k, why in list(left.items())[:3])
-        more = f"; and {len(left) - 3} more (see the report)" if len(left) > 3 else ""
-        text += f", {len(left)} left in float ({shown}{more})"
+        text += f", {len(left)} left in float ({first_reasons(left)})"
     return text
 
 #: Largest finite float16: the weight-only grids (scale, offset) are stored as float16.
