@@ -55,6 +55,7 @@ from .quantize import Layer, Quantize, _constant
 IMPORTANCES = ("magnitude", "activation")
 STORAGES = ("auto", "dense", "sparse")
 SCOPES = ("layer", "global")
+STRUCTURES = ("weight", "channel")
 #: scope=global never removes more than this fraction of one layer (a layer at 100 % cuts the network).
 GLOBAL_CAP = 0.98
 
@@ -75,6 +76,11 @@ class Prune(Pass):
                "all layers (no layer above 98 %)", choices=SCOPES),
         Option("compensate", bool, None, "update the kept weights to cancel the output error on the "
                "calibration data (SparseGPT/OBS); default: true when --data is given"),
+        Option("structure", str, "weight", "weight: single weights (sparsity or pattern); channel: whole output "
+               "channels (conv filters, hidden units) with everything tied to them, by 'ratio'",
+               choices=STRUCTURES),
+        Option("ratio", float, None, "structure=channel: fraction of the channels of every prunable group "
+               "removed, in (0, 1)"),
         Option("storage", str, "auto", "how pruned weights are stored: sparse (kept values + 1-bit mask, "
                "decoded in the graph), dense (float32 with zeros), auto (sparse where smaller)",
                choices=STORAGES),
@@ -85,6 +91,20 @@ class Prune(Pass):
         o = self.opts
         where = f"pass '{self.name}'"
         self.nm: tuple[int, int] | None = None
+        if o.structure == "channel":
+            for other in ("sparsity", "pattern", "scope", "storage"):
+                if other in self.given:
+                    raise OptionError(f"{where}: option '{other}' applies to single weights; structure=channel "
+                                      "takes option 'ratio'")
+            if o.ratio is None:
+                raise OptionError(f"{where}: structure=channel needs option 'ratio' (the fraction of channels "
+                                  "removed, in (0, 1))")
+            if not 0.0 < o.ratio < 1.0:
+                raise OptionError(f"{where}: option 'ratio' must be in (0, 1), got {o.ratio!r}")
+            return
+        if o.ratio is not None:
+            raise OptionError(f"{where}: option 'ratio' applies to structure=channel; single weights take "
+                              "option 'sparsity' or 'pattern'")
         if o.pattern:
             if o.sparsity is not None:
                 raise OptionError(f"{where}: give option 'sparsity' or option 'pattern', not both")
@@ -107,11 +127,15 @@ class Prune(Pass):
             raise OptionError(f"{where}: option 'sparsity' must be in [0, 1), got {o.sparsity!r}")
 
     def requires_data(self) -> bool:
-        return self.opts.importance == "activation" or self.opts.compensate is True
+        return ("importance" in self.given and self.opts.importance == "activation") or self.opts.compensate is True
 
     # --------------------------------------------------------------------------------------- run
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         o = self.opts
+        if o.structure == "channel":
+            from ._structured import prune_channels
+
+            return prune_channels(self, graph, ctx)
         layers, skipped = Quantize(mode="dynamic")._layers(graph)  # the same layers quantize finds
         skipped = {k: why.replace("quantized", "pruned") for k, why in skipped.items()}
         if skipped:

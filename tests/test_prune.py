@@ -346,3 +346,14 @@ def test_digits_sparse_storage_shrinks_the_file(digits, model, tmp_path):
     print(f"{model}: float {size['float']} B; 0.9 sparse {ratio:.2f}x smaller; 0.5 auto "
           f"{size['float'] / size['sparsity=0.5', 'auto']:.2f}x smaller")
     assert ratio >= 3.0, size
+
+
+@pytest.mark.torch
+def test_digits_cnn_channel_pruning_cuts_flops_within_two_points(digits):
+    d = digits["data"]
+    ev = EvalSet([d["eval"]], d["labels"], source="digits held-out")
+    res = graphopt.optimize(digits["cnn"], "prune(structure=channel,ratio=0.3)",
+                            data=DataSource(feeds=[d["calib"]]), eval=ev)
+    acc, det = res.report["accuracy"], res.records[0].details
+    print("cnn channel 0.3:", acc["float"], "->", acc["final"], det["flops"])
+    assert det["flops"]["cut"] >= 0.30 and acc["drop"] <= 2.0, (acc, det["flops"])
