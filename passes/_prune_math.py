@@ -153,3 +153,49 @@ def obs_compensate(w2: np.ndarray, hessian: np.ndarray, mask: np.ndarray, damp: 
         w[:, b1:] -= errs @ u[b0:b1, b1:]
     w[mask] = 0.0
     return w
+
+
+#: Sparsities at which scope=global measures each layer's output error (with calibration data).
+ERROR_GRID = (0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98)
+
+
+def output_error(w2: np.ndarray, new: np.ndarray, hessian: np.ndarray) -> tuple[float, float]:
+    """(``tr(D H D^T)``, ``tr(W H W^T)``) with ``D = new - w2``: the layer's squared output error on inputs with
+    second moment ``hessian`` and its squared output, both summed over the calibration rows."""
+    d = np.asarray(new, np.float64) - np.asarray(w2, np.float64)
+    h = np.asarray(hessian, np.float64)
+    w = np.asarray(w2, np.float64)
+    return float(np.einsum("ij,jk,ik->", d, h, d)), float(np.einsum("ij,jk,ik->", w, h, w))
+
+
+def error_counts(curves: list[list[tuple[int, float]]], total: int) -> list[int]:
+    """How many weights each layer loses so ``total`` go in all with the least summed relative output error.
+
+    ``curves[l]`` lists (weights removed, relative error) for layer ``l``, increasing in the count and
+    starting at (0, 0). Greedy on the lower convex hull: the move with the least error added per weight
+    removed goes first; the last move stops part-way at exactly ``total``."""
+    at = [0] * len(curves)
+    counts = [0] * len(curves)
+    left = total
+    while left > 0:
+        best = None
+        for li, curve in enumerate(curves):
+            k0, e0 = curve[at[li]]
+            for j in range(at[li] + 1, len(curve)):
+                k1, e1 = curve[j]
+                if k1 <= k0:
+                    continue
+                rate = (e1 - e0) / (k1 - k0)
+                if best is None or rate < best[0] - 1e-15:
+                    best = (rate, li, j)
+        if best is None:
+            break
+        _, li, j = best
+        step = curves[li][j][0] - counts[li]
+        if step >= left:
+            counts[li] += left
+            break
+        counts[li] += step
+        at[li] = j
+        left -= step
+    return counts

@@ -64,7 +64,7 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
         counts.append(k)
 
     compensate = o.compensate if o.compensate is not None else not ctx.data.generated
-    importance = o.importance if "importance" in p.given else ("magnitude" if ctx.data.generated else "activation")
+    importance = o.importance if o.importance != "auto" else ("magnitude" if ctx.data.generated else "activation")
     cons_layers = list({c.layer.key: c.layer for c in an.consumers}.values())
     stats = {}
     if compensate or importance == "activation":

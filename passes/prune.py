@@ -7,15 +7,20 @@ columns follow the layer's input columns (``C * kernel`` for a conv, channel
 outermost).
 
 * ``sparsity=S``: unstructured; ``scope=layer`` removes ``round(S * size)``
-  weights of every layer, ``scope=global`` the lowest ``S`` of all weights
-  together, each layer's scores divided by their mean so layers of different
-  scale compare, and no layer losing more than 98 % of its weights (the rest
-  goes to the others).
+  weights of every layer; ``scope=global`` removes ``S`` of all weights together,
+  no layer losing more than 98 %. With calibration data the budget goes where it
+  costs least: each layer's relative output error on the data
+  (``tr(D H D^T) / tr(W H W^T)``, uncompensated, cheap) is measured at the
+  sparsities of ``_prune_math.ERROR_GRID`` and counts are handed out greedily
+  on those curves' convex hulls (:func:`_prune_math.error_counts`). Without
+  data, one threshold over the scores divided by each layer's mean.
+  ``scope=auto`` (default): global with data, layer without.
 * ``pattern=N:M``: in each row, every ``M`` consecutive columns keep their
   ``N`` most important weights; a last group of ``t < M`` columns (when ``M``
   does not divide the row) keeps ``ceil(N * t / M)``.
 * ``importance``: ``magnitude`` (``|W|``) or ``activation`` (``|W| * ||X_j||``
-  over the calibration inputs of the layer, Wanda).
+  over the calibration inputs of the layer, Wanda); ``auto`` (default):
+  activation with data, magnitude without.
 * ``compensate`` (default: when calibration data are given): the weights kept
   are updated to cancel the pruned ones' effect on the layer's output over the
   calibration inputs, at the same mask: the exact least-squares solution per
@@ -52,9 +57,9 @@ from . import _sparse as sp
 from ._emit import Builder, Namer, all_names
 from .quantize import Layer, Quantize, _constant
 
-IMPORTANCES = ("magnitude", "activation")
+IMPORTANCES = ("auto", "magnitude", "activation")
 STORAGES = ("auto", "dense", "sparse")
-SCOPES = ("layer", "global")
+SCOPES = ("auto", "layer", "global")
 STRUCTURES = ("weight", "channel")
 #: scope=global never removes more than this fraction of one layer (a layer at 100 % cuts the network).
 GLOBAL_CAP = 0.98
@@ -70,10 +75,13 @@ class Prune(Pass):
                "'pattern')"),
         Option("pattern", str, "", "N:M: keep N of every M consecutive input weights of each output row "
                "(e.g. 2:4); instead of 'sparsity'"),
-        Option("importance", str, "magnitude", "magnitude: |W|; activation: |W| * ||X_j|| over the "
-               "calibration inputs (Wanda; needs --data)", choices=IMPORTANCES),
-        Option("scope", str, "layer", "sparsity: layer: every layer pruned to it; global: one threshold over "
-               "all layers (no layer above 98 %)", choices=SCOPES),
+        Option("importance", str, "auto", "magnitude: |W|; activation: |W| * ||X_j|| over the "
+               "calibration inputs (Wanda; needs --data); auto: activation when --data is given",
+               choices=IMPORTANCES),
+        Option("scope", str, "auto", "sparsity: layer: every layer pruned to it; global: one budget over all "
+               "layers, spent where the layers' output error on --data grows least (without data: one threshold "
+               "on normalized scores), no layer above 98 %; auto: global when --data is given",
+               choices=SCOPES),
         Option("compensate", bool, None, "update the kept weights to cancel the output error on the "
                "calibration data (SparseGPT/OBS); default: true when --data is given"),
         Option("structure", str, "weight", "weight: single weights (sparsity or pattern); channel: whole output "
@@ -116,7 +124,7 @@ class Prune(Pass):
             if n < 1 or n >= mm:
                 raise OptionError(f"{where}: option 'pattern' = {o.pattern!r}: needs 0 < N < M (N kept of "
                                   "every M)")
-            if "scope" in self.given and o.scope != "layer":
+            if "scope" in self.given and o.scope not in ("layer", "auto"):
                 raise OptionError(f"{where}: option 'scope' applies to 'sparsity'; an N:M pattern is the "
                                   "same in every layer")
             self.nm = (n, mm)
@@ -127,11 +135,14 @@ class Prune(Pass):
             raise OptionError(f"{where}: option 'sparsity' must be in [0, 1), got {o.sparsity!r}")
 
     def requires_data(self) -> bool:
-        return ("importance" in self.given and self.opts.importance == "activation") or self.opts.compensate is True
+        return self.opts.importance == "activation" or self.opts.compensate is True
 
     # --------------------------------------------------------------------------------------- run
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         o = self.opts
+        data = not ctx.data.generated
+        importance = o.importance if o.importance != "auto" else ("activation" if data else "magnitude")
+        scope = o.scope if o.scope != "auto" else ("global" if data else "layer")
         if o.structure == "channel":
             from ._structured import prune_channels
 
@@ -145,26 +156,31 @@ class Prune(Pass):
             self.note("summary", _summary(0, 0, 0, skipped))
             return graph
         compensate = o.compensate if o.compensate is not None else not ctx.data.generated
-        stats = self._hessians(graph, layers, ctx) if (compensate or o.importance == "activation") else {}
+        stats = self._hessians(graph, layers, ctx) if (compensate or importance == "activation") else {}
 
         scores = []
         for la in layers:
             w2 = la.w2.astype(np.float64)
             score = np.zeros(w2.shape)
             for gi, (rows, _) in enumerate(Quantize._groups(la)):
-                col_sq = np.diag(stats[la.key][gi]) if o.importance == "activation" else None
+                col_sq = np.diag(stats[la.key][gi]) if importance == "activation" else None
                 score[rows] = pm.importance(w2[rows], col_sq)
             scores.append(score)
 
         if self.nm is not None:
             masks = [pm.nm_mask(s, *self.nm) for s in scores]
-        elif o.scope == "layer":
+        elif scope == "layer":
             masks = [pm.unstructured_mask(s, int(o.sparsity * s.size + 0.5)) for s in scores]
         else:
             total = int(o.sparsity * sum(s.size for s in scores) + 0.5)
-            normed = [pm.normalized(s) for s in scores]
-            counts = pm.global_counts(normed, total, GLOBAL_CAP)
-            masks = [pm.unstructured_mask(s, k) for s, k in zip(normed, counts)]
+            if stats:  # with data: the budget goes where the layers' output error grows least
+                curves = [self._error_curve(la, sc, stats[la.key], False) for la, sc in zip(layers, scores)]
+                counts = pm.error_counts(curves, total)
+                masks = [pm.unstructured_mask(s, k) for s, k in zip(scores, counts)]
+            else:
+                normed = [pm.normalized(s) for s in scores]
+                counts = pm.global_counts(normed, total, GLOBAL_CAP)
+                masks = [pm.unstructured_mask(s, k) for s, k in zip(normed, counts)]
             capped = [la.key for la, s, k in zip(layers, scores, counts) if k == int(np.floor(GLOBAL_CAP * s.size))
                       and k > 0]
             if capped:
@@ -173,16 +189,9 @@ class Prune(Pass):
 
         new, per_layer, failed = {}, {}, []
         for la, mask in zip(layers, masks):
-            w2 = la.w2.astype(np.float64)
-            out = w2.copy()
-            out[mask] = 0.0
-            if compensate:
-                for gi, (rows, _) in enumerate(Quantize._groups(la)):
-                    c = pm.obs_compensate(w2[rows], stats[la.key][gi], mask[rows])
-                    if c is None:
-                        failed.append(la.key)
-                    else:
-                        out[rows] = c
+            out, ok = self._pruned(la, mask, stats.get(la.key), compensate)
+            if not ok:
+                failed.append(la.key)
             w32 = out.astype(np.float32)
             w32[mask] = 0.0  # exactly +0.0
             new[la.key] = w32
@@ -199,8 +208,8 @@ class Prune(Pass):
         if self.nm is not None:
             self.note("pattern", f"{self.nm[0]}:{self.nm[1]}")
         else:
-            self.note("scope", o.scope)
-        self.note("importance", o.importance)
+            self.note("scope", scope)
+        self.note("importance", importance)
         self.note("compensate", bool(compensate))
         if failed:
             self.note("not_compensated", {k: "the damped calibration Hessian is not positive definite: pruned "
@@ -218,6 +227,42 @@ class Prune(Pass):
         self.note("summary", _summary(len(layers), pruned, total_w, skipped)
                   + (f"; {len(sparse)} stored sparse, weights {before / after:.2f}x smaller" if sparse else ""))
         return result
+
+    @staticmethod
+    def _pruned(la: Layer, mask: np.ndarray, hessians: list | None, compensate: bool) -> tuple[np.ndarray, bool]:
+        """``la``'s [out, in] weight (float64) with ``mask`` removed and, with ``compensate``, the rest updated
+        per conv group; False when a group's Hessian could not be used (pruned without compensation)."""
+        w2 = la.w2.astype(np.float64)
+        out = w2.copy()
+        out[mask] = 0.0
+        ok = True
+        if compensate:
+            for gi, (rows, _) in enumerate(Quantize._groups(la)):
+                c = pm.obs_compensate(w2[rows], hessians[gi], mask[rows])
+                if c is None:
+                    ok = False
+                else:
+                    out[rows] = c
+        return out, ok
+
+    def _error_curve(self, la: Layer, score: np.ndarray, hessians: list, compensate: bool) -> list:
+        """(weights removed, relative output error on the calibration data) at each sparsity of
+        :data:`_prune_math.ERROR_GRID` up to the cap (scope=global's allocation)."""
+        w2 = la.w2.astype(np.float64)
+        curve = [(0, 0.0)]
+        cap = int(np.floor(GLOBAL_CAP * score.size))
+        for s in pm.ERROR_GRID[1:]:
+            k = min(int(s * score.size + 0.5), cap)
+            if k <= curve[-1][0]:
+                continue
+            mask = pm.unstructured_mask(score, k)
+            out, _ = self._pruned(la, mask, hessians, compensate)
+            err = ref = 0.0
+            for gi, (rows, _) in enumerate(Quantize._groups(la)):
+                e, r = pm.output_error(w2[rows], out[rows], hessians[gi])
+                err, ref = err + e, ref + r
+            curve.append((k, err / ref if ref > 0 else 0.0))
+        return curve
 
     def _storage(self, graph: Graph, layers: list[Layer], new: dict) -> dict:
         """key -> (stored weight, sparse bytes) of the layers written sparse."""
