@@ -44,7 +44,7 @@ from graphopt.passbase import Pass, PassContext, first_reasons
 from ._emit import Builder, Namer, all_names
 from .quantize import Layer, Quantize
 
-METHODS = ("low-rank",)
+METHODS = ("low-rank", "drop-layers")
 #: Damping added to the diagonal of C = X^T X / n, relative to its mean diagonal (as GPTQ does).
 DAMPING = 0.01
 
@@ -57,7 +57,9 @@ class Distill(Pass):
     needs_data = True
     options = (
         Option("method", str, "low-rank", "low-rank: W ~= A B fitted in closed form to the layer's calibration "
-               "inputs (the only method for now)"),
+               "inputs; drop-layers: remove the 'count' residual blocks that matter least and refit the layers "
+               "after them"),
+        Option("count", int, None, "drop-layers: how many residual blocks to remove (at least 1)"),
         Option("ratio", float, None, "cut the factorizable layers' weight parameters by at least this fraction "
                "overall, in (0, 1), ranks allocated where the data-weighted spectrum loses least (give it or "
                "'energy')"),
@@ -70,7 +72,18 @@ class Distill(Pass):
         o = self.opts
         where = f"pass '{self.name}'"
         if o.method not in METHODS:
-            raise OptionError(f"{where}: method {o.method!r} is not available; choose low-rank")
+            raise OptionError(f"{where}: method {o.method!r} is not available; choose one of {', '.join(METHODS)}")
+        if o.method == "drop-layers":
+            for other in ("ratio", "energy"):
+                if other in self.given:
+                    raise OptionError(f"{where}: option '{other}' applies to method=low-rank; drop-layers takes "
+                                      "option 'count'")
+            if o.count is None or o.count < 1:
+                raise OptionError(f"{where}: method=drop-layers needs option 'count' (how many residual blocks to "
+                                  f"remove, at least 1), got {o.count!r}")
+            return
+        if o.count is not None:
+            raise OptionError(f"{where}: option 'count' applies to method=drop-layers")
         if o.ratio is not None and o.energy is not None:
             raise OptionError(f"{where}: give option 'ratio' or option 'energy', not both")
         if o.ratio is None and o.energy is None:
@@ -84,6 +97,10 @@ class Distill(Pass):
     # --------------------------------------------------------------------------------------- run
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         o = self.opts
+        if o.method == "drop-layers":
+            from ._drop_layers import drop_layers
+
+            return drop_layers(self, graph, ctx)
         found, skipped = Quantize(mode="dynamic")._layers(graph)  # the same layers quantize finds
         skipped = {k: why.replace("quantized", "factorized") for k, why in skipped.items()}
         layers = []

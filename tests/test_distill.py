@@ -33,7 +33,7 @@ def _closed_form(w, x, r, damping=0.01):
     ("distill(ratio=0.3,energy=0.9)", True, "'ratio' or option 'energy', not both"),
     ("distill", True, "option 'ratio'"),
     ("distill(energy=0)", True, "option 'energy' must be in (0, 1]"),
-    ("distill(method=foo,ratio=0.3)", True, "method 'foo' is not available; choose low-rank"),
+    ("distill(method=foo,ratio=0.3)", True, "method 'foo' is not available; choose one of low-rank, drop-layers"),
     ("distill(ratio=0.3)", False, "needs calibration data"),
     ("distill(ratio=0.99)", True, "ratio=0.99 would leave no rank"),
 ])
