@@ -36,10 +36,17 @@ def capture(module, example_inputs, **kwargs) -> Graph:
     return _capture(module, example_inputs, **kwargs)
 
 
+def distill(teacher, student, data, labels=None, **kwargs) -> Graph:
+    """Train ``student`` on ``teacher``'s outputs and capture it (see :func:`graphopt.kd.distill`)."""
+    from .kd import distill as _distill
+
+    return _distill(teacher, student, data, labels, **kwargs)
+
+
 __all__ = [
     "Artifact", "ArtifactError", "DataError", "DataSource", "DEFAULT_LOWER_PIPELINE", "Graph", "GraphoptError",
     "LowerContext", "LoweringError", "ModelError", "Option", "OptionError", "OutputError", "Pass", "PassContext", "PassManager",
     "PassRecord", "Pipeline", "PluginError", "RunResult", "Target", "TensorSpec", "UnsupportedOpsError",
-    "VerificationError", "capture", "get_registry", "graph_stats", "hookimpl", "inspect_graph", "load", "lower",
-    "optimize", "verify_artifact", "__version__",
+    "VerificationError", "capture", "distill", "get_registry", "graph_stats", "hookimpl", "inspect_graph", "load",
+    "lower", "optimize", "verify_artifact", "__version__",
 ]
