@@ -19,5 +19,6 @@ def graphopt_register_passes():
     from .prune import Prune
     from .quantize import Quantize
     from .recurrent import LowerRecurrent
+    from .share import Share
 
-    return [Cleanup, FoldConstants, EliminateIdentity, EliminateDead, DedupInitializers, FoldBatchNorm, LowerRecurrent, UnrollLoops, Quantize, Prune, Distill]
+    return [Cleanup, FoldConstants, EliminateIdentity, EliminateDead, DedupInitializers, FoldBatchNorm, LowerRecurrent, UnrollLoops, Quantize, Prune, Distill, Share]
