@@ -172,6 +172,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...")
     _common(p)
 
+    p = sub.add_parser("compare", help="optimize and lower a model with several pipelines; compare size, FLOPs, "
+                       "accuracy and latency in a table and an HTML report",
+                       epilog="example: graphopt compare model.onnx --pipelines int8.toml 'prune(sparsity=0.5)' "
+                              "--data calib.npz --eval eval.npz -o build/compare\n"
+                              "exit codes: 0 every row built and timed, 1 a pipeline failed or the timing did "
+                              "(its row says why; the report is still written), 2 bad input (nothing written), "
+                              "3 a row failed on an internal error",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("--pipelines", nargs="+", required=True, metavar="PIPELINE",
+                   help="pipelines to compare: TOML files (named by their stem) or pipeline text such as "
+                        "'quantize(mode=static)', either one optionally as NAME=PIPELINE; the model through the "
+                        "target's default clean-ups is always the baseline row 'original'")
+    p.add_argument("--data", metavar="PATH", help="calibration inputs (.npz/.npy or a folder); its first sample "
+                   "(whole batch) is also what the artifacts are timed on (default: generated)")
+    p.add_argument("--eval", metavar="EVAL.npz", required=True,
+                   help="labelled evaluation data: the model's inputs plus a 'labels' array (one per sample)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="report folder: report.html and compare.json, replaced atomically "
+                        "(default: build/<model stem>-compare, printed)")
+    p.add_argument("-t", "--target", default="cpu", help="target name (see `graphopt targets`; default cpu)")
+    p.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="target option, e.g. mcpu=portable (repeatable)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads the artifacts run with (default: $GRAPHOPT_THREADS, else every core)")
+    p.add_argument("--seconds", type=float, default=3.0, metavar="S",
+                   help="time spent in the interleaved timing of all artifacts together (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated inputs (default 0)")
+    _common(p)
+
     for name, helptext in (("passes", "list available passes and their options"),
                            ("targets", "list available targets and their options"),
                            ("plugins", "list loaded plugins and where they come from")):
@@ -401,6 +431,29 @@ def cmd_optimize(args, out: _Out, debug_log: list) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args, out: _Out, debug_log: list) -> int:
+    from .compare import compare, format_table
+
+    doc = compare(args.model, args.pipelines, target=args.target, target_options=_kv(args.target_opt, "--target-opt"),
+                  data=_data(args), eval=args.eval, output=args.output, threads=args.threads, seconds=args.seconds,
+                  progress=_progress(args), debug=args.debug, debug_log=debug_log)
+    for r in doc["rows"]:
+        if not r["ok"]:
+            print(f"graphopt: error: pipeline '{r['name']}' failed: {r['error']['message']}", file=sys.stderr)
+    if doc["timing"]["error"] is not None:
+        print(f"graphopt: error: the artifacts could not be timed: {doc['timing']['error']['message']}",
+              file=sys.stderr)
+    if not out.quiet:
+        for note in doc["notes"]:
+            if not note.startswith("the artifacts could not be timed"):
+                print(f"graphopt: note: {note}", file=sys.stderr)
+    for line in format_table(doc):
+        out.say(line)
+    out.say(f"report: {doc['report']['html']} (figures in {doc['report']['json']})")
+    out.emit(doc)
+    return doc["exit_code"]
+
+
 def cmd_run(args, out: _Out, debug_log: list) -> int:
     from .api import verify_artifact
     from .artifact import Artifact
@@ -560,7 +613,8 @@ def cmd_plugins(args, out: _Out, debug_log: list) -> int:
 
 
 COMMANDS = {
-    "lower": cmd_lower, "optimize": cmd_optimize, "run": cmd_run, "bench": cmd_bench, "inspect": cmd_inspect,
+    "lower": cmd_lower, "optimize": cmd_optimize, "compare": cmd_compare, "run": cmd_run, "bench": cmd_bench,
+    "inspect": cmd_inspect,
     "passes": lambda a, o, d: _listing("passes", a, o), "targets": lambda a, o, d: _listing("targets", a, o),
     "plugins": cmd_plugins,
 }

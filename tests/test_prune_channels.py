@@ -151,11 +151,8 @@ def test_deterministic_bytes():
 
 def test_pruned_graph_lowers_and_verifies(tmp_path):
     g, feeds = _branchy()
-    np.savez(tmp_path / "calib.npz", **feeds[0])
-    g.save(tmp_path / "m.onnx")
-    code = run_cli("lower", tmp_path / "m.onnx", "--passes", "prune(structure=channel,ratio=0.3)",
-                   "--data", tmp_path / "calib.npz", "-o", tmp_path / "art", "--verify", "--quiet")
-    assert code == 0
+    res = graphopt.optimize(g, "prune(structure=channel,ratio=0.3)", data=DataSource(feeds=feeds))
+    graphopt.lower(res.graph, "cpu", tmp_path / "art", verify=True)
     assert (tmp_path / "art" / "manifest.json").exists()
 
 
