@@ -61,6 +61,10 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
         if k >= c:
             raise OptionError(f"pass 'prune': option 'ratio' = {o.ratio} would remove all {c} output channels of "
                               f"{spaces[0]}: use a smaller ratio")
+        k = c - kept_channels(c - k, c, o.multiple)
+        if k >= c:
+            raise OptionError(f"pass 'prune': option 'ratio' = {o.ratio} would remove all {c} output channels of "
+                              f"{spaces[0]}: use a smaller ratio")
         counts.append(k)
 
     compensate = o.compensate if o.compensate is not None else not ctx.data.generated
@@ -103,6 +107,18 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
         text += f"; left as is: {first_reasons(not_pruned)}"
     p.note("summary", text)
     return result
+
+
+def kept_channels(keep: int, total: int, multiple: int) -> int:
+    """``keep`` rounded to the nearest multiple of ``multiple`` (ties: down, so a ratio always removes
+    something when it can), at least one multiple, at most ``total``; unchanged when ``total`` is below two
+    multiples (nothing to round to)."""
+    if multiple <= 1 or total < 2 * multiple:
+        return keep
+    lo = keep // multiple * multiple
+    hi = lo + multiple
+    rounded = hi if hi - keep < keep - lo else lo
+    return min(max(rounded, multiple), total)
 
 
 def _scores(an: ch.Analysis, spaces: list[str], stats: dict | None) -> np.ndarray:

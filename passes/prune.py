@@ -89,6 +89,9 @@ class Prune(Pass):
                choices=STRUCTURES),
         Option("ratio", float, None, "structure=channel: fraction of the channels of every prunable group "
                "removed, in (0, 1)"),
+        Option("multiple", int, 8, "structure=channel: channels kept per group rounded to a multiple of this "
+               "(the nearest one, at least one; vector-friendly counts run faster), unless the group is "
+               "smaller; 1: exactly round((1 - ratio) * C)", min=1),
         Option("storage", str, "auto", "how pruned weights are stored: sparse (kept values + 1-bit mask, "
                "decoded in the graph), dense (float32 with zeros), auto (sparse where smaller)",
                choices=STORAGES),

@@ -103,6 +103,15 @@ def test_flatten_reshape_follows_the_channels():
     assert ort_run(res.graph, feeds[0])[0].shape == (16, 10)
 
 
+@pytest.mark.parametrize("keep,total,multiple,expected", [
+    (11, 16, 8, 8), (12, 16, 8, 8), (13, 16, 8, 16), (22, 32, 8, 24), (45, 64, 8, 48), (3, 32, 8, 8),
+    (5, 8, 8, 5), (11, 16, 1, 11), (45, 64, 4, 44)])
+def test_kept_channels_round_to_vector_friendly_counts(keep, total, multiple, expected):
+    from graphopt.passes._structured import kept_channels
+
+    assert kept_channels(keep, total, multiple) == expected
+
+
 def _rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -116,7 +125,8 @@ def test_residual_adds_join_their_layers_and_the_refit_cuts_the_error(torch_mode
     ref = ort_run(g, feeds[0])[0]
     out = {}
     for comp in ("true", "false"):
-        res = graphopt.optimize(g, f"fold-batchnorm,prune(structure=channel,ratio=0.25,compensate={comp})",
+        res = graphopt.optimize(g, f"fold-batchnorm,prune(structure=channel,ratio=0.25,multiple=1,"
+                                   f"compensate={comp})",
                                 data=DataSource(feeds=feeds))
         out[comp] = ort_run(res.graph, feeds[0])[0]
         det = res.records[1].details
