@@ -1,9 +1,12 @@
-"""distill: replace the weight of Gemm/MatMul/1x1 Conv layers by a low-rank product fitted to the teacher's activations.
+"""distill: replace the weight of Gemm/MatMul/Conv layers by a low-rank product fitted to the teacher's activations.
 
 Layers are found as :mod:`passes.quantize` finds them (float32 constant weight
-read by that node alone), seen as a matrix ``W`` ``[out, in]``; of those, Gemm,
-MatMul with a 2-D weight and 1x1 Conv (stride 1, group 1, no padding) are
-factorized, the others are listed in the record with the reason.
+read by that node alone), seen as a matrix ``W`` ``[out, in]`` (a conv's
+``in`` is ``C * kernel``); of those, Gemm, MatMul with a 2-D weight and Conv
+with ``group=1`` are factorized, the others (grouped convs, MatMuls of two
+activations) are listed in the record with the reason. A conv ``C -> N`` with
+a ``k x k`` kernel becomes a ``k x k`` conv ``C -> r`` with the node's strides,
+pads and dilations, then a 1x1 conv ``r -> N`` with its bias.
 
 ``method=low-rank`` (the only one for now): ``W ~= A B`` with ``A`` ``[out, r]``
 and ``B`` ``[r, in]``, fitted in closed form to the layer's calibration inputs
@@ -50,7 +53,7 @@ DAMPING = 0.01
 
 
 class Distill(Pass):
-    """Factorize Gemm/MatMul/1x1-Conv weights into two low-rank layers fitted to the calibration activations."""
+    """Factorize Gemm/MatMul/Conv weights into two low-rank layers fitted to the calibration activations."""
 
     name = "distill"
     lossless = False
@@ -222,12 +225,16 @@ class Distill(Pass):
                 attrs = {"transA": int(node.attrs.get("transA", 0)), "transB": int(rows)}
                 if node.attrs.get("transA", 0):
                     node.attrs["transA"] = 0
-            else:  # 1x1 Conv
-                tail = (1,) * (la.w.ndim - 2)
-                first_w, second_w = b.reshape(b.shape + tail), a.reshape(a.shape + tail)
-                attrs = {"kernel_shape": list(tail)}
-                if "kernel_shape" in node.attrs:
-                    node.attrs["kernel_shape"] = list(tail)
+            else:  # Conv: the first factor keeps the kernel and its geometry, the node becomes a 1x1 conv
+                k = tuple(la.w.shape[2:])
+                nd = len(k)
+                first_w, second_w = b.reshape((b.shape[0], la.w.shape[1]) + k), a.reshape(a.shape + (1,) * nd)
+                attrs = {n: node.attrs[n] for n in ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
+                         if n in node.attrs}
+                attrs["kernel_shape"] = list(k)
+                for n in ("strides", "pads", "dilations", "auto_pad"):
+                    node.attrs.pop(n, None)
+                node.attrs["kernel_shape"] = [1] * nd
             w1 = gs.Constant(namer.fresh(f"{la.key}/low_rank_in"), np.ascontiguousarray(first_w, np.float32))
             w2 = gs.Constant(namer.fresh(f"{la.key}/low_rank_out"), np.ascontiguousarray(second_w, np.float32))
             ins = [x, w1]
@@ -302,14 +309,6 @@ def _unsupported(la: Layer) -> str | None:
         return "a MatMul of two activations"
     if la.op != "Conv":
         return None
-    a = la.attrs
-    k = list(la.w.shape[2:])
-    if any(d != 1 for d in k):
-        return f"a {'x'.join(map(str, k))} conv (only 1x1 convs are factorized)"
-    if int(a.get("group", 1)) != 1:
+    if int(la.attrs.get("group", 1)) != 1:
         return "a grouped conv"
-    if any(int(s) != 1 for s in a.get("strides", [1] * len(k))):
-        return "a strided conv"
-    if any(int(p) != 0 for p in a.get("pads", [0] * 2 * len(k))):
-        return "a padded conv"
     return None

@@ -69,6 +69,9 @@ class Share(Pass):
         Option("bits", int, None, "bits per weight index, 1..8: the weights take 2^bits shared values (k-means; "
                "weighted by the input Hessian's diagonal when --data is given); give it, 'merge', or both"),
         Option("per", str, "tensor", "bits: one codebook per tensor or per output channel", choices=PER),
+        Option("exact", bool, False, "bits: only the layers whose weights take at most 2^bits distinct values "
+               "(per tensor or per channel, as 'per' says), stored without loss, e.g. a binary or ternary "
+               "student's; the others are left as is"),
         Option("merge", float, None, "cosine threshold in (0, 1]: identical weight tensors become one, and "
                "output rows within |cosine| >= this of an earlier row become a scaled copy of it"),
     )
@@ -84,7 +87,9 @@ class Share(Pass):
             raise OptionError(f"{where}: option 'bits' must be in 1..8, got {o.bits!r}")
         if o.merge is not None and not 0.0 < o.merge <= 1.0:
             raise OptionError(f"{where}: option 'merge' must be in (0, 1], got {o.merge!r}")
-        if o.bits is None and "per" in self.given:
+        if o.bits is None and ("per" in self.given or o.exact):
+            if o.exact:
+                raise OptionError(f"{where}: option 'exact' applies to 'bits' (the codebooks)")
             raise OptionError(f"{where}: option 'per' applies to 'bits' (the codebooks)")
 
     # --------------------------------------------------------------------------------------- run
@@ -116,6 +121,10 @@ class Share(Pass):
 
         plans, why_not = {}, {}
         for key, members in groups.items():
+            if o.exact and not _representable(members[0].w2, o.bits, o.per):
+                why_not[key] = (f"its weights take more than {2 ** o.bits} distinct values per {o.per} "
+                                "(exact=true)")
+                continue
             imp = sum(importance[la.key] for la in members) if data_aware else None
             plan = self._plan(members[0], imp)
             if plan is None:
@@ -354,3 +363,9 @@ def _drop_constant_node(t, g: gs.Graph, out_names: set) -> None:
     if isinstance(t, gs.Variable) and not t.outputs and t.name not in out_names and len(t.inputs) == 1 \
             and t.inputs[0].op == "Constant" and _constant(t) is not None:
         remove_node(t.inputs[0], g)
+
+
+def _representable(w2: np.ndarray, bits: int, per: str) -> bool:
+    """Whether ``w2`` ([out, in]) takes at most ``2^bits`` distinct values in the whole tensor or in each row."""
+    rows = [w2.reshape(-1)] if per == "tensor" else list(w2)
+    return all(np.unique(r).size <= 2 ** bits for r in rows)

@@ -114,3 +114,14 @@ def _restore_plugin_registry():
     saved = plugins._REGISTRY
     yield
     plugins._REGISTRY = saved
+
+
+@pytest.fixture(scope="session")
+def digits_trained():
+    """The digits CNN and MLP of :func:`graphopt.testing.digits_models` (20 epochs), trained once per test
+    session for every file that measures accuracy on them (treat as read-only)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from graphopt.testing import digits_models
+
+    return digits_models(epochs=20)

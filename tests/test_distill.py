@@ -86,7 +86,7 @@ def test_energy_picks_the_smallest_rank_holding_the_energy():
 
 
 def _mixed_model():
-    """1x1 Conv (bias) -> Flatten -> Gemm (transA=0, transB=0, bias) -> MatMul; and a 3x3 conv left alone."""
+    """3x3 Conv (pads 1) -> 1x1 Conv (bias) -> Flatten -> Gemm (transA=0, transB=0, bias) -> MatMul."""
     rng = np.random.default_rng(7)
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
         ("w0", rng.standard_normal((6, 3, 3, 3)) * 0.3),
@@ -109,9 +109,9 @@ def test_factorized_layers_compute_the_expected_math():
     out = res.graph
     onnx.checker.check_model(out.model)
     d = res.records[0].details
-    assert set(d["layers"]) == {"conv1x1", "gemm", "matmul"} and "conv3x3" in d["not_factorized"]
+    assert set(d["layers"]) == {"conv3x3", "conv1x1", "gemm", "matmul"}
     ops = [n.op_type for n in out.graph.node]
-    assert ops.count("Conv") == 3 and ops.count("Gemm") == 2 and ops.count("MatMul") == 2
+    assert ops.count("Conv") == 4 and ops.count("Gemm") == 2 and ops.count("MatMul") == 2
     w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in out.graph.initializer}
     byname = {n.name: n for n in out.graph.node}
     # the second node keeps the original name and bias; its input is the first (new) node's output
@@ -120,7 +120,20 @@ def test_factorized_layers_compute_the_expected_math():
     a, b = w[conv2.input[1]], w[conv1.input[1]]
     r = d["layers"]["conv1x1"]["rank"]
     assert a.shape == (12, r, 1, 1) and b.shape == (r, 6, 1, 1) and conv2.input[2] == "b1" and len(conv1.input) == 2
-    # the factors are the closed-form fit to the conv's inputs (channels as columns)
+    # the 3x3 conv became a 3x3 conv to r channels (the node's pads) and a 1x1 conv: together, one 3x3 conv
+    # whose weight is the product of the factors
+    k2 = byname["conv3x3"]
+    k1 = next(n for n in out.graph.node if k2.input[0] in n.output)
+    r3 = d["layers"]["conv3x3"]["rank"]
+    assert w[k1.input[1]].shape == (r3, 3, 3, 3) and w[k2.input[1]].shape == (6, r3, 1, 1)
+    assert {a.name: list(a.ints) for a in k1.attribute}["pads"] == [1, 1, 1, 1]
+    assert all(a.name != "pads" for a in k2.attribute)
+    combined = (w[k2.input[1]][:, :, 0, 0] @ w[k1.input[1]].reshape(r3, -1)).reshape(6, 3, 3, 3)
+    one = make_model([helper.make_node("Conv", ["x", "wc"], ["c0"], pads=[1, 1, 1, 1])], [vi("x", ["n", 3, 4, 4])],
+                     [vi("c0", None)], [numpy_helper.from_array(combined.astype(np.float32), "wc")])
+    np.testing.assert_allclose(ort_run(g.__class__(_cut(out, "c0")), feeds[0])[0],
+                               ort_run(g.__class__(one), feeds[0])[0], rtol=1e-4, atol=1e-4)
+    # the 1x1 conv's factors are the closed-form fit to its inputs in the model given (channels as columns)
     x0 = np.concatenate([ort_run(g.__class__(_cut(g, "c0")), f)[0] for f in feeds]).astype(np.float64)
     rows = x0.transpose(0, 2, 3, 1).reshape(-1, 6)
     ea, eb = _closed_form(numpy_helper.to_array(g.initializers()["w1"]).reshape(12, 6).astype(np.float64), rows, r)
@@ -132,7 +145,7 @@ def test_factorized_layers_compute_the_expected_math():
     mm1 = next(n for n in out.graph.node if mm2.input[0] in n.output)
     assert gemm2.input[2] == "b2" and len(gemm1.input) == 2
     for f in feeds:
-        c0 = ort_run(g.__class__(_cut(g, "c0")), f)[0].astype(np.float64)
+        c0 = ort_run(g.__class__(_cut(out, "c0")), f)[0].astype(np.float64)
         c1 = np.einsum("nchw,rc->nrhw", c0, b[:, :, 0, 0])
         c1 = np.einsum("nrhw,or->nohw", c1, a[:, :, 0, 0]) + w["b1"][None, :, None, None]
         gg = c1.reshape(c1.shape[0], -1) @ w[gemm1.input[1]] @ w[gemm2.input[1]] + w["b2"]
@@ -172,21 +185,17 @@ def test_distilled_model_lowers_and_verifies(tmp_path):
 
 # ---------------------------------------------------------------------------------------- digits
 @pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("torch")
-    pytest.importorskip("sklearn")
-    from graphopt.testing import digits_models
-
-    return digits_models(epochs=8)
+def digits(digits_trained):
+    return digits_trained
 
 
 def _linear_weights(g):
-    """The float32 2-D weights of the Gemm/MatMul layers of ``g`` (what distill factorizes in the digits models)."""
+    """The float32 weights of the Conv/Gemm/MatMul layers of ``g`` (what distill factorizes in the digits models)."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in g.graph.initializer}
     return [numpy_helper.to_array(inits[n.input[1]]) for n in g.graph.node
-            if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+            if n.op_type in ("Gemm", "MatMul", "Conv") and n.input[1] in inits]
 
 
 @pytest.mark.torch

@@ -319,12 +319,8 @@ def test_sparse_storage_needs_opset_11():
 
 # ---------------------------------------------------------------------------------------- digits
 @pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("torch")
-    pytest.importorskip("sklearn")
-    from graphopt.testing import digits_models
-
-    return digits_models(epochs=20)
+def digits(digits_trained):
+    return digits_trained
 
 
 def _accuracy(digits, model, pipeline) -> dict:

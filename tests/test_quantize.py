@@ -285,12 +285,8 @@ def test_budget_keeps_the_most_sensitive_layers_in_float():
 
 # ------------------------------------------------------------------------------------ digits models
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("sklearn")
-    from graphopt.testing import digits_models
-
-    m = digits_models()
+def digits(tmp_path_factory, digits_trained):
+    m = dict(digits_trained)
     d = tmp_path_factory.mktemp("digits")
     for name in ("cnn", "mlp"):
         m[name].save(d / f"{name}.onnx")

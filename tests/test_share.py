@@ -88,6 +88,7 @@ def model_file(tmp_path):
     ("share(bits=9)", "option 'bits' must be in 1..8"),
     ("share(bits=x)", "option 'bits' expects int"),
     ("share(merge=0)", "option 'merge' must be in (0, 1]"),
+    ("share(merge=0.9,exact=true)", "option 'exact' applies to 'bits'"),
     ("share(merge=1.5)", "option 'merge' must be in (0, 1]"),
     ("share(merge=-0.5,bits=4)", "option 'merge' must be in (0, 1]"),
     ("share", "option 'bits' (1..8) or option 'merge'"),
@@ -220,6 +221,22 @@ def test_binary_ternary_and_few_valued_weights_are_exact():
     assert res.records[0].details["layers"]["matmul"]["bits"] == 3
 
 
+def test_exact_packs_only_the_layers_it_represents_without_loss():
+    """A binary student's graph: its binary layers packed 1 bit per weight, its float layers left as they are."""
+    rng = np.random.default_rng(8)
+    alpha = rng.uniform(0.05, 0.5, (64, 1)).astype(np.float32)
+    binary = (np.where(rng.random((64, 144)) < 0.5, -1, 1) * alpha).astype(np.float32)
+    g = _model(w3=binary)
+    res = graphopt.optimize(g, "share(bits=1,per=channel,exact=true)")
+    d = res.records[0].details
+    assert d["shared_layers"] == 1 and d["layers"]["gemm"]["error"] == 0.0
+    assert set(d["not_shared"]) == {"conv", "conv_1x1", "matmul"}
+    assert all("exact=true" in why for why in d["not_shared"].values())
+    got = _weights_in_ort(res.graph)
+    for key, name in WEIGHTS.items():
+        np.testing.assert_array_equal(got[key], _w(g, name))
+
+
 def test_kmeans_is_good_fast_and_data_weighted():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((1024, 1024)).astype(np.float32)  # 1M weights
@@ -332,12 +349,8 @@ def test_shared_model_runs_in_onnx_runtime_and_lowers(tmp_path):
 
 # ---------------------------------------------------------------------------------------- digits
 @pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("torch")
-    pytest.importorskip("sklearn")
-    from graphopt.testing import digits_models
-
-    return digits_models(epochs=20)
+def digits(digits_trained):
+    return digits_trained
 
 
 @pytest.mark.torch
