@@ -386,6 +386,10 @@ def cmd_lower(args, out: _Out, debug_log: list) -> int:
         out.say(line)
     for line in [*_accuracy_lines(res.report.get("accuracy")), *_layer_lines(res.report.get("layers"))]:
         out.say(line)
+    decoded = res.manifest["target"].get("decoded_weight_bytes")
+    if decoded:
+        out.say(f"note: {decoded / 2**10:.0f} KiB of weights stored sparse or as codebooks in the model are decoded "
+                "at lower time and run on dense kernels (smaller file, not a faster artifact)")
     pay = res.report.get("payoff")
     if pay:
         from .stats import human_bytes

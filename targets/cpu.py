@@ -203,7 +203,13 @@ class CpuTarget(Target):
         # Decodes left unfused become float weights at lower time: deliberate growth, like Winograd's. Every
         # decode counts (a codes tensor may feed a fused MatMul and an unfused conv): an allowance only.
         # Weights decoded in the graph from other stored forms (prune's sparse values and mask) likewise.
-        unfused_bytes = sum(decode_codes.values()) + lowbit.decoded_weight_bytes(graph)
+        graph_decoded = lowbit.decoded_weight_bytes(graph)
+        unfused_bytes = sum(decode_codes.values()) + graph_decoded
+        if graph_decoded:  # say so: the file was smaller, the kernels are not sparse
+            ctx.native_log.append(
+                f"note: {graph_decoded / 2**10:.0f} KiB of Conv/Gemm/MatMul weights stored in another form in the "
+                "model (sparse values and mask, codebook indices) are decoded once, at lower time, and run on the "
+                "dense float kernels: no sparse or codebook kernels here")
         lowbit_used: list = []  # LowBitMatMul nodes imported (targets/lowbit.py)
         int8_used: list = []
         winograd_used: list = []  # {"m", "extra_bytes"} of each conv lowered as Winograd F(m x m, 3 x 3)
@@ -277,6 +283,8 @@ class CpuTarget(Target):
                 "recurrence_kernel": recurrent.variant(features) if recurrences else None,
                 "lowbit_matmuls": len(lowbit_used),
                 "lowbit_kernel": lowbit.variant(features) if lowbit_used else None,
+                # weights the model decodes in the graph (prune's sparse form, share's codebooks): dense kernels
+                "decoded_weight_bytes": graph_decoded,
             },
             "programs": [{"name": "main", "library": "main.so", "entry": "main", "device": "cpu", "params": params}],
             "weights": weights,

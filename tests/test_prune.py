@@ -307,6 +307,8 @@ def test_sparse_model_lowers_and_verifies_and_is_deterministic(tmp_path):
     # The CPU target decodes the weights once, at lower time (stored dense for the kernels), not every run.
     assert "not lifted" not in res.native_log
     assert any(w["name"].startswith("main.packed") for w in res.manifest["weights"])
+    # ... and says so: dense kernels, not sparse ones
+    assert res.manifest["target"]["decoded_weight_bytes"] > 0 and "run on the dense float kernels" in res.native_log
 
 
 def test_sparse_storage_needs_opset_11():
