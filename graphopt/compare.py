@@ -164,23 +164,12 @@ def weight_bytes(graph) -> int:
 
 
 def inference_flops(graph) -> int:
-    """Estimated FLOPs of one run: :mod:`graphopt.stats`' count over the nodes whose values depend on a graph
-    input (or that hold a subgraph). Nodes computed from weights alone (the in-graph decoding of packed or
-    sparse weights) are left out: the CPU target evaluates them once, when it lowers."""
-    import onnx
+    """Estimated FLOPs of one run (:func:`graphopt.stats.graph_stats`: nodes computed from weights alone, the
+    in-graph decoding of packed or sparse weights, are left out; the CPU target evaluates them when it
+    lowers)."""
+    from .stats import graph_stats
 
-    from .stats import _node_flops
-
-    g = graph.infer_shapes()
-    specs = g.value_specs()
-    live = {i.name for i in graph.inputs}
-    total = 0
-    for n in g.graph.node:
-        subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
-        if subgraph or any(i in live for i in n.input if i):
-            live.update(o for o in n.output if o)
-            total += _node_flops(n, specs)
-    return int(total)
+    return graph_stats(graph).flops
 
 
 def _dir_bytes(path: Path) -> int:
@@ -234,7 +223,7 @@ def _build_row(c: Candidate, graph, tgt, dest: Path, data, eval_set, *, threads,
     from . import api
     from .console import step
     from .pipeline import Pipeline
-    from .stats import graph_stats
+    from .stats import all_node_flops, graph_stats
 
     row = _empty_row(c)
     t0 = time.perf_counter()
@@ -243,7 +232,7 @@ def _build_row(c: Candidate, graph, tgt, dest: Path, data, eval_set, *, threads,
     out = res.graph
     st = graph_stats(out)
     row.update(nodes=st.nodes, params=st.params, nonzeros=st.nonzeros, onnx_bytes=st.bytes,
-               flops=inference_flops(out), flops_all_nodes=st.flops, weight_bytes=weight_bytes(out))
+               flops=inference_flops(out), flops_all_nodes=all_node_flops(out), weight_bytes=weight_bytes(out))
     for r in res.records:
         summary = (r.details or {}).get("summary")
         if isinstance(summary, str) and summary:

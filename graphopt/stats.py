@@ -1,8 +1,11 @@
 """Size and cost figures of a Graph: what `graphopt inspect` prints and every pass records.
 
 FLOPs are an estimate from inferred shapes (a multiply-add counts 2; other ops
-count one per output element); symbolic dims count as 1, so the figure is per
-sample for a dynamic batch. Everything else is counted exactly.
+count one per output element) of one run: nodes computed from weights alone
+(the in-graph decoding of sparse or packed weights) are left out, as ONNX
+Runtime folds them when a session starts and the CPU target when it lowers
+(:func:`all_node_flops` counts them too). Symbolic dims count as 1, so the figure
+is per sample for a dynamic batch. Everything else is counted exactly.
 """
 
 from __future__ import annotations
@@ -74,6 +77,27 @@ def _count_nonzero(t) -> tuple[int, int]:
     return flat.size, nz
 
 
+def _flops(g: Graph, specs: dict, per_run: bool) -> int:
+    """FLOPs of ``g`` (shapes inferred): with ``per_run``, only the nodes whose values depend on a graph
+    input (or that hold a subgraph)."""
+    import onnx
+
+    live = {i.name for i in g.graph.input}
+    total = 0
+    for n in g.graph.node:
+        subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+        if not per_run or subgraph or any(i in live for i in n.input if i):
+            live.update(o for o in n.output if o)
+            total += _node_flops(n, specs)
+    return int(total)
+
+
+def all_node_flops(graph: Graph) -> int:
+    """FLOPs of every node, those computed from weights alone included (:func:`graph_stats` leaves them out)."""
+    g = graph.infer_shapes()
+    return _flops(g, g.value_specs(), per_run=False)
+
+
 def graph_stats(graph: Graph) -> GraphStats:
     """Count nodes, parameters, bytes, non-zero weights and estimated FLOPs.
 
@@ -88,7 +112,7 @@ def graph_stats(graph: Graph) -> GraphStats:
         n, nz = _count_nonzero(t)
         params += n
         nonzeros += nz
-    flops = sum(_node_flops(n, specs) for n in g.graph.node)
+    flops = _flops(g, specs, per_run=True)
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph.graph.node)
     lazy_bytes = sum(tensor_nbytes(t) for t in graph.graph.initializer if is_lazy(t))
     return GraphStats(
