@@ -37,6 +37,8 @@ PASS_THROUGH = {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Reciprocal", "Floor", "Ceil",
     "Round", "Sign", "Sin", "Cos",
 }
+#: Of those, the pools: they keep channels only on axis 1 of an [N, C, *spatial] tensor.
+POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"}
 #: Elementwise ops of two inputs with numpy broadcasting.
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"}
 #: Reductions that keep the channel axis when it is not among the reduced axes.
@@ -183,12 +185,14 @@ def _flatten_of(node: gs.Node, st: State, shapes: dict) -> bool:
     ``[N, C * prod(spatial)]``."""
     if st.axis != 1 or st.inner != 1:
         return False
+    src, dst = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
+    if src is None or len(src) < 3 or not all(isinstance(d, int) and d > 0 for d in src[1:]):
+        return False  # the columns per channel must be known
     if node.op == "Flatten":
         return int(node.attrs.get("axis", 1)) == 1
     shape = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if shape is None or array(shape).shape != (2,):
         return False  # a computed shape would keep the old channel count
-    src, dst = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
     return (src is not None and dst is not None and len(dst) == 2 and len(src) >= 3 and
             all(isinstance(d, int) and d > 0 for d in src[1:]) and dst[1] == int(np.prod(src[1:])) and
             (dst[0] == src[0] or not isinstance(dst[0], int) or not isinstance(src[0], int)))
@@ -201,10 +205,26 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
     an = Analysis()
     by_key = {la.key: la for la in layers}
     state: dict[str, State] = {}
+    tensors: dict[str, gs.Tensor] = {}
+    outputs = {t.name for t in g.outputs}
 
     def rank_of(t) -> int | None:
         s = shapes.get(t.name)
         return len(s) if s is not None else None
+
+    def carry(node: gs.Node, st: State) -> bool:
+        """``node``'s first output carries ``st``; False (and ``st`` refused) when another of its outputs is
+        used (a Dropout mask, BatchNormalization's running statistics): those would change shape unseen."""
+        extra = [o for o in node.outputs[1:] if o.outputs or o.name in outputs]
+        if extra:
+            an.refuse(st, f"reach {node.op} {_node_key(node)}, whose output {extra[0].name!r} is used too")
+            return False
+        out = node.outputs[0]
+        state[out.name] = st
+        tensors[out.name] = out
+        for s in st.spaces():
+            an.touched.setdefault(s, []).append(out)
+        return True
 
     for node in g.nodes:
         key = _node_key(node)
@@ -215,13 +235,13 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
         if node.op in ("Conv", "Gemm", "MatMul") and any(s is not None for s in ins[1:]):
             for s in ins[1:]:
                 if s is not None:
-                    an.refuse(s, f"is read as a weight or bias by {node.op} {key}")
+                    an.refuse(s, f"are read as a weight or bias by {node.op} {key}")
             continue
         if node.op in ("Conv", "Gemm", "MatMul") and ins[0] is not None:
             st = ins[0]
             grouped = node.op == "Conv" and int(node.attrs.get("group", 1)) != 1
             if la is None:
-                an.refuse(st, f"is read by {node.op} {key}, which cannot be changed "
+                an.refuse(st, f"are read by {node.op} {key}, which cannot be changed "
                               f"({skipped.get(key, 'its weight is not a constant')})")
             elif grouped:
                 has_bias = len(node.inputs) > 2 and not node.inputs[2].is_empty()
@@ -231,19 +251,17 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
                     an.depthwise.append((node, st))
                     if has_bias:
                         an.coupled.append(Coupled(node, 2, 0, st))
-                    state[out.name] = st
-                    for s in st.spaces():
-                        an.touched.setdefault(s, []).append(out)
+                    carry(node, st)
                     continue
-                an.refuse(st, f"feeds grouped Conv {key} (group={node.attrs.get('group')}; only depthwise "
-                              "convs follow their input channels)")
+                an.refuse(st, f"feed Conv {key} with group={node.attrs.get('group')} (only a depthwise conv with "
+                              "one filter per input channel follows its input's channels)")
                 continue
             elif node.op == "Conv" and (st.axis != 1 or st.inner != 1):
-                an.refuse(st, f"reaches Conv {key} on another axis")
+                an.refuse(st, f"reach Conv {key} on another axis")
             elif node.op == "Gemm" and (int(node.attrs.get("transA", 0)) or st.rank != 2 or st.axis != 1):
-                an.refuse(st, f"reaches Gemm {key} on another axis")
+                an.refuse(st, f"reach Gemm {key} on another axis")
             elif node.op == "MatMul" and st.axis != st.rank - 1:
-                an.refuse(st, f"reaches MatMul {key} on another axis than its last")
+                an.refuse(st, f"reach MatMul {key} on another axis than its last")
             else:
                 an.consumers.append(Consumer(la, st))
         if node.op in ("Conv", "Gemm", "MatMul") and la is not None and la.layout != "act" and out is not None:
@@ -256,7 +274,11 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
             an.producers[space] = la
             an.parent[space] = space
             st = State(((space, la.out_channels),), 1 if node.op == "Conv" else r - 1, r)
+            has_bias = len(node.inputs) > 2 and not node.inputs[2].is_empty()
+            if has_bias and la.bias is None:  # a [1, N] Gemm C, a bias shared or computed: not sliceable here
+                an.bad[space] = "have a bias that is not a per-channel constant of this layer alone"
             state[out.name] = st
+            tensors[out.name] = out
             an.touched.setdefault(space, []).append(out)
             continue
         if not tracked:
@@ -265,20 +287,16 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
         if node.op in PASS_THROUGH and all(s is None for s in ins[1:]) and \
                 all(_constant(t) is not None and array(_constant(t)).size == 1 for t in node.inputs[1:]
                     if not t.is_empty()):
-            if node.op in ("MaxPool", "AveragePool", "LpPool") and len(node.outputs) > 1:
-                an.refuse(first, f"reaches {node.op} {key} with indices output")
+            if node.op in POOLS and (first.axis != 1 or first.inner != 1 or first.rank < 3):
+                an.refuse(first, f"reach {node.op} {key} on another axis than a pool's channels")
                 continue
-            state[out.name] = first
-            for s in first.spaces():
-                an.touched.setdefault(s, []).append(out)
+            carry(node, first)
             continue
         if node.op in PER_CHANNEL and ins[0] is not None and first.axis == 1 and first.inner == 1 and \
                 all(_constant(t) is not None for t in node.inputs[1:]):
-            for i in range(1, len(node.inputs)):
-                an.coupled.append(Coupled(node, i, 0, first))
-            state[out.name] = first
-            for s in first.spaces():
-                an.touched.setdefault(s, []).append(out)
+            if carry(node, first):
+                for i in range(1, len(node.inputs)):
+                    an.coupled.append(Coupled(node, i, 0, first))
             continue
         if node.op in BINARY and len(node.inputs) == 2 and len(tracked) >= 1:
             a, b = ins
@@ -286,8 +304,8 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
                 if a.axis != b.axis or a.rank != b.rank or a.inner != b.inner or \
                         [n for _, n in a.segs] != [n for _, n in b.segs] or \
                         any((x is None) != (y is None) for (x, _), (y, _) in zip(a.segs, b.segs)):
-                    an.refuse(a, f"meets differently laid out channels at {node.op} {key}")
-                    an.refuse(b, f"meets differently laid out channels at {node.op} {key}")
+                    an.refuse(a, f"meet differently laid out channels at {node.op} {key}")
+                    an.refuse(b, f"meet differently laid out channels at {node.op} {key}")
                     continue
                 for (x, _), (y, _) in zip(a.segs, b.segs):
                     if x is not None:
@@ -302,13 +320,11 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
                     r = rank_of(other)
                     s = shapes.get(other.name)
                     pos = None if r is None else r - (st.rank - st.axis)
-                    ok = s is not None and (pos is None or pos < 0 or s[pos] == 1)
+                    ok = s is not None and r is not None and r <= st.rank and (pos < 0 or s[pos] == 1)
                 if not ok:
-                    an.refuse(st, f"meets a per-element operand at {node.op} {key}")
+                    an.refuse(st, f"meet a per-element operand at {node.op} {key}")
                     continue
-            state[out.name] = st
-            for s in st.spaces():
-                an.touched.setdefault(s, []).append(out)
+            carry(node, st)
             continue
         if node.op in REDUCE and ins[0] is not None and first.inner == 1 and all(x is None for x in ins[1:]):
             axes = _reduce_axes(node, first.rank)
@@ -316,16 +332,14 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
                 keep = int(node.attrs.get("keepdims", 1))
                 st = State(first.segs, first.axis if keep else first.axis - sum(a < first.axis for a in axes),
                            first.rank if keep else first.rank - len(axes))
-                state[out.name] = st
-                for s in st.spaces():
-                    an.touched.setdefault(s, []).append(out)
+                carry(node, st)
                 continue
         if node.op == "Concat":
             axis = int(node.attrs.get("axis", 0))
             segs, ok = [], True
             for t, s in zip(node.inputs, ins):
                 r = rank_of(t) if s is None else s.rank
-                if r is None:
+                if r is None or r != first.rank:
                     ok = False
                     break
                 ax = axis % r
@@ -342,29 +356,25 @@ def analyse(g: gs.Graph, layers: list[Layer], skipped: dict, shapes: dict) -> An
                     segs.extend(s.segs)
             if not ok:
                 for s in tracked:
-                    an.refuse(s, f"reaches Concat {key} on another axis")
+                    an.refuse(s, f"reach Concat {key} on another axis")
                 continue
-            st = State(tuple(segs), axis % first.rank, first.rank)
-            state[out.name] = st
-            for s in st.spaces():
-                an.touched.setdefault(s, []).append(out)
+            carry(node, State(tuple(segs), axis % first.rank, first.rank))
             continue
         if node.op in ("Flatten", "Reshape") and ins[0] is not None and all(s is None for s in ins[1:]) and \
                 _flatten_of(node, first, shapes):
             src = shapes[node.inputs[0].name]
             st = State(first.segs, 1, 2, int(np.prod(src[2:])))
-            if node.op == "Reshape":
+            if carry(node, st) and node.op == "Reshape":
                 an.reshapes.append((node, st))
-            state[out.name] = st
-            for s in st.spaces():
-                an.touched.setdefault(s, []).append(out)
             continue
         for s in tracked:
-            an.refuse(s, f"is read by {node.op} {key}")
-    outputs = {t.name for t in g.outputs}
+            an.refuse(s, f"are read by {node.op} {key}")
+    main = {id(n) for n in g.nodes}
     for name, st in state.items():
         if name in outputs:
-            an.refuse(st, f"reaches graph output {name!r}")
+            an.refuse(st, f"reach graph output {name!r}")
+        elif any(id(c) not in main for c in tensors[name].outputs):
+            an.refuse(st, f"are read inside an If/Loop/Scan body ({name!r})")
     return an
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.errors import ModelError, OptionError
+from graphopt.errors import GraphoptError, ModelError, OptionError
 from graphopt.graph import Graph
 from graphopt.ir import IR, array
 from graphopt.passbase import PassContext
 from graphopt.reference import run_reference
 
+from ._emit import unit_gemm_beta
 from .quantize import HESSIAN_ROWS, Layer, Quantize, _constant, _input_rows
 
 #: Most trial runs of the greedy search (blocks x count) before blocks are ranked once, alone.
@@ -37,9 +38,10 @@ def _key(node: gs.Node) -> str:
     return node.name or node.outputs[0].name
 
 
-def residual_blocks(g: gs.Graph) -> list[tuple[str, int, list[str]]]:
+def residual_blocks(g: gs.Graph, specs: dict) -> list[tuple[str, int, list[str]]]:
     """(Add node key, index of the skip input, keys of the branch's nodes) for each residual block of ``g``
-    in graph order."""
+    in graph order. ``specs`` (name -> TensorSpec, inferred) must show the Add's output float and shaped
+    exactly as its skip input (a broadcasting Add, or integer shape arithmetic, is not a block)."""
     outputs = {id(t) for t in g.outputs}
     blocks = []
     for add in g.nodes:
@@ -47,7 +49,14 @@ def residual_blocks(g: gs.Graph) -> list[tuple[str, int, list[str]]]:
             continue
         if add.inputs[0] is add.inputs[1]:
             continue
+        out_spec = specs.get(add.outputs[0].name)
+        if out_spec is None or out_spec.shape is None or not str(out_spec.dtype).startswith(("float", "bfloat")) \
+                or "?" in out_spec.shape:
+            continue
         for skip_i in (0, 1):
+            skip_spec = specs.get(add.inputs[skip_i].name)
+            if skip_spec is None or skip_spec.shape is None or tuple(skip_spec.shape) != tuple(out_spec.shape):
+                continue
             skip, out = add.inputs[skip_i], add.inputs[1 - skip_i]
             branch = _branch(out, skip, add, outputs)
             if branch:
@@ -101,15 +110,22 @@ def _without(graph: Graph, blocks: list[tuple[str, int, list[str]]]) -> Graph:
 
 
 def _distance(ref: list, out: list) -> float:
-    return float(sum(np.sum((np.asarray(o, np.float64) - r) ** 2) / max(np.sum(np.asarray(r, np.float64) ** 2),
-                                                                          1e-30) for r, o in zip(ref, out)))
+    """Relative squared error of ``out`` against ``ref`` summed over outputs (infinite when a shape differs)."""
+    total = 0.0
+    for r, o in zip(ref, out):
+        r, o = np.asarray(r, np.float64), np.asarray(o, np.float64)
+        if r.shape != o.shape:
+            return float("inf")
+        total += float(np.sum((o - r) ** 2) / max(np.sum(r ** 2), 1e-30))
+    return total
 
 
 def drop_layers(p, graph: Graph, ctx: PassContext) -> Graph:
     """Run ``p`` (:class:`passes.distill.Distill` with ``method=drop-layers``) on ``graph``."""
     o = p.opts
     where = f"{graph.source or 'model'}: distill(method=drop-layers)"
-    blocks = residual_blocks(IR(graph).g)
+    graph = unit_gemm_beta(graph)  # a refit bias then acts as written
+    blocks = residual_blocks(IR(graph).g, graph.infer_shapes().value_specs())
     if not blocks:
         raise ModelError(f"{where}: the model has no residual block (an Add of x and a branch computed from x "
                          "alone) to remove; nothing was written")
@@ -123,22 +139,30 @@ def drop_layers(p, graph: Graph, ctx: PassContext) -> Graph:
         return sum(_distance(r, o) for r, o in zip(ref, run_reference(g, feeds))) / len(feeds)
 
     def cost(chosen: list) -> float:
-        return moved(_without(graph, chosen))
+        try:
+            return moved(_without(graph, chosen))
+        except GraphoptError:  # the model without these blocks does not run: never chosen
+            return float("inf")
 
     chosen: list = []
-    alone = {}
+    cumulative = {}
     if len(blocks) * o.count <= GREEDY_RUNS:
         for _ in range(o.count):
             left = [b for b in blocks if b not in chosen]
             costs = [cost(chosen + [b]) for b in left]
             best = int(np.argmin(costs))  # ties: the earlier block
+            if not np.isfinite(costs[best]):
+                break
             chosen.append(left[best])
-            alone.setdefault(left[best][0], costs[best])
+            cumulative[left[best][0]] = costs[best]
     else:
         costs = [cost([b]) for b in blocks]
-        for i in np.argsort(costs, kind="stable")[:o.count]:
+        for i in [i for i in np.argsort(costs, kind="stable") if np.isfinite(costs[i])][:o.count]:
             chosen.append(blocks[int(i)])
-            alone[blocks[int(i)][0]] = costs[int(i)]
+            cumulative[blocks[int(i)][0]] = costs[int(i)]
+    if len(chosen) < o.count:
+        raise ModelError(f"{where}: only {len(chosen)} of the {len(blocks)} residual block(s) can be removed with "
+                         f"the model still running (count={o.count}); use a smaller count; nothing was written")
     chosen.sort(key=blocks.index)
     dropped = _without(graph, chosen)
     before_err = cost(chosen)
@@ -149,12 +173,13 @@ def drop_layers(p, graph: Graph, ctx: PassContext) -> Graph:
 
     p.note("method", "drop-layers")
     p.note("blocks", len(blocks))
-    p.note("dropped", {k: {"nodes": len(nodes), "output_error": round(float(np.sqrt(alone.get(k, 0.0))), 6)}
+    # output_error: the model's relative output error with this block and those chosen before it removed
+    p.note("dropped", {k: {"nodes": len(nodes), "output_error": round(float(np.sqrt(cumulative.get(k, 0.0))), 6)}
                        for k, _, nodes in chosen})
     p.note("refit", refit)
     p.note("output_error", {"dropped": round(float(np.sqrt(before_err)), 6),
                             "refit": round(float(np.sqrt(after_err)), 6)})
-    gone = sum(len(nodes) for _, _, nodes in chosen)
+    gone = len({n for _, _, nodes in chosen for n in nodes})  # a block inside another counts once
     p.note("summary", f"{len(chosen)} of {len(blocks)} residual block(s) removed ({gone} nodes); "
                       f"{len(refit)} following layer(s) refit; relative output error on the calibration data "
                       f"{np.sqrt(before_err):.3g} -> {np.sqrt(after_err):.3g} after the refit")

@@ -216,3 +216,34 @@ def static_dim(t, axis: int) -> int | None:
         return None
     d = shape[axis]
     return int(d) if isinstance(d, (int, np.integer)) and d > 0 else None
+
+
+def unit_gemm_beta(graph):
+    """``graph`` with every Gemm whose ``beta`` is not 1 rewritten to ``beta = 1`` (its constant C, read by it
+    alone, scaled by beta; with ``beta = 0``, C dropped): the same function, so passes that refit a layer's
+    bias can write the bias as it acts. Returns the graph itself when there is nothing to change."""
+    from graphopt.ir import IR, array
+
+    ir = None
+    for node in graph.graph.node:
+        if node.op_type == "Gemm" and any(a.name == "beta" and a.f != 1.0 for a in node.attribute):
+            ir = IR(graph)
+            break
+    if ir is None:
+        return graph
+    changed = False
+    for node in ir.g.nodes:
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        if beta == 1.0:
+            continue
+        c = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+        const = _constant_of(c) if c is not None else None
+        if c is not None and beta != 0.0 and (const is None or len(c.outputs) > 1):
+            continue  # a computed or shared C: left as it is
+        if c is not None and beta != 0.0:
+            const.values = (array(const) * np.float32(beta)).astype(array(const).dtype)
+        elif c is not None:
+            node.inputs = node.inputs[:2]
+        node.attrs["beta"] = 1.0
+        changed = True
+    return ir.to_graph() if changed else graph

@@ -165,7 +165,7 @@ def output_error(w2: np.ndarray, new: np.ndarray, hessian: np.ndarray) -> tuple[
     d = np.asarray(new, np.float64) - np.asarray(w2, np.float64)
     h = np.asarray(hessian, np.float64)
     w = np.asarray(w2, np.float64)
-    return float(np.einsum("ij,jk,ik->", d, h, d)), float(np.einsum("ij,jk,ik->", w, h, w))
+    return float(((d @ h) * d).sum()), float(((w @ h) * w).sum())  # a 3-operand einsum loops in Python's order
 
 
 def error_counts(curves: list[list[tuple[int, float]]], total: int) -> list[int]:

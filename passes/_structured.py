@@ -27,7 +27,7 @@ from graphopt.passbase import PassContext, first_reasons
 from graphopt.stats import graph_stats
 
 from . import _channels as ch
-from ._emit import Namer, all_names
+from ._emit import Namer, all_names, unit_gemm_beta
 from .fold_constants import FoldConstants
 from .quantize import Layer, Quantize, _constant
 
@@ -42,7 +42,7 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
     before = graph_stats(graph)
     # Per-channel constants computed in the graph (a bias Reshape-d from [C] to [1, C, 1, 1]) become plain
     # constants first, so they can be sliced with their channels (lossless; the only other change made).
-    graph = FoldConstants().run(graph, ctx)
+    graph = unit_gemm_beta(FoldConstants().run(graph, ctx))  # a refit bias then acts as written
     layers, skipped = Quantize(mode="dynamic")._layers(graph)
     skipped = {k: why.replace("quantized", "pruned") for k, why in skipped.items()}
     ir = IR(graph)
@@ -54,18 +54,26 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
         reasons = not_pruned or skipped or {"graph": "no Conv (group=1), Gemm or MatMul with a constant weight"}
         raise ModelError(f"{where} found no channel group it can prune ({first_reasons(reasons)}); nothing "
                          "was written")
-    counts = []
+    counts, capped = [], {}
     for spaces in groups:
         c = an.producers[spaces[0]].out_channels
         k = int(o.ratio * c + 0.5)
-        if k >= c:
-            raise OptionError(f"pass 'prune': option 'ratio' = {o.ratio} would remove all {c} output channels of "
-                              f"{spaces[0]}: use a smaller ratio")
-        k = c - kept_channels(c - k, c, o.multiple)
-        if k >= c:
-            raise OptionError(f"pass 'prune': option 'ratio' = {o.ratio} would remove all {c} output channels of "
-                              f"{spaces[0]}: use a smaller ratio")
+        if k >= c:  # the ratio would empty this layer: it keeps one channel
+            k = c - 1
+            if k:
+                capped[spaces[0]] = f"keeps 1 of its {c} channels (ratio={o.ratio:g} would remove them all)"
+        else:
+            k = c - kept_channels(c - k, c, o.multiple)
         counts.append(k)
+    pruned = [(sp, k) for sp, k in zip(groups, counts) if k > 0]
+    for spaces, k in zip(groups, counts):
+        if k == 0:
+            for sp in spaces:
+                not_pruned[sp] = f"its {an.producers[sp].out_channels} output channel(s) keep all at ratio={o.ratio:g}"
+    if not pruned:
+        raise ModelError(f"{where}: ratio={o.ratio:g} removes no channel of any group "
+                         f"({first_reasons(not_pruned)}); use a larger ratio; nothing was written")
+    groups, counts = [sp for sp, _ in pruned], [k for _, k in pruned]
 
     compensate = o.compensate if o.compensate is not None else not ctx.data.generated
     importance = o.importance if o.importance != "auto" else ("magnitude" if ctx.data.generated else "activation")
@@ -93,6 +101,8 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
     p.note("importance", importance)
     p.note("compensate", bool(compensate))
     p.note("groups", per_group)
+    if capped:
+        p.note("capped", capped)
     if not_pruned or skipped:
         p.note("not_pruned", {**skipped, **not_pruned})
     p.note("flops", {"before": before.flops, "after": after.flops,
@@ -103,6 +113,8 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
     text = (f"{gone} of {chans} channels removed in {len(groups)} group(s); FLOPs {before.flops:,} -> "
             f"{after.flops:,} (-{1 - after.flops / max(before.flops, 1):.1%}), parameters {before.params:,} -> "
             f"{after.params:,}")
+    if capped:
+        text += f"; {len(capped)} group(s) held at one channel ({first_reasons(capped)})"
     if not_pruned:
         text += f"; left as is: {first_reasons(not_pruned)}"
     p.note("summary", text)

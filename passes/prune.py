@@ -113,9 +113,10 @@ class Prune(Pass):
             if not 0.0 < o.ratio < 1.0:
                 raise OptionError(f"{where}: option 'ratio' must be in (0, 1), got {o.ratio!r}")
             return
-        if o.ratio is not None:
-            raise OptionError(f"{where}: option 'ratio' applies to structure=channel; single weights take "
-                              "option 'sparsity' or 'pattern'")
+        for other in ("ratio", "multiple"):
+            if other in self.given:
+                raise OptionError(f"{where}: option '{other}' applies to structure=channel; single weights take "
+                                  "option 'sparsity' or 'pattern'")
         if o.pattern:
             if o.sparsity is not None:
                 raise OptionError(f"{where}: give option 'sparsity' or option 'pattern', not both")

@@ -44,10 +44,27 @@ def _resnet(blocks=3, c=8, seed=0, scales=(1.0, 0.05, 0.5)):
 
 def test_residual_blocks_are_found_and_nothing_else():
     g, _ = _resnet()
-    blocks = residual_blocks(IR(g).g)
+    blocks = residual_blocks(IR(g).g, g.infer_shapes().value_specs())
     assert [b[0] for b in blocks] == ["b0_add", "b1_add", "b2_add"]
     assert all(b[1] == 0 and sorted(b[2]) == sorted([f"{b[0][:2]}_fc1", f"{b[0][:2]}_relu", f"{b[0][:2]}_fc2"])
                for b in blocks)
+
+
+def test_broadcasting_and_integer_adds_are_not_blocks():
+    """An Add that broadcasts its skip ([n, 1] + [n, 8]) or adds integers (shape arithmetic) is no residual
+    block: without the branch the model would change shape."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((1, 8)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([8], np.int64), "eight")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["b"], name="narrow"),
+             helper.make_node("MatMul", ["b", "w2"], ["c"], name="wide"),
+             helper.make_node("Add", ["b", "c"], ["y"], name="bcast_add"),
+             helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Add", ["s", "eight"], ["s8"], name="int_add"),
+             helper.make_node("Reshape", ["y", "s8"], ["z"], name="reshape")]
+    g = graphopt.Graph(make_model(nodes, [vi("x", [4, 8])], [vi("z", None)], inits))
+    assert residual_blocks(IR(g).g, g.infer_shapes().value_specs()) == []
 
 
 def test_the_block_that_matters_least_goes_and_the_head_is_refit():

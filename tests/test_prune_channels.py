@@ -83,8 +83,8 @@ def test_coupled_tensors_are_pruned_together_and_the_graph_stays_valid():
     assert {a.name: a.i for a in node["dw"].attribute}["group"] == 8
     assert w[node["c"].input[1]].shape == (16, 8, 3, 3)  # c's filters feed a grouped conv: kept
     det = res.records[0].details
-    assert "feeds grouped Conv g" in det["not_pruned"]["c"]
-    assert "reaches graph output" in det["not_pruned"]["fc"]
+    assert "feed Conv g with group=2" in det["not_pruned"]["c"]
+    assert "reach graph output" in det["not_pruned"]["fc"]
     assert det["flops"]["after"] < det["flops"]["before"] == graph_stats(g).flops
     y = ort_run(out, feeds[0])[0]
     assert y.shape == (16, 10) and np.isfinite(y).all()
@@ -110,6 +110,14 @@ def test_kept_channels_round_to_vector_friendly_counts(keep, total, multiple, ex
     from graphopt.passes._structured import kept_channels
 
     assert kept_channels(keep, total, multiple) == expected
+
+
+def test_a_ratio_that_would_empty_a_layer_leaves_it_one_channel():
+    res = graphopt.optimize(_mlp(hidden=4), "prune(structure=channel,ratio=0.9,compensate=false)")
+    det = res.records[0].details
+    assert det["groups"] == [{"layers": ["fc1"], "channels": 4, "removed": 3}]
+    assert "keeps 1 of its 4 channels" in det["capped"]["fc1"] and "held at one channel" in det["summary"]
+    assert ort_run(res.graph, {"x": np.ones((2, 8), np.float32)})[0].shape == (2, 3)
 
 
 def _rel_err(a, b):
@@ -183,7 +191,8 @@ def _mlp(hidden=4):
     ("mlp", "prune(structure=channel,ratio=0.5,sparsity=0.5)", "option 'sparsity' applies to single weights"),
     ("mlp", "prune(ratio=0.5)", "option 'ratio' applies to structure=channel"),
     ("mlp", "prune(structure=filter,ratio=0.5)", "option 'structure' must be one of weight, channel"),
-    ("mlp", "prune(structure=channel,ratio=0.9,compensate=false)", "would remove all 4 output channels of fc1"),
+    ("mlp", "prune(structure=channel,ratio=0.01,compensate=false)", "removes no channel of any group"),
+    ("mlp", "prune(sparsity=0.5,multiple=4)", "option 'multiple' applies to structure=channel"),
     ("single", "prune(structure=channel,ratio=0.5,compensate=false)", "found no channel group it can prune"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, model, passes, message):
