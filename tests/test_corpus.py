@@ -226,9 +226,16 @@ def test_api_error_for_generated_inputs_names_no_cli_flag(tmp_path):
 
 
 # --------------------------------------------------------------------------- part 3: the corpus
+#: Left out of the default run for the suite's 15 minutes on 2 cores (run with -m veryslow), with what still
+#: covers them there: ConvTranspose and Resize lower and verify in test_schedules_conv / _elementwise, and
+#: ppocrv4-det's lossless passes run in test_fold.
+BUDGET_LEFT_OUT = {"ppocrv4-det"}
+
+
 def _params():
-    return [pytest.param(n, marks=([pytest.mark.slow] if s.slow else []) + ([pytest.mark.veryslow] if s.very_slow else []),
-                         id=n) for n, s in REAL_MODELS.items()]
+    return [pytest.param(n, marks=([pytest.mark.slow] if s.slow else []) +
+                         ([pytest.mark.veryslow] if s.very_slow or n in BUDGET_LEFT_OUT else []), id=n)
+            for n, s in REAL_MODELS.items()]
 
 
 def _sha(path) -> str:

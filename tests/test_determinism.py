@@ -119,12 +119,11 @@ def test_every_test_model_builds_byte_identical(tmp_path, captured_files, mlp_on
     lower_three_times(tmp_path / "builds", models)
 
 
-#: Corpus models built three times each, with the shapes of MODELS.md: integer inputs (magika), a MobileNet
-#: (orientation). ppocr-cls, ppocrv6-rec and ppocrv4-det were here too; the suite's 15 minutes on 2 cores
-#: no longer hold them (test_corpus builds each once, without comparing builds).
+#: Corpus models built three times each, with the shapes of MODELS.md: integer inputs (magika). orientation,
+#: ppocr-cls, ppocrv6-rec and ppocrv4-det were here too; the suite's 15 minutes on 2 cores no longer hold them
+#: (test_corpus builds each once, without comparing builds; convs' determinism is the test models' above).
 CORPUS = {
     "magika": {"bytes": [1, 2048]},
-    "orientation": {"x": [1, 3, 224, 224]},
 }
 
 
