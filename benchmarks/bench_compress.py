@@ -181,9 +181,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         wr = f"{r['weight_ratio']:.2f}×"
         bar = "" if "meets_bar" not in r else (("meets " if r["meets_bar"] else "MISSES ") + r["bar"])
+        what = f"`{r['pipeline']}`" if r["label"] != "kd-binary" else \
+            f"binary student (`graphopt.distill`), then `{r['pipeline']}`"
         lines.append(
-            f"| {r['model']} | `{r['pipeline']}` | {r['accuracy']:.2f} ({-r['drop']:+.2f}) | {r['agreement']:.1f}% | "
-            f"{r['file_ratio']:.2f}× | {wr} | {r['params_cut']:+.1%} | {r['flops_cut']:+.1%} | "
+            f"| {r['model']} | {what} | {r['accuracy']:.2f} ({-r['drop']:+.2f}) | {r['agreement']:.1f}% | "
+            f"{r['file_ratio']:.2f}× | {wr} | {r['params_cut']:.1%} | {r['flops_cut']:.1%} | "
             f"{r['artifact_bytes'] / 1024:.0f} | {r['latency_b1_ms']:.4f} ({r['speedup_b1']:.2f}×) | "
             f"{r['latency_b64_ms']:.4f} ({r['speedup_b64']:.2f}×) | {r['ort_fp32_b1_ms']:.4f} / "
             f"{r['ort_fp32_b64_ms']:.4f} | {bar} |")
@@ -199,7 +201,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=2.0, help="timing per runner and batch")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--table-from", help="print the table of a --json file written before, and stop")
     args = ap.parse_args(argv)
+    if args.table_from:
+        print(table(json.loads(Path(args.table_from).read_text())["rows"]))
+        return 0
     args.models = [x for x in args.models.split(",") if x]
     args.pipelines = [x for x in args.pipelines.split(",") if x]
     unknown = [p for p in args.pipelines if p not in PIPELINES]
