@@ -214,11 +214,11 @@ def main(argv=None) -> int:
 
     from graphopt.testing import digits_models
 
-    from bench_cpu import environment, isa_summary
+    from bench_cpu import environment, git_commit, isa_summary
 
     env = environment()
     print(f"machine: {env['cpu_model']} (LLVM cpu '{env['host_cpu']}', {isa_summary()}), {env['cpu_count']} cores; "
-          f"commit {env.get('commit')}", flush=True)
+          f"commit {git_commit()}", flush=True)
     t0 = time.perf_counter()
     m = digits_models(epochs=args.epochs)
     print(f"trained the digits CNN and MLP ({args.epochs} epochs) in {time.perf_counter() - t0:.1f} s", flush=True)
