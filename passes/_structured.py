@@ -39,10 +39,10 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
     """Run ``p`` (a :class:`passes.prune.Prune` with ``structure=channel``) on ``graph``."""
     o = p.opts
     where = f"{graph.source or 'model'}: prune(structure=channel)"
-    before = graph_stats(graph)
     # Per-channel constants computed in the graph (a bias Reshape-d from [C] to [1, C, 1, 1]) become plain
     # constants first, so they can be sliced with their channels (lossless; the only other change made).
     graph = unit_gemm_beta(FoldConstants().run(graph, ctx))  # a refit bias then acts as written
+    before = graph_stats(graph)  # FLOPs and parameters on the same footing as after (the folded graph)
     layers, skipped = Quantize(mode="dynamic")._layers(graph)
     skipped = {k: why.replace("quantized", "pruned") for k, why in skipped.items()}
     ir = IR(graph)
