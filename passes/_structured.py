@@ -54,22 +54,21 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
         reasons = not_pruned or skipped or {"graph": "no Conv (group=1), Gemm or MatMul with a constant weight"}
         raise ModelError(f"{where} found no channel group it can prune ({first_reasons(reasons)}); nothing "
                          "was written")
-    counts, capped = [], {}
+    counts = []
     for spaces in groups:
         c = an.producers[spaces[0]].out_channels
         k = int(o.ratio * c + 0.5)
-        if k >= c:  # the ratio would empty this layer: it keeps one channel
-            k = c - 1
-            if k:
-                capped[spaces[0]] = f"keeps 1 of its {c} channels (ratio={o.ratio:g} would remove them all)"
-        else:
-            k = c - kept_channels(c - k, c, o.multiple)
-        counts.append(k)
+        if k >= c > 1:
+            raise OptionError(f"pass 'prune': option 'ratio' = {o.ratio:g} would remove all {c} output channels of "
+                              f"{spaces[0]}: use a smaller ratio")
+        counts.append(0 if c == 1 else c - kept_channels(c - k, c, o.multiple))
     pruned = [(sp, k) for sp, k in zip(groups, counts) if k > 0]
     for spaces, k in zip(groups, counts):
         if k == 0:
             for sp in spaces:
-                not_pruned[sp] = f"its {an.producers[sp].out_channels} output channel(s) keep all at ratio={o.ratio:g}"
+                c = an.producers[sp].out_channels
+                not_pruned[sp] = ("has a single output channel: it cannot lose one" if c == 1 else
+                                  f"its {c} output channels keep all at ratio={o.ratio:g} (rounded per group)")
     if not pruned:
         raise ModelError(f"{where}: ratio={o.ratio:g} removes no channel of any group "
                          f"({first_reasons(not_pruned)}); use a larger ratio; nothing was written")
@@ -101,8 +100,7 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
     p.note("importance", importance)
     p.note("compensate", bool(compensate))
     p.note("groups", per_group)
-    if capped:
-        p.note("capped", capped)
+
     if not_pruned or skipped:
         p.note("not_pruned", {**skipped, **not_pruned})
     p.note("flops", {"before": before.flops, "after": after.flops,
@@ -113,8 +111,6 @@ def prune_channels(p, graph: Graph, ctx: PassContext) -> Graph:
     text = (f"{gone} of {chans} channels removed in {len(groups)} group(s); FLOPs {before.flops:,} -> "
             f"{after.flops:,} (-{1 - after.flops / max(before.flops, 1):.1%}), parameters {before.params:,} -> "
             f"{after.params:,}")
-    if capped:
-        text += f"; {len(capped)} group(s) held at one channel ({first_reasons(capped)})"
     if not_pruned:
         text += f"; left as is: {first_reasons(not_pruned)}"
     p.note("summary", text)

@@ -112,11 +112,19 @@ def test_kept_channels_round_to_vector_friendly_counts(keep, total, multiple, ex
     assert kept_channels(keep, total, multiple) == expected
 
 
-def test_a_ratio_that_would_empty_a_layer_leaves_it_one_channel():
-    res = graphopt.optimize(_mlp(hidden=4), "prune(structure=channel,ratio=0.9,compensate=false)")
+def test_a_single_channel_layer_is_left_whole():
+    """A 1-channel bottleneck cannot lose a channel: it is listed, the other groups are pruned."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 16)), ("w2", (16, 1)), ("w3", (1, 3)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["b"], name="bottleneck"),
+             helper.make_node("MatMul", ["b", "w3"], ["y"], name="fc3")]
+    g = graphopt.Graph(make_model(nodes, [vi("x", ["n", 8])], [vi("y", ["n", 3])], inits))
+    res = graphopt.optimize(g, "prune(structure=channel,ratio=0.5,compensate=false)")
     det = res.records[0].details
-    assert det["groups"] == [{"layers": ["fc1"], "channels": 4, "removed": 3}]
-    assert "keeps 1 of its 4 channels" in det["capped"]["fc1"] and "held at one channel" in det["summary"]
+    assert det["groups"] == [{"layers": ["fc1"], "channels": 16, "removed": 8}]
+    assert "single output channel" in det["not_pruned"]["bottleneck"]
     assert ort_run(res.graph, {"x": np.ones((2, 8), np.float32)})[0].shape == (2, 3)
 
 
@@ -191,6 +199,7 @@ def _mlp(hidden=4):
     ("mlp", "prune(structure=channel,ratio=0.5,sparsity=0.5)", "option 'sparsity' applies to single weights"),
     ("mlp", "prune(ratio=0.5)", "option 'ratio' applies to structure=channel"),
     ("mlp", "prune(structure=filter,ratio=0.5)", "option 'structure' must be one of weight, channel"),
+    ("mlp", "prune(structure=channel,ratio=0.9,compensate=false)", "would remove all 4 output channels of fc1"),
     ("mlp", "prune(structure=channel,ratio=0.01,compensate=false)", "removes no channel of any group"),
     ("mlp", "prune(sparsity=0.5,multiple=4)", "option 'multiple' applies to structure=channel"),
     ("single", "prune(structure=channel,ratio=0.5,compensate=false)", "found no channel group it can prune"),
