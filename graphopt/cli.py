@@ -2,7 +2,8 @@
 
 Exit codes (stable; build systems may rely on them):
   0  success
-  1  verification failed (outputs differ from ONNX Runtime beyond tolerance)
+  1  verification failed (outputs differ from ONNX Runtime beyond tolerance); for ``compare``, a pipeline
+     failed (its row holds the one-line error; the table and report are still written)
   2  bad input or usage (missing/corrupt model, unknown pass/option/target, unreadable inputs, plugin failure,
      an output that would overwrite or delete an input, an output the file system refuses)
   3  internal error (a bug: rerun with --debug and report the traceback)
