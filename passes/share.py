@@ -72,6 +72,9 @@ class Share(Pass):
         Option("exact", bool, False, "bits: only the layers whose weights take at most 2^bits distinct values "
                "(per tensor or per channel, as 'per' says), stored without loss, e.g. a binary or ternary "
                "student's; the others are left as is"),
+        Option("bias_correction", bool, None, "with --data: each shared layer's bias absorbs the mean shift of "
+               "its outputs on the calibration data (a bias is added where the layer has none); default: below 4 "
+               "bits (digits CNN at bits=2: 92.4 -> 96.0 %; at 4 bits it changed nothing measurable)"),
         Option("merge", float, None, "cosine threshold in (0, 1]: identical weight tensors become one, and "
                "output rows within |cosine| >= this of an earlier row become a scaled copy of it"),
     )
@@ -167,7 +170,11 @@ class Share(Pass):
                 merged[la.key] = key
                 per_layer[la.key] = {"op": la.op, "weights": int(la.w.size), "form": f"merged into {key}",
                                      "bytes_before": 4 * la.w.size, "bytes_after": 0}
-        result = self._apply(graph, groups, plans, chunks) if (plans or merged) else graph
+        correct = o.bias_correction if o.bias_correction is not None else (o.bits is not None and o.bits < 4)
+        corrections = self._corrections(groups, plans) if data_aware and correct else {}
+        if corrections:
+            self.note("bias_corrected", sorted(corrections))
+        result = self._apply(graph, groups, plans, chunks, corrections) if (plans or merged) else graph
         self._finish(per_layer, skipped, merged, data_aware)
         return result
 
@@ -203,6 +210,9 @@ class Share(Pass):
         """Per layer, the importance of each weight's error in the stored 2-D layout ``m`` (see :func:`_matrix`):
         its input column's diagonal of ``X^T X`` on the calibration data (per conv group), damped."""
         stats = Quantize(mode="dynamic")._layer_stats(graph, layers, ctx)
+        # per layer and conv group: the mean of its input columns (what bias correction needs)
+        self._means = {la.key: [np.asarray(st["sum"], np.float64) / max(st["n"], 1) for st in stats[la.key]]
+                       for la in layers}
         out = {}
         for la in layers:
             n_out, n_in = la.w2.shape
@@ -260,9 +270,28 @@ class Share(Pass):
             return None
         return min(candidates, key=lambda c: c["bytes"])  # the first of equals: the codebook alone
 
+    def _corrections(self, groups: dict, plans: dict) -> dict:
+        """``{layer: bias delta}``: ``(W - W_shared) @ mean(x)`` per output channel, for every layer reading a
+        shared weight whose outputs move on average (exactly kept weights move nothing: left alone)."""
+        out = {}
+        for key, plan in plans.items():
+            w = plan["decoded"].astype(np.float64)
+            for la in groups[key]:
+                _, axis = _matrix(la)
+                d2 = la.w2.astype(np.float64) - (w if axis == 0 else w.T)  # [out, in] as la.w2
+                delta = np.zeros(d2.shape[0])
+                for gi, (rows, _) in enumerate(Quantize._groups(la)):
+                    mean = self._means[la.key][gi]
+                    if np.ndim(mean) == 1 and mean.size == d2.shape[1]:
+                        delta[rows] = d2[rows] @ mean
+                scale = float(np.abs(la.w2).max()) if la.w2.size else 0.0
+                if np.abs(delta).max(initial=0.0) > 1e-6 * max(scale, 1e-30):
+                    out[la.key] = delta
+        return out
+
     # ---------------------------------------------------------------------------------- apply
     @staticmethod
-    def _apply(graph: Graph, groups: dict, plans: dict, chunks: list) -> Graph:
+    def _apply(graph: Graph, groups: dict, plans: dict, chunks: list, corrections: dict) -> Graph:
         ir = IR(graph)
         nodes = {(n.name or n.outputs[0].name): n for n in ir.g.nodes}
         namer = cb.ShortNamer(all_names(ir.like.graph), graph.opset)
@@ -289,6 +318,10 @@ class Share(Pass):
                 old = other.inputs[1]
                 other.inputs[1] = w
                 _drop_constant_node(old, ir.g, out_names)
+            for la in members:
+                if la.key in corrections:
+                    Quantize._correct_bias(Builder(ir.g, namer, la.key, np.float32), ir.g, nodes[la.key], la,
+                                           corrections[la.key])
         toposort(ir.g)
         return ir.to_graph()
 
@@ -340,7 +373,7 @@ def _candidate(la: Layer, form: dict, w: np.ndarray, m: np.ndarray, imp: np.ndar
         record["codebooks"] = 1 if enc["axis"] is None else int(enc["codebook"].shape[enc["axis"]])
         record["codebook_size"] = int(enc["entries"])
     record["error"] = round(err, 6)
-    return {"form": form, "record": record, "data_bytes": data, "bytes": nbytes}
+    return {"form": form, "record": record, "data_bytes": data, "bytes": nbytes, "decoded": w}
 
 
 def _emit(b: Builder, form: dict, la: Layer, idx):

@@ -237,6 +237,23 @@ def test_exact_packs_only_the_layers_it_represents_without_loss():
         np.testing.assert_array_equal(got[key], _w(g, name))
 
 
+def test_bias_correction_cancels_the_mean_output_shift():
+    """With data, a 2-bit layer's bias absorbs ``(W - W_shared) @ mean(x)``: the outputs' mean shift on the
+    calibration data is (nearly) gone; a layer without a bias (MatMul) gets an Add."""
+    g = _model()
+    feeds = [{"x": f["x"] + 1.0} for f in _feeds()]  # inputs with a clear mean
+    ref = np.concatenate([ort_run(g, f)[0] for f in feeds])
+    shift = {}
+    for bc in ("false", "true"):
+        res = graphopt.optimize(g, f"share(bits=2,bias_correction={bc})", data=DataSource(feeds=feeds))
+        out = np.concatenate([ort_run(res.graph, f)[0] for f in feeds])
+        shift[bc] = float(np.abs((out - ref).mean(axis=0)).mean())
+        if bc == "true":
+            d = res.records[0].details
+            assert "matmul" in d["bias_corrected"] and "gemm" in d["bias_corrected"]
+    assert shift["true"] < 0.5 * shift["false"], shift
+
+
 def test_kmeans_is_good_fast_and_data_weighted():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((1024, 1024)).astype(np.float32)  # 1M weights
