@@ -45,6 +45,8 @@ PIPELINES = {
     "prune90": "prune(sparsity=0.9)",
     "prune2:4": "prune(pattern=2:4)",
     "channel30": "prune(structure=channel,ratio=0.3)",
+    # exact channel counts (11, 22, 45): what multiple=8 (the default) avoids
+    "channel30-exact": "prune(structure=channel,ratio=0.3,multiple=1)",
     "share4": "share(bits=4)",
     "share4-channel": "share(bits=4,per=channel)",
     "lowrank30": "distill(method=low-rank,ratio=0.3)",
@@ -78,19 +80,15 @@ def kd_student(m, seed: int = 1):
     import torch
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from torch import nn
 
     import graphopt
+    from graphopt.testing import digits_cnn_module
 
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
     x_tr, _, _, _ = train_test_split(x, digits.target, test_size=0.25, random_state=0)  # digits_models' split
     torch.manual_seed(seed)
-    student = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+    student = digits_cnn_module()
     g = graphopt.distill(m["cnn"], student, {"image": x_tr}, epochs=20, lr=0.01, weights="binary", seed=seed,
                          progress=False)
     return g

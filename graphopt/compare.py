@@ -436,15 +436,10 @@ def dumps(doc: dict) -> str:
 
 # --------------------------------------------------------------------------- the text table
 def _fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return "-"
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
-    if ms >= 10:
-        return f"{ms:.1f} ms"
-    if ms >= 0.1:
-        return f"{ms:.3f} ms"
-    return f"{ms * 1000:.1f} µs"
+    """A latency as ``graphopt bench`` prints it (``-`` when not measured)."""
+    from .bench import _ms
+
+    return "-" if ms is None else _ms(ms)
 
 
 def _short(text: str, width: int) -> str:

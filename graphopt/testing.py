@@ -289,6 +289,18 @@ def hostile_constant_model(elements: int = 1 << 28, value: float = 0.0):
     return m
 
 
+def digits_cnn_module():
+    """The digits CNN's architecture, freshly initialized from torch's current RNG state (seed it first): what
+    :func:`digits_models` trains, and a student of the same shape for ``graphopt.distill``."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
 def digits_models(seed: int = 0, epochs: int = 60) -> dict:
     """A small CNN and an MLP trained here on scikit-learn's digits; what the quantization tests and
     benchmark measure accuracy on.
@@ -313,11 +325,7 @@ def digits_models(seed: int = 0, epochs: int = 60) -> dict:
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        cnn = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+        cnn = digits_cnn_module()
         mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
                             nn.Linear(64, 10))
         xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()

@@ -187,18 +187,15 @@ def test_binary_student_distilled_from_a_float_digits_cnn_is_within_3_points_of_
     import torch
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from torch import nn
+
+    from graphopt.testing import digits_cnn_module
 
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
     x_tr, x_te, y_tr, y_te = train_test_split(x, digits.target, test_size=0.25, random_state=0)  # its split
 
     torch.manual_seed(1)
-    student_module = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+    student_module = digits_cnn_module()
     teacher_graph = digits_trained["cnn"]
     t1 = time.perf_counter()
     student = graphopt.distill(teacher_graph, student_module, {"image": x_tr}, epochs=20, lr=0.01,
